@@ -1,0 +1,130 @@
+// Tile codecs of the xorgemm delta format: the one definition of how a tile's XOR words are laid out.
+//
+// Everything here is __host__ __device__ so the exact code a GPU kernel runs is unit-tested on the CPU.
+// The spec, with the reasons and the measured sizes, is docs/format.md.
+//
+// A tile holds `elems` XOR words of `elem_bytes` bytes each (the XOR of base and fine-tuned element
+// bytes), row-major inside the (possibly ragged) tile. One codec covers every tile kind: the low
+// `low_bytes` bytes of every word are stored as byte planes, and the words that have a nonzero byte
+// above those are listed as exceptions carrying their high bytes, also as planes:
+//
+//   [low planes: low_bytes x elems bytes]   plane j = byte j of every word
+//   [exception positions: lo plane, hi plane, n_exc bytes each]   strictly increasing, < elems
+//   [exception high bytes: (elem_bytes - low_bytes) planes x n_exc bytes]   plane j = byte low_bytes+j
+//   [zero padding to kTileAlign]
+//
+// The codec id names the corner of that family a tile uses:
+//   zero      all words zero; no payload at all (the tile is skipped)
+//   sparse    low_bytes = 0: only the exception list (few changed elements)
+//   byteplane 0 < low_bytes < elem_bytes: fixed-length low bytes + escapes (dense deltas whose sign and
+//             exponent bytes rarely change)
+//   raw       low_bytes = elem_bytes, no exceptions (the fallback)
+// Every field is fixed-length, so a warp decodes any element in O(1) from shared memory, and byte
+// planes keep the stored stream friendly to zstd (the high planes are nearly all zero).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define XG_HD __host__ __device__ __forceinline__
+#else
+#define XG_HD inline
+#endif
+
+namespace xorgemm {
+namespace codec {
+
+enum TileCodec : uint8_t { kZero = 0, kSparse = 1, kBytePlane = 2, kRaw = 3 };
+constexpr int kNumCodecs = 4;
+
+// Payloads start on this boundary in the decoded stream, so a kernel can cp.async them in 16-byte units.
+constexpr uint64_t kTileAlign = 16;
+// Exception positions are 16-bit: a tile holds at most this many elements.
+constexpr uint32_t kMaxTileElems = 65536;
+
+// One row of a tensor's tile table (8 bytes, little-endian on disk). Payload offsets are not stored:
+// they are the exclusive prefix sum of tile_payload_bytes over the table.
+struct TileEntry {
+  uint32_t n_exc;     // number of exception words
+  uint8_t codec;      // TileCodec
+  uint8_t low_bytes;  // bytes of every word stored in the low planes
+  uint16_t reserved;  // zero
+};
+static_assert(sizeof(TileEntry) == 8, "TileEntry is an 8-byte on-disk record");
+
+XG_HD uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
+
+// Bytes the tile occupies in the stream, padding included.
+XG_HD uint64_t tile_payload_bytes(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
+  if (e.codec == kZero) return 0;
+  uint64_t n = (uint64_t)elems * e.low_bytes + (uint64_t)e.n_exc * (2 + elem_bytes - e.low_bytes);
+  return align_up(n, kTileAlign);
+}
+
+// Whether an entry is well formed for a tile of `elems` words of `elem_bytes` bytes. Decoders assume it.
+XG_HD bool tile_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
+  if (e.reserved != 0 || elems == 0 || elems > kMaxTileElems || e.n_exc > elems) return false;
+  switch (e.codec) {
+    case kZero: return e.low_bytes == 0 && e.n_exc == 0;
+    case kSparse: return e.low_bytes == 0 && e.n_exc >= 1;
+    case kBytePlane: return e.low_bytes >= 1 && e.low_bytes < elem_bytes;
+    case kRaw: return e.low_bytes == elem_bytes && e.n_exc == 0;
+    default: return false;
+  }
+}
+
+// Little-endian word I/O on byte pointers, so the same code serves 1-, 2-, 4- and 8-byte elements.
+XG_HD uint64_t load_word(const uint8_t* p, uint32_t elem_bytes) {
+  uint64_t w = 0;
+  for (uint32_t b = 0; b < elem_bytes; ++b) w |= (uint64_t)p[b] << (8 * b);
+  return w;
+}
+XG_HD void store_word(uint8_t* p, uint64_t w, uint32_t elem_bytes) {
+  for (uint32_t b = 0; b < elem_bytes; ++b) p[b] = (uint8_t)(w >> (8 * b));
+}
+
+// The low-plane part of word i (bytes 0..low_bytes-1).
+XG_HD uint64_t decode_low_word(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t i) {
+  uint64_t w = 0;
+  for (uint32_t j = 0; j < e.low_bytes; ++j) w |= (uint64_t)payload[(uint64_t)j * elems + i] << (8 * j);
+  return w;
+}
+
+// Exception x: its position inside the tile and the high bytes it contributes, already shifted in place.
+XG_HD uint32_t exception_position(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t x) {
+  const uint8_t* pos = payload + (uint64_t)elems * e.low_bytes;
+  return (uint32_t)pos[x] | ((uint32_t)pos[e.n_exc + x] << 8);
+}
+XG_HD uint64_t exception_high_bits(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes,
+                                   uint32_t x) {
+  const uint8_t* hi = payload + (uint64_t)elems * e.low_bytes + 2ull * e.n_exc;
+  uint64_t w = 0;
+  for (uint32_t j = 0; j < elem_bytes - e.low_bytes; ++j)
+    w |= (uint64_t)hi[(uint64_t)j * e.n_exc + x] << (8 * (e.low_bytes + j));
+  return w;
+}
+
+// Decodes a tile's XOR words into `out` (elems words, elem_bytes each), cooperatively: worker `tid` of
+// `nthreads` takes a strided share. Phase 1 writes every word's low part; phase 2 ORs in the exceptions.
+// A CUDA block calls phase 1, __syncthreads(), phase 2; the CPU calls both with (0, 1).
+// Positions >= elems are ignored here (host validation rejects them before any decode).
+XG_HD void decode_tile_low(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes,
+                           uint8_t* out, uint32_t tid, uint32_t nthreads) {
+  for (uint32_t i = tid; i < elems; i += nthreads) {
+    uint64_t w = e.codec == kZero ? 0 : decode_low_word(payload, e, elems, i);
+    store_word(out + (uint64_t)i * elem_bytes, w, elem_bytes);
+  }
+}
+XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes,
+                                  uint8_t* out, uint32_t tid, uint32_t nthreads) {
+  for (uint32_t x = tid; x < e.n_exc; x += nthreads) {
+    uint32_t i = exception_position(payload, e, elems, x);
+    if (i >= elems) continue;
+    uint8_t* dst = out + (uint64_t)i * elem_bytes;
+    store_word(dst, load_word(dst, elem_bytes) | exception_high_bits(payload, e, elems, elem_bytes, x),
+               elem_bytes);
+  }
+}
+
+}  // namespace codec
+}  // namespace xorgemm

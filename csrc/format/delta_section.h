@@ -1,0 +1,63 @@
+// A tensor's delta section: the tile grid over a 2-D view of the tensor, its tile table and the tile
+// payloads, as they sit in the decoded stream of a .xor.safetensors file:
+//
+//   [tile table: n_tiles x TileEntry (8 bytes)][zero padding to kTileAlign][tile payloads, in grid order]
+//
+// Tiles are row-major over the grid; the last tile row/column may be ragged. Plain C++ (no torch) so the
+// native unit tests and the fuzzer use exactly the code the Python extension runs.
+#pragma once
+
+#include <stdint.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "codec/tile_codec.h"
+
+namespace xorgemm {
+namespace format {
+
+// Raised for any malformed section; the Python layer adds the file and tensor name.
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct TileGrid {
+  uint64_t rows, cols;        // the tensor as 2-D (1-D tensors are one row)
+  uint32_t tile_rows, tile_cols;
+  uint32_t elem_bytes;        // 1, 2, 4 or 8
+
+  uint64_t grid_rows() const { return (rows + tile_rows - 1) / tile_rows; }
+  uint64_t grid_cols() const { return (cols + tile_cols - 1) / tile_cols; }
+  uint64_t num_tiles() const { return grid_rows() * grid_cols(); }
+  uint64_t tensor_bytes() const { return rows * cols * elem_bytes; }
+  // Rows/cols of tile t, which are smaller than the tile shape on the ragged edge.
+  uint32_t tile_height(uint64_t t) const;
+  uint32_t tile_width(uint64_t t) const;
+  uint64_t tile_row0(uint64_t t) const { return t / grid_cols() * tile_rows; }
+  uint64_t tile_col0(uint64_t t) const { return t % grid_cols() * tile_cols; }
+  // Throws FormatError if the shape or tile shape is unusable.
+  void check() const;
+};
+
+// Bytes taken by the table and its padding, i.e. where the first payload starts.
+uint64_t table_bytes(const TileGrid& g);
+
+// Encodes XOR(base, finetuned) (both rows*cols*elem_bytes bytes) as a whole section.
+std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g);
+
+// Validates a section of `len` bytes completely (table entries, total size, exception positions strictly
+// increasing and inside their tile) and returns each tile's payload offset within the section.
+std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g);
+
+// XORs tiles [t_begin, t_end) of a validated section onto `inout` (rows*cols*elem_bytes bytes): given
+// the base bytes it yields the fine-tuned bytes, given zeros the XOR itself.
+void apply_section_tiles(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
+                         uint64_t t_begin, uint64_t t_end, uint8_t* inout);
+
+// Per-codec tile counts of a validated section: counts[codec].
+void codec_counts(const uint8_t* section, const TileGrid& g, uint64_t counts[codec::kNumCodecs]);
+
+}  // namespace format
+}  // namespace xorgemm

@@ -1,0 +1,67 @@
+"""Builds xorgemm's native extensions.
+
+xorgemm._C       C++ (always): tile codecs, delta sections.
+xorgemm._C_cuda  CUDA (when nvcc and a CUDA build of torch are present): GPU kernels over the same shared
+                 codec headers. XORGEMM_FORCE_CPU=1 skips it; TORCH_CUDA_ARCH_LIST picks the targets
+                 (default "8.0;9.0a").
+"""
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = Path(__file__).parent
+CSRC = "csrc"
+
+
+def _cuda_include_dirs():
+    """torch's CUDA headers include cusparse.h/cublas_v2.h, which CUDA 13 wheels ship in nvidia/cu13/include."""
+    dirs = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            for sub in ("cu13/include", "cu12/include"):
+                if (Path(base) / sub).is_dir():
+                    dirs.append(str(Path(base) / sub))
+    except ImportError:
+        pass
+    return dirs
+
+
+def _want_cuda():
+    if os.environ.get("XORGEMM_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is not None
+
+
+cxx_flags = ["-O3", "-std=c++20"]
+ext_modules = [
+    CppExtension(
+        "xorgemm._C",
+        sources=[f"{CSRC}/python/module.cpp", f"{CSRC}/format/delta_section.cpp"],
+        include_dirs=[str(ROOT / CSRC)],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+]
+
+if _want_cuda():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    ext_modules.append(
+        CUDAExtension(
+            "xorgemm._C_cuda",
+            sources=[f"{CSRC}/cuda/module.cpp", f"{CSRC}/cuda/apply_delta.cu"],
+            include_dirs=[str(ROOT / CSRC)] + _cuda_include_dirs(),
+            extra_compile_args={
+                "cxx": cxx_flags,
+                # -Xptxas -v prints registers and spills per kernel; the build log is checked by a test.
+                "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-Xptxas=-v"],
+            },
+        )
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,0 +1,193 @@
+"""pack / unpack / verify: a fine-tune as a lossless XOR delta against its base, and back, bit for bit."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from xorgemm._native import C
+from xorgemm.errors import BaseMismatchError, InputError, XorgemmError
+from xorgemm.format.container import (StreamWriter, base_fingerprint, digest, load_delta, write_delta_file)
+from xorgemm.format.layout import CODEC_NAMES, DEFAULT_TILE, dtype_name, grid_of, tensor_bytes, tile_for
+from xorgemm.sources import TensorSource, open_source
+
+
+@dataclass
+class TensorReport:
+    name: str
+    kind: str
+    dtype: str
+    shape: tuple
+    nbytes: int  # fine-tuned tensor bytes
+    stored_bytes: int  # bytes in the decoded stream (section or whole tensor), before zstd
+    tile_counts: tuple = (0,) * len(CODEC_NAMES)
+
+
+@dataclass
+class PackReport:
+    path: Path
+    tensors: list[TensorReport] = field(default_factory=list)
+    finetuned_bytes: int = 0
+    stream_bytes: int = 0
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.file_bytes / max(1, self.finetuned_bytes)
+
+
+def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_bytes: int = 64 * 1024,
+         progress: bool = False) -> PackReport:
+    """Writes `finetuned` as an XOR delta against `base` to `out_path` (a .xor.safetensors file).
+
+    `base` and `finetuned` are state dicts, modules, .safetensors files or Hugging Face model folders.
+    Tensors equal to the base cost an index entry; tensors new in the fine-tune or with another shape are
+    stored whole. A dtype that differs from the base's is refused: casting is the caller's choice.
+    """
+    t0 = time.perf_counter()
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise InputError(f"{out_path}: the folder {out_path.parent} does not exist")
+    bsrc = open_source(base, "base")
+    fsrc = open_source(finetuned, "finetuned")
+    writer = StreamWriter(chunk_bytes=chunk_bytes, level=level)
+    report = PackReport(out_path)
+    entries, base_hashes = {}, {}
+    names = fsrc.names()
+    total = sum(_nbytes(*fsrc.meta(n)) for n in names)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=not progress, leave=False) as bar:
+        for name in names:
+            fdtype, fshape = fsrc.meta(name)
+            ft = fsrc.get(name)
+            entry = {"dtype": dtype_name(fdtype), "shape": list(fshape)}
+            counts = (0,) * len(CODEC_NAMES)
+            if name not in bsrc:
+                entry.update(kind="whole", reason="new")
+            else:
+                bdtype, bshape = bsrc.meta(name)
+                if bdtype != fdtype:
+                    raise InputError(f"{fsrc.label}: tensor '{name}' is {dtype_name(fdtype)} but the base "
+                                     f"({bsrc.label}) has {dtype_name(bdtype)}; cast one of them explicitly first")
+                if bshape != fshape:
+                    entry.update(kind="whole", reason="reshaped")
+                else:
+                    b = bsrc.get(name)
+                    bb, fb = tensor_bytes(b), tensor_bytes(ft)
+                    entry["base"] = base_hashes[name] = digest(bb)
+                    if torch.equal(bb, fb):
+                        entry["kind"] = "same"
+                    else:
+                        t = tile_for(fshape, tile)
+                        grid = grid_of(fshape, t, fdtype)
+                        section = C.encode_section(bb, fb, *grid.args)
+                        counts = tuple(C.codec_counts(section, *grid.args))
+                        entry.update(kind="xor", tile=list(t), tiles=list(counts))
+                        entry["span"] = list(writer.append(section.numpy()))
+            if entry["kind"] == "whole":
+                entry["span"] = list(writer.append(tensor_bytes(ft).numpy()))
+            entry.setdefault("span", [0, 0])
+            entry["ft"] = digest(ft)
+            entries[name] = entry
+            nbytes = _nbytes(fdtype, fshape)
+            report.tensors.append(TensorReport(name, entry["kind"], entry["dtype"], tuple(fshape), nbytes,
+                                               entry["span"][1], counts))
+            report.finetuned_bytes += nbytes
+            bar.update(nbytes)
+    table, payload = writer.finish()
+    index = {"stream_bytes": writer.stream_bytes, "chunk_bytes": chunk_bytes, "zstd_level": level,
+             "codecs": list(CODEC_NAMES), "base_fingerprint": base_fingerprint(base_hashes), "tensors": entries}
+    write_delta_file(out_path, index, table, payload)
+    report.stream_bytes = writer.stream_bytes
+    report.file_bytes = out_path.stat().st_size
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _nbytes(dtype, shape) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+def _open_delta(delta):
+    from xorgemm.format.container import DeltaFile
+
+    return delta if isinstance(delta, DeltaFile) else load_delta(delta)
+
+
+def _base_tensor(bsrc: TensorSource, delta, name):
+    dt = delta[name]
+    if dt.kind == "whole":
+        return None
+    if name not in bsrc:
+        raise BaseMismatchError(f"{delta.path}: tensor '{name}': the base ({bsrc.label}) has no such tensor; this "
+                                "delta was made against another model")
+    return bsrc.get(name)
+
+
+def unpack(base, delta, *, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The fine-tuned state dict, bit for bit, from `base` and a delta file (path or DeltaFile)."""
+    bsrc = open_source(base, "base")
+    d = _open_delta(delta)
+    out = {}
+    for name in tqdm(list(d), desc="unpack", unit="tensor", disable=not progress, leave=False):
+        out[name] = d[name].apply(_base_tensor(bsrc, d, name))
+    return out
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    mismatched: list[str] = field(default_factory=list)
+    missing_in_delta: list[str] = field(default_factory=list)
+    extra_in_delta: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.mismatched or self.missing_in_delta or self.extra_in_delta)
+
+
+def verify(base, delta, finetuned, *, progress: bool = False) -> VerifyReport:
+    """Reconstructs every tensor and compares it byte for byte with the fine-tune."""
+    bsrc = open_source(base, "base")
+    fsrc = open_source(finetuned, "finetuned")
+    d = _open_delta(delta)
+    rep = VerifyReport()
+    fnames = set(fsrc.names())
+    rep.missing_in_delta = sorted(fnames - set(d))
+    rep.extra_in_delta = sorted(set(d) - fnames)
+    for name in tqdm([n for n in d if n in fnames], desc="verify", unit="tensor", disable=not progress, leave=False):
+        got = d[name].apply(_base_tensor(bsrc, d, name))
+        want = fsrc.get(name)
+        same = got.dtype == want.dtype and got.shape == want.shape and torch.equal(tensor_bytes(got), tensor_bytes(want))
+        rep.checked += 1
+        if not same:
+            rep.mismatched.append(name)
+    return rep
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path):
+    """Writes a state dict as .safetensors atomically (temporary file, then rename)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: the folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["pack", "unpack", "verify", "save_state_dict", "PackReport", "VerifyReport", "XorgemmError"]
