@@ -62,7 +62,7 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     entries, base_hashes = {}, {}
     names = fsrc.names()
     total = sum(_nbytes(*fsrc.meta(n)) for n in names)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=_quiet(progress), leave=False) as bar:
         for name in names:
             fdtype, fshape = fsrc.meta(name)
             ft = fsrc.get(name)
@@ -110,6 +110,11 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     return report
 
 
+def _quiet(progress: bool):
+    """tqdm's `disable`: None shows the bar on a terminal only."""
+    return None if progress else True
+
+
 def _nbytes(dtype, shape) -> int:
     n = torch.empty((), dtype=dtype).element_size()
     for s in shape:
@@ -138,7 +143,7 @@ def unpack(base, delta, *, progress: bool = False) -> dict[str, torch.Tensor]:
     bsrc = open_source(base, "base")
     d = _open_delta(delta)
     out = {}
-    for name in tqdm(list(d), desc="unpack", unit="tensor", disable=not progress, leave=False):
+    for name in tqdm(list(d), desc="unpack", unit="tensor", disable=_quiet(progress), leave=False):
         out[name] = d[name].apply(_base_tensor(bsrc, d, name))
     return out
 
@@ -164,10 +169,12 @@ def verify(base, delta, finetuned, *, progress: bool = False) -> VerifyReport:
     fnames = set(fsrc.names())
     rep.missing_in_delta = sorted(fnames - set(d))
     rep.extra_in_delta = sorted(set(d) - fnames)
-    for name in tqdm([n for n in d if n in fnames], desc="verify", unit="tensor", disable=not progress, leave=False):
+    todo = [n for n in d if n in fnames]
+    for name in tqdm(todo, desc="verify", unit="tensor", disable=_quiet(progress), leave=False):
         got = d[name].apply(_base_tensor(bsrc, d, name))
         want = fsrc.get(name)
-        same = got.dtype == want.dtype and got.shape == want.shape and torch.equal(tensor_bytes(got), tensor_bytes(want))
+        same = (got.dtype == want.dtype and got.shape == want.shape
+                and torch.equal(tensor_bytes(got), tensor_bytes(want)))
         rep.checked += 1
         if not same:
             rep.mismatched.append(name)

@@ -285,6 +285,7 @@ class DeltaFile:
             self._fail("is a safetensors file but not an xorgemm delta (no 'format: xorgemm.delta' metadata)")
         if meta.get("format_version") != str(FORMAT_VERSION):
             self._fail(f"has format version {meta.get('format_version')!r}; this xorgemm reads version {FORMAT_VERSION}")
+        self.format_version = FORMAT_VERSION
         data_start = 8 + hlen
         data_len = size - data_start
         spans = {}

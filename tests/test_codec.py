@@ -1,0 +1,119 @@
+"""The native tile codecs against the independent NumPy reading of the spec (tests/reference_codec.py)."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference_codec import BYTEPLANE, RAW, SPARSE, ZERO, decode_section, payload_size, xor_words
+from xorgemm._native import C
+from xorgemm.format.layout import grid_of, tensor_bytes, tile_for
+from xorgemm.testing import DELTA_KINDS, perturb
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def encode(base, ft, tile=(64, 64)):
+    grid = grid_of(base.shape, tile_for(base.shape, tile), base.dtype)
+    return C.encode_section(tensor_bytes(base), tensor_bytes(ft), *grid.args), grid
+
+
+def table(section, grid):
+    return np.frombuffer(section.numpy().tobytes()[: grid.num_tiles * 8],
+                         dtype=[("n_exc", "<u4"), ("codec", "u1"), ("low", "u1"), ("r", "<u2")])
+
+
+def check_section(base, ft, tile=(64, 64)):
+    """Native and reference decoders both give back the exact XOR; returns the tile table."""
+    section, grid = encode(base, ft, tile)
+    want = xor_words(tensor_bytes(base).numpy(), tensor_bytes(ft).numpy(), grid.elem_bytes, grid.rows, grid.cols)
+    got_ref = decode_section(section.numpy().tobytes(), *grid.args)
+    np.testing.assert_array_equal(got_ref, want)
+    offsets = C.validate_section(section, *grid.args)
+    out = tensor_bytes(base).clone()
+    C.apply_section(section, offsets, out, *grid.args)
+    assert torch.equal(out, tensor_bytes(ft)), "native decode must rebuild the fine-tuned bytes"
+    return table(section, grid)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", DELTA_KINDS)
+@pytest.mark.parametrize("shape", [(256, 192), (100, 70), (65, 129), (1, 1), (3, 200), (300,), (7,)])
+def test_roundtrip_every_dtype_kind_and_ragged_shape(dtype, kind, shape):
+    base = torch.randn(shape).to(dtype)
+    check_section(base, perturb(base, kind, seed=1))
+
+
+def test_each_codec_is_chosen_where_it_is_smallest():
+    base = torch.randn(128, 128)
+    ft = base.clone()
+    ft[0, 0] += 1e-3                                                  # tile 0: one element -> sparse
+    ft[0:64, 64:128] = ft[0:64, 64:128] * (1 + 1e-6)                  # tile 1: low-byte changes -> byteplane
+    ft[64:128, 0:64] = -ft[64:128, 0:64] * 3.7                        # tile 2: sign/exponent too -> raw
+    codecs = table(*encode(base, ft))["codec"].tolist()               # tile 3 untouched -> zero
+    assert codecs == [SPARSE, BYTEPLANE, RAW, ZERO]
+    check_section(base, ft)
+
+
+def test_choice_is_the_minimum_over_every_low_byte_count():
+    base = torch.randn(64, 64)
+    ft = perturb(base, "dense", magnitude=1e-3, seed=3)
+    ft.view(-1)[::97] *= -1  # some sign flips force exceptions
+    sec, grid = encode(base, ft)
+    e = table(sec, grid)[0]
+    words = xor_words(tensor_bytes(base).numpy(), tensor_bytes(ft).numpy(), 4, 64, 64).ravel()
+    sig = np.array([(int(w).bit_length() + 7) // 8 for w in words])
+    sizes = [64 * 64 * k + int((sig > k).sum()) * (2 + 4 - k) for k in range(5)]
+    assert e["low"] == int(np.argmin(sizes))
+    assert e["n_exc"] == int((sig > e["low"]).sum())
+    assert e["codec"] == BYTEPLANE
+
+
+def test_payload_sizes_match_the_spec():
+    base = torch.randn(64, 64)
+    ft = perturb(base, "sparse", frac=0.05, seed=2)
+    sec, grid = encode(base, ft)
+    e = table(sec, grid)[0]
+    assert sec.numel() == 16 + payload_size(int(e["codec"]), int(e["low"]), int(e["n_exc"]), 4096, 4)
+
+
+def test_zero_tiles_cost_no_payload():
+    base = torch.randn(256, 256)
+    ft = base.clone()
+    ft[200, 200] += 1.0
+    sec, grid = encode(base, ft)
+    t = table(sec, grid)
+    assert (t["codec"] == ZERO).sum() == 15
+    assert sec.numel() == 16 * 8 + payload_size(SPARSE, 0, 1, 4096, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.int8, torch.uint8, torch.int32])
+def test_other_element_sizes_round_trip(dtype):
+    base = (torch.randn(70, 90) * 100).to(dtype)
+    ft = base.clone()
+    ft.view(-1)[::13] += 1 if not dtype.is_floating_point else 0.5
+    check_section(base, ft)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 150), cols=st.integers(1, 150), tile_rows=st.integers(1, 80),
+       tile_cols=st.integers(1, 80), dtype=st.sampled_from(DTYPES), density=st.floats(0, 1),
+       seed=st.integers(0, 2 ** 16))
+def test_property_any_grid_any_density_round_trips(rows, cols, tile_rows, tile_cols, dtype, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g).to(dtype)
+    bits = torch.randint(0, 2 ** 15, (rows, cols), generator=g, dtype=torch.int32)
+    mask = torch.rand(rows, cols, generator=g) < density
+    fb = tensor_bytes(base).clone().view(rows, cols, -1)
+    fb[..., 0] ^= (bits & 0xFF).to(torch.uint8) * mask
+    fb[..., -1] ^= ((bits >> 8) & 0xFF).to(torch.uint8) * (mask & (bits % 7 == 0))
+    ft = fb.reshape(-1).view(dtype).reshape(rows, cols)
+    check_section(base, ft, (tile_rows, tile_cols))
+
+
+def test_encoder_rejects_unusable_grids():
+    b = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(C.FormatError, match="tile shape"):
+        C.encode_section(b, b, 4, 4, 300, 300, 1)
+    with pytest.raises(C.FormatError, match="element size"):
+        C.encode_section(b, b, 4, 4, 4, 4, 3)

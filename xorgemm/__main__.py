@@ -1,0 +1,5 @@
+import sys
+
+from xorgemm.cli import main
+
+sys.exit(main())

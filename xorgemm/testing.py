@@ -1,0 +1,95 @@
+"""Synthetic fine-tunes for tests, benchmarks and the demo.
+
+`perturb(t, kind)` makes a fine-tuned copy of a weight with a known delta structure:
+  sparse      a fraction of random elements changed (the seed notebook's "3% of elements")
+  structured  a fraction of whole tiles changed (block-sparse updates, e.g. some heads or channels)
+  partial     the first rows changed densely, the rest untouched (a partially frozen tensor)
+  dense       every element changed a little (a full fine-tune)
+`seed_scenario()` is the seed notebook's tiny transformer layer and its 3% fine-tune, exactly.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+DELTA_KINDS = ("sparse", "structured", "partial", "dense")
+
+
+def perturb(t: torch.Tensor, kind: str = "sparse", *, frac: float = 0.03, magnitude: float = 1e-2,
+            tile=(64, 64), seed: int = 0) -> torch.Tensor:
+    """A fine-tuned copy of `t`; the change is relative to the weights' scale for `dense`."""
+    g = torch.Generator().manual_seed(seed)
+    out = t.detach().clone()
+    flat = out.view(-1)
+    n = flat.numel()
+    if n == 0:
+        return out
+    if kind == "sparse":
+        k = max(1, int(n * frac))
+        idx = torch.randperm(n, generator=g)[:k]
+        flat[idx] += (magnitude * torch.randn(k, generator=g)).to(out.dtype)
+    elif kind == "structured":
+        rows, cols = (out.shape[0], n // out.shape[0]) if out.dim() >= 2 else (1, n)
+        view = out.view(rows, cols)
+        tr, tc = (tile if out.dim() >= 2 else (1, tile[0] * tile[1]))
+        gr, gc = -(-rows // tr), -(-cols // tc)
+        k = max(1, int(gr * gc * frac))
+        for t_id in torch.randperm(gr * gc, generator=g)[:k].tolist():
+            r0, c0 = t_id // gc * tr, t_id % gc * tc
+            blk = view[r0:r0 + tr, c0:c0 + tc]
+            blk += (magnitude * torch.randn(blk.shape, generator=g)).to(out.dtype)
+    elif kind == "partial":
+        k = max(1, int(round(n * frac)))
+        flat[:k] += (magnitude * torch.randn(k, generator=g)).to(out.dtype)
+    elif kind == "dense":
+        scale = out.float().abs().mean().clamp_min(1e-3)
+        flat += (magnitude * scale * torch.randn(n, generator=g)).to(out.dtype)
+    else:
+        raise ValueError(f"unknown delta kind {kind!r}; expected one of {DELTA_KINDS}")
+    return out
+
+
+class TinyTransformerLayer(nn.Module):
+    """The seed notebook's layer: MHA + FFN, 33,472 parameters at the defaults."""
+
+    def __init__(self, d_model=64, nhead=4, dim_feedforward=128, dropout=0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True, dropout=dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.GELU(), nn.Linear(dim_feedforward, d_model))
+
+    def forward(self, x, attn_mask=None):
+        h = self.ln1(x)
+        a, _ = self.self_attn(h, h, h, attn_mask=attn_mask)
+        x = x + a
+        return x + self.ff(self.ln2(x))
+
+
+def perturb_subset_(module: nn.Module, frac: float = 0.03, magnitude: float = 1e-2, seed: int = 0):
+    """The seed notebook's fine-tune: `frac` of every float parameter's elements get noise, in place."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            if not p.dtype.is_floating_point:
+                continue
+            k = max(1, int(p.numel() * frac))
+            idx = torch.randperm(p.numel(), generator=g, device=p.device)[:k]
+            flat = p.view(-1)
+            flat[idx] += magnitude * torch.randn(k, generator=g, device=p.device, dtype=flat.dtype)
+
+
+def seed_scenario():
+    """(base_layer, finetuned_layer) exactly as the seed notebook makes them (torch.manual_seed(42),
+    3% of elements perturbed by 1e-2 noise with seed 123)."""
+    torch.manual_seed(42)
+    base = TinyTransformerLayer().eval()
+    ft = copy.deepcopy(base)
+    perturb_subset_(ft, frac=0.03, magnitude=1e-2, seed=123)
+    return base, ft
+
+
+def state_dict_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
