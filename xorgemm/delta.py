@@ -55,6 +55,7 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise InputError(f"{out_path}: the folder {out_path.parent} does not exist")
+    tile_for((1, 1), tile)  # refuses a bad tile shape before any work
     bsrc = open_source(base, "base")
     fsrc = open_source(finetuned, "finetuned")
     writer = StreamWriter(chunk_bytes=chunk_bytes, level=level)

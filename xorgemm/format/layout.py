@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from xorgemm._native import C
+from xorgemm.errors import InputError
 
 CODEC_NAMES = ("zero", "sparse", "byteplane", "raw")
 DEFAULT_TILE = (64, 64)
@@ -38,7 +39,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise ValueError(f"dtype {dtype} is not supported (supported: {', '.join(DTYPES)})") from None
+        raise InputError(f"dtype {dtype} is not supported (supported: {', '.join(DTYPES)})") from None
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def tile_for(shape, tile=DEFAULT_TILE) -> tuple[int, int]:
     """The tile shape recorded for a tensor: `tile` for 2-D and up, one row of as many elements for 1-D."""
     tr, tc = int(tile[0]), int(tile[1])
     if tr <= 0 or tc <= 0 or tr * tc > MAX_TILE_ELEMS:
-        raise ValueError(f"tile shape {tr}x{tc} must be positive and hold at most {MAX_TILE_ELEMS} elements")
+        raise InputError(f"tile shape {tr}x{tc} must be positive and hold at most {MAX_TILE_ELEMS} elements")
     return (1, tr * tc) if len(shape) <= 1 else (tr, tc)
 
 

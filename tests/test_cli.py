@@ -1,0 +1,103 @@
+"""The `xorgemm` command end to end, as a user runs it (a subprocess), good input and bad."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from xorgemm.testing import perturb, seed_scenario, state_dict_of
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, "-m", "xorgemm", *map(str, args)], capture_output=True, text=True, timeout=120)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    base, ft = seed_scenario()
+    save_file(state_dict_of(base), d / "base.safetensors")
+    save_file(state_dict_of(ft), d / "ft.safetensors")
+    run("pack", "--base", d / "base.safetensors", "--finetuned", d / "ft.safetensors", "-o", d / "ft.xor.safetensors")
+    return d
+
+
+def test_pack_prints_a_summary_and_json(files):
+    out = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors",
+              "-o", files / "again.xor.safetensors", "--level", "19", "--json")
+    s = json.loads(out.stdout)
+    assert s["tensors"] == 12 and s["kinds"]["xor"] == 12 and s["file_bytes"] <= 7009
+    text = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors",
+               "-o", files / "again.xor.safetensors", "-q").stdout
+    assert text.startswith("wrote ") and "12 tensors" in text
+
+
+def test_inspect_table_and_json(files):
+    out = run("inspect", files / "ft.xor.safetensors").stdout
+    assert "sparse/bplane/raw" in out and "self_attn.in_proj_weight" in out and "12 tensors" in out
+    s = json.loads(run("inspect", files / "ft.xor.safetensors", "--json").stdout)
+    row = {r["name"]: r for r in s["tensors"]}["self_attn.in_proj_weight"]
+    assert row["tiles"] == 3 and row["codecs"]["sparse"] == 3 and row["shape"] == [192, 64]
+    assert s["totals"]["file_bytes"] == (files / "ft.xor.safetensors").stat().st_size
+
+
+def test_unpack_and_verify(files):
+    run("unpack", "--base", files / "base.safetensors", "--delta", files / "ft.xor.safetensors", "-o",
+        files / "rebuilt.safetensors")
+    got, want = load_file(files / "rebuilt.safetensors"), load_file(files / "ft.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
+    out = run("verify", "--base", files / "base.safetensors", "--delta", files / "ft.xor.safetensors",
+              "--finetuned", files / "ft.safetensors")
+    assert out.stdout.startswith("OK: 12 tensors")
+
+
+def test_verify_mismatch_exits_1(files):
+    other = load_file(files / "ft.safetensors")
+    other["ln1.weight"] = perturb(other["ln1.weight"], "sparse", seed=5)
+    save_file(other, files / "other.safetensors")
+    p = run("verify", "--base", files / "base.safetensors", "--delta", files / "ft.xor.safetensors",
+            "--finetuned", files / "other.safetensors", ok=False)
+    assert p.returncode == 1 and "'ln1.weight'" in p.stdout
+
+
+@pytest.mark.parametrize("case", ["truncated", "wrong_base", "pickle", "missing", "not_delta"])
+def test_bad_input_is_one_clear_line(files, case):
+    d = files
+    delta = d / "ft.xor.safetensors"
+    if case == "truncated":
+        (d / "cut.xor.safetensors").write_bytes(delta.read_bytes()[:3000])
+        args = ("unpack", "--base", d / "base.safetensors", "--delta", d / "cut.xor.safetensors")
+    elif case == "wrong_base":
+        args = ("unpack", "--base", d / "ft.safetensors", "--delta", delta)
+    elif case == "pickle":
+        torch.save({"w": torch.zeros(2)}, d / "model.bin")
+        args = ("pack", "--base", d / "model.bin", "--finetuned", d / "ft.safetensors")
+    elif case == "missing":
+        args = ("unpack", "--base", d / "base.safetensors", "--delta", d / "nope.xor.safetensors")
+    else:
+        args = ("unpack", "--base", d / "base.safetensors", "--delta", d / "base.safetensors")
+    out = d / f"out_{case}.safetensors"
+    p = run(*args, "-o", out, ok=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xorgemm: error: "), p.stderr
+    assert "Traceback" not in p.stderr
+    assert not out.exists() and not list(d.glob(f".out_{case}*"))
+
+
+def test_help_explains_every_flag():
+    out = run("pack", "--help").stdout
+    for flag in ("--base", "--finetuned", "--output", "--level", "--tile", "--chunk-kib", "--json", "--quiet"):
+        assert flag in out
+    assert "inspect" in run("--help").stdout
+
+
+def test_bad_tile_argument_is_a_usage_error(files):
+    p = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors", "-o",
+            files / "x.xor.safetensors", "--tile", "big", ok=False)
+    assert p.returncode == 2 and "ROWSxCOLS" in p.stderr
