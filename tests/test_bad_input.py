@@ -2,7 +2,6 @@
 import json
 import pickle
 import struct
-import zlib
 
 import numpy as np
 import pytest

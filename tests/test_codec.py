@@ -30,8 +30,8 @@ def check_section(base, ft, tile=(64, 64)):
     got_ref = decode_section(section.numpy().tobytes(), *grid.args)
     np.testing.assert_array_equal(got_ref, want)
     offsets = C.validate_section(section, *grid.args)
-    out = tensor_bytes(base).clone()
-    C.apply_section(section, offsets, out, *grid.args)
+    out = torch.empty_like(tensor_bytes(base))
+    C.apply_section(section, offsets, tensor_bytes(base), out, *grid.args)
     assert torch.equal(out, tensor_bytes(ft)), "native decode must rebuild the fine-tuned bytes"
     return table(section, grid)
 

@@ -73,23 +73,6 @@ XG_HD bool tile_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
   }
 }
 
-// Little-endian word I/O on byte pointers, so the same code serves 1-, 2-, 4- and 8-byte elements.
-XG_HD uint64_t load_word(const uint8_t* p, uint32_t elem_bytes) {
-  uint64_t w = 0;
-  for (uint32_t b = 0; b < elem_bytes; ++b) w |= (uint64_t)p[b] << (8 * b);
-  return w;
-}
-XG_HD void store_word(uint8_t* p, uint64_t w, uint32_t elem_bytes) {
-  for (uint32_t b = 0; b < elem_bytes; ++b) p[b] = (uint8_t)(w >> (8 * b));
-}
-
-// The low-plane part of word i (bytes 0..low_bytes-1).
-XG_HD uint64_t decode_low_word(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t i) {
-  uint64_t w = 0;
-  for (uint32_t j = 0; j < e.low_bytes; ++j) w |= (uint64_t)payload[(uint64_t)j * elems + i] << (8 * j);
-  return w;
-}
-
 // Exception x: its position inside the tile and the high bytes it contributes, already shifted in place.
 XG_HD uint32_t exception_position(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t x) {
   const uint8_t* pos = payload + (uint64_t)elems * e.low_bytes;
@@ -104,25 +87,26 @@ XG_HD uint64_t exception_high_bits(const uint8_t* payload, TileEntry e, uint32_t
   return w;
 }
 
-// Decodes a tile's XOR words into `out` (elems words, elem_bytes each), cooperatively: worker `tid` of
-// `nthreads` takes a strided share. Phase 1 writes every word's low part; phase 2 ORs in the exceptions.
-// A CUDA block calls phase 1, __syncthreads(), phase 2; the CPU calls both with (0, 1).
-// Positions >= elems are ignored here (host validation rejects them before any decode).
-XG_HD void decode_tile_low(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes,
-                           uint8_t* out, uint32_t tid, uint32_t nthreads) {
+// Decodes a tile's XOR words into `out` (elems words of type Word, the element's unsigned type),
+// cooperatively: worker `tid` of `nthreads` takes a strided share. Phase 1 writes every word's low part;
+// phase 2 ORs in the exceptions. A CUDA block runs phase 1, __syncthreads(), phase 2; the CPU calls both
+// with (0, 1). Positions >= elems are skipped here (host validation rejects them before any decode).
+template <typename Word>
+XG_HD void decode_tile_low(const uint8_t* payload, TileEntry e, uint32_t elems, Word* out, uint32_t tid,
+                           uint32_t nthreads) {
+  const uint32_t k = e.codec == kZero ? 0 : e.low_bytes;
   for (uint32_t i = tid; i < elems; i += nthreads) {
-    uint64_t w = e.codec == kZero ? 0 : decode_low_word(payload, e, elems, i);
-    store_word(out + (uint64_t)i * elem_bytes, w, elem_bytes);
+    Word w = 0;
+    for (uint32_t j = 0; j < k; ++j) w |= (Word)((Word)payload[(uint64_t)j * elems + i] << (8 * j));
+    out[i] = w;
   }
 }
-XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes,
-                                  uint8_t* out, uint32_t tid, uint32_t nthreads) {
+template <typename Word>
+XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t elems, Word* out, uint32_t tid,
+                                  uint32_t nthreads) {
   for (uint32_t x = tid; x < e.n_exc; x += nthreads) {
     uint32_t i = exception_position(payload, e, elems, x);
-    if (i >= elems) continue;
-    uint8_t* dst = out + (uint64_t)i * elem_bytes;
-    store_word(dst, load_word(dst, elem_bytes) | exception_high_bits(payload, e, elems, elem_bytes, x),
-               elem_bytes);
+    if (i < elems) out[i] |= (Word)exception_high_bits(payload, e, elems, sizeof(Word), x);
   }
 }
 

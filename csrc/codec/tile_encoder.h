@@ -12,18 +12,12 @@ namespace xorgemm {
 namespace codec {
 
 // Number of significant bytes of a word: 0 for zero, else 1 + index of its highest nonzero byte.
-inline uint32_t significant_bytes(uint64_t w) {
-  uint32_t n = 0;
-  while (w) {
-    ++n;
-    w >>= 8;
-  }
-  return n;
-}
+inline uint32_t significant_bytes(uint64_t w) { return w ? (uint32_t)(64 - __builtin_clzll(w) + 7) / 8 : 0; }
 
 // Chooses the codec by payload size. For each candidate low_bytes k, the words with more than k
 // significant bytes become exceptions: size(k) = elems*k + n_exc(k)*(2 + elem_bytes - k).
-inline TileEntry choose_tile_codec(const uint64_t* words, uint32_t elems, uint32_t elem_bytes) {
+template <typename Word>
+inline TileEntry choose_tile_codec(const Word* words, uint32_t elems, uint32_t elem_bytes) {
   uint32_t count[9] = {0};  // count[s] = words with s significant bytes
   for (uint32_t i = 0; i < elems; ++i) ++count[significant_bytes(words[i])];
   TileEntry e{0, kZero, 0, 0};
@@ -44,14 +38,15 @@ inline TileEntry choose_tile_codec(const uint64_t* words, uint32_t elems, uint32
 }
 
 // Appends the payload of `e` for these words to `out` (padding included).
-inline void encode_tile(const uint64_t* words, uint32_t elems, uint32_t elem_bytes, TileEntry e,
+template <typename Word>
+inline void encode_tile(const Word* words, uint32_t elems, uint32_t elem_bytes, TileEntry e,
                         std::vector<uint8_t>& out) {
   if (e.codec == kZero) return;
   const uint64_t start = out.size();
   out.resize(start + tile_payload_bytes(e, elems, elem_bytes), 0);
   uint8_t* low = out.data() + start;
   for (uint32_t j = 0; j < e.low_bytes; ++j)
-    for (uint32_t i = 0; i < elems; ++i) low[(uint64_t)j * elems + i] = (uint8_t)(words[i] >> (8 * j));
+    for (uint32_t i = 0; i < elems; ++i) low[(uint64_t)j * elems + i] = (uint8_t)((uint64_t)words[i] >> (8 * j));
   uint8_t* pos = low + (uint64_t)elems * e.low_bytes;
   uint8_t* hi = pos + 2ull * e.n_exc;
   const uint32_t high_planes = elem_bytes - e.low_bytes;
@@ -61,7 +56,7 @@ inline void encode_tile(const uint64_t* words, uint32_t elems, uint32_t elem_byt
     pos[x] = (uint8_t)i;
     pos[e.n_exc + x] = (uint8_t)(i >> 8);
     for (uint32_t j = 0; j < high_planes; ++j)
-      hi[(uint64_t)j * e.n_exc + x] = (uint8_t)(words[i] >> (8 * (e.low_bytes + j)));
+      hi[(uint64_t)j * e.n_exc + x] = (uint8_t)((uint64_t)words[i] >> (8 * (e.low_bytes + j)));
     ++x;
   }
 }

@@ -35,35 +35,49 @@ uint64_t table_bytes(const TileGrid& g) {
   return codec::align_up(g.num_tiles() * sizeof(TileEntry), codec::kTileAlign);
 }
 
-// Gathers tile t's XOR words, row-major inside the tile.
+// Gathers tile t's XOR words, row-major inside the tile. Word is the element's unsigned type, so the
+// compiler vectorizes the row loop.
+template <typename Word>
 static void gather_xor_words(const uint8_t* base, const uint8_t* ft, const TileGrid& g, uint64_t t,
-                             std::vector<uint64_t>& words) {
-  const uint32_t h = g.tile_height(t), w = g.tile_width(t), eb = g.elem_bytes;
+                             std::vector<Word>& words, std::vector<Word>& row) {
+  const uint32_t h = g.tile_height(t), w = g.tile_width(t);
   const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
   words.resize((size_t)h * w);
+  row.resize(w);
   for (uint32_t r = 0; r < h; ++r) {
-    const uint64_t at = ((r0 + r) * g.cols + c0) * eb;
-    const uint8_t* b = base + at;
-    const uint8_t* f = ft + at;
-    uint64_t* dst = words.data() + (size_t)r * w;
-    for (uint32_t c = 0; c < w; ++c)
-      dst[c] = codec::load_word(b + (size_t)c * eb, eb) ^ codec::load_word(f + (size_t)c * eb, eb);
+    const uint64_t at = ((r0 + r) * g.cols + c0) * sizeof(Word);
+    Word* dst = words.data() + (size_t)r * w;
+    memcpy(dst, base + at, (size_t)w * sizeof(Word));  // rows need not be aligned
+    memcpy(row.data(), ft + at, (size_t)w * sizeof(Word));
+    for (uint32_t c = 0; c < w; ++c) dst[c] ^= row[c];
   }
 }
 
-std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g) {
-  g.check();
+template <typename Word>
+static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g) {
   const uint64_t n = g.num_tiles();
   std::vector<uint8_t> out(table_bytes(g), 0);
-  std::vector<uint64_t> words;
+  // Room for every tile stored raw, so appending never reallocates.
+  out.reserve(out.size() + g.tensor_bytes() + n * codec::kTileAlign);
+  std::vector<Word> words, row;
   for (uint64_t t = 0; t < n; ++t) {
-    gather_xor_words(base, finetuned, g, t, words);
+    gather_xor_words<Word>(base, finetuned, g, t, words, row);
     const uint32_t elems = (uint32_t)words.size();
     TileEntry e = codec::choose_tile_codec(words.data(), elems, g.elem_bytes);
     memcpy(out.data() + t * sizeof(TileEntry), &e, sizeof e);
     codec::encode_tile(words.data(), elems, g.elem_bytes, e, out);
   }
   return out;
+}
+
+std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g) {
+  g.check();
+  switch (g.elem_bytes) {
+    case 1: return encode_section_as<uint8_t>(base, finetuned, g);
+    case 2: return encode_section_as<uint16_t>(base, finetuned, g);
+    case 4: return encode_section_as<uint32_t>(base, finetuned, g);
+    default: return encode_section_as<uint64_t>(base, finetuned, g);
+  }
 }
 
 static TileEntry read_entry(const uint8_t* section, uint64_t t) {
@@ -108,23 +122,42 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
   return offsets;
 }
 
-void apply_section_tiles(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
-                         uint64_t t_begin, uint64_t t_end, uint8_t* inout) {
-  const uint32_t eb = g.elem_bytes;
-  std::vector<uint8_t> scratch((size_t)g.tile_rows * g.tile_cols * eb);
+template <typename Word>
+static void apply_tiles_as(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
+                           uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out) {
+  std::vector<Word> scratch((size_t)g.tile_rows * g.tile_cols), row(g.tile_cols);
   for (uint64_t t = t_begin; t < t_end; ++t) {
     const TileEntry e = read_entry(section, t);
-    if (e.codec == codec::kZero) continue;
     const uint32_t h = g.tile_height(t), w = g.tile_width(t), elems = h * w;
-    const uint8_t* payload = section + offsets[t];
-    codec::decode_tile_low(payload, e, elems, eb, scratch.data(), 0, 1);
-    codec::decode_tile_exceptions(payload, e, elems, eb, scratch.data(), 0, 1);
     const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
-    for (uint32_t r = 0; r < h; ++r) {
-      uint8_t* dst = inout + ((r0 + r) * g.cols + c0) * eb;
-      const uint8_t* src = scratch.data() + (size_t)r * w * eb;
-      for (size_t b = 0; b < (size_t)w * eb; ++b) dst[b] ^= src[b];
+    if (e.codec == codec::kZero) {
+      if (out != base)
+        for (uint32_t r = 0; r < h; ++r) {
+          const uint64_t at = ((r0 + r) * g.cols + c0) * sizeof(Word);
+          memcpy(out + at, base + at, (size_t)w * sizeof(Word));
+        }
+      continue;
     }
+    const uint8_t* payload = section + offsets[t];
+    codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);
+    codec::decode_tile_exceptions<Word>(payload, e, elems, scratch.data(), 0, 1);
+    for (uint32_t r = 0; r < h; ++r) {
+      const uint64_t at = ((r0 + r) * g.cols + c0) * sizeof(Word);
+      const Word* x = scratch.data() + (size_t)r * w;
+      memcpy(row.data(), base + at, (size_t)w * sizeof(Word));  // rows need not be aligned
+      for (uint32_t c = 0; c < w; ++c) row[c] ^= x[c];
+      memcpy(out + at, row.data(), (size_t)w * sizeof(Word));
+    }
+  }
+}
+
+void apply_section_tiles(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
+                         uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out) {
+  switch (g.elem_bytes) {
+    case 1: return apply_tiles_as<uint8_t>(section, offsets, g, t_begin, t_end, base, out);
+    case 2: return apply_tiles_as<uint16_t>(section, offsets, g, t_begin, t_end, base, out);
+    case 4: return apply_tiles_as<uint32_t>(section, offsets, g, t_begin, t_end, base, out);
+    default: return apply_tiles_as<uint64_t>(section, offsets, g, t_begin, t_end, base, out);
   }
 }
 

@@ -51,10 +51,11 @@ std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetune
 // increasing and inside their tile) and returns each tile's payload offset within the section.
 std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g);
 
-// XORs tiles [t_begin, t_end) of a validated section onto `inout` (rows*cols*elem_bytes bytes): given
-// the base bytes it yields the fine-tuned bytes, given zeros the XOR itself.
+// Writes base XOR delta for tiles [t_begin, t_end) of a validated section into `out` (both buffers
+// rows*cols*elem_bytes bytes; `out` may be `base`): given the base it yields the fine-tuned bytes, given
+// zeros the XOR itself.
 void apply_section_tiles(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
-                         uint64_t t_begin, uint64_t t_end, uint8_t* inout);
+                         uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out);
 
 // Per-codec tile counts of a validated section: counts[codec].
 void codec_counts(const uint8_t* section, const TileGrid& g, uint64_t counts[codec::kNumCodecs]);

@@ -57,13 +57,16 @@ torch::Tensor validate_section(const torch::Tensor& section, int64_t rows, int64
   return out;
 }
 
-// XORs a validated section onto `inout` in place (base bytes in, fine-tuned bytes out).
-void apply_section(const torch::Tensor& section, const torch::Tensor& offsets, torch::Tensor& inout, int64_t rows,
-                   int64_t cols, int64_t tile_rows, int64_t tile_cols, int64_t elem_bytes) {
+// out = base XOR section, for a validated section (out may be base: in place).
+void apply_section(const torch::Tensor& section, const torch::Tensor& offsets, const torch::Tensor& base,
+                   torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols,
+                   int64_t elem_bytes) {
   const TileGrid g = make_grid(rows, cols, tile_rows, tile_cols, elem_bytes);
   const uint8_t* s = bytes_of(section, "section");
-  uint8_t* io = const_cast<uint8_t*>(bytes_of(inout, "inout"));
-  TORCH_CHECK((uint64_t)inout.numel() == g.tensor_bytes(), "inout must hold rows*cols*elem_bytes bytes");
+  const uint8_t* b = bytes_of(base, "base");
+  uint8_t* o = const_cast<uint8_t*>(bytes_of(out, "out"));
+  TORCH_CHECK((uint64_t)base.numel() == g.tensor_bytes() && (uint64_t)out.numel() == g.tensor_bytes(),
+              "base and out must hold rows*cols*elem_bytes bytes");
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous() &&
                   (uint64_t)offsets.numel() == g.num_tiles(),
               "offsets must come from validate_section for this grid");
@@ -72,7 +75,7 @@ void apply_section(const torch::Tensor& section, const torch::Tensor& offsets, t
   py::gil_scoped_release no_gil;
   // Tiles write disjoint regions, so any split over tiles is race-free.
   at::parallel_for(0, (int64_t)g.num_tiles(), 16, [&](int64_t begin, int64_t end) {
-    xorgemm::format::apply_section_tiles(s, off, g, (uint64_t)begin, (uint64_t)end, io);
+    xorgemm::format::apply_section_tiles(s, off, g, (uint64_t)begin, (uint64_t)end, b, o);
   });
 }
 
@@ -99,8 +102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("validate_section", &validate_section, "Validate a delta section; returns tile payload offsets",
         py::arg("section"), py::arg("rows"), py::arg("cols"), py::arg("tile_rows"), py::arg("tile_cols"),
         py::arg("elem_bytes"));
-  m.def("apply_section", &apply_section, "XOR a validated section onto a byte tensor in place", py::arg("section"),
-        py::arg("offsets"), py::arg("inout"), py::arg("rows"), py::arg("cols"), py::arg("tile_rows"),
+  m.def("apply_section", &apply_section, "out = base XOR a validated section (out may be base)", py::arg("section"),
+        py::arg("offsets"), py::arg("base"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("tile_rows"),
         py::arg("tile_cols"), py::arg("elem_bytes"));
   m.def("codec_counts", &codec_counts, "Tiles per codec in a validated section", py::arg("section"), py::arg("rows"),
         py::arg("cols"), py::arg("tile_rows"), py::arg("tile_cols"), py::arg("elem_bytes"));

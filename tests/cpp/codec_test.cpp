@@ -1,0 +1,177 @@
+// Native unit tests of the tile codecs and delta sections (no torch, no framework: run by ctest and CI).
+// Ends with the line "N passed, N failed".
+#include <stdio.h>
+#include <string.h>
+
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "codec/tile_encoder.h"
+#include "format/delta_section.h"
+
+using namespace xorgemm;
+using format::FormatError;
+using format::TileGrid;
+
+static int passed = 0, failed = 0;
+
+static void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++passed;
+  } else {
+    ++failed;
+    fprintf(stderr, "FAILED: %s\n", what.c_str());
+  }
+}
+
+static bool throws(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const FormatError&) {
+    return true;
+  }
+  return false;
+}
+
+// base and a fine-tune where `density` of the words change in their low `low` bytes and `high_frac` of
+// those also in their top byte.
+static void make_pair(const TileGrid& g, double density, uint32_t low, double high_frac, uint32_t seed,
+                      std::vector<uint8_t>& base, std::vector<uint8_t>& ft) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(0, 1);
+  base.resize(g.tensor_bytes());
+  for (auto& b : base) b = (uint8_t)rng();
+  ft = base;
+  for (uint64_t i = 0; i < g.rows * g.cols; ++i) {
+    if (u(rng) >= density) continue;
+    uint8_t* w = ft.data() + i * g.elem_bytes;
+    for (uint32_t b = 0; b < low && b < g.elem_bytes; ++b) w[b] ^= (uint8_t)(rng() | 1);
+    if (u(rng) < high_frac) w[g.elem_bytes - 1] ^= 0x80;
+  }
+}
+
+static bool round_trips(const TileGrid& g, const std::vector<uint8_t>& base, const std::vector<uint8_t>& ft,
+                        std::vector<uint8_t>* section_out = nullptr) {
+  std::vector<uint8_t> s = format::encode_section(base.data(), ft.data(), g);
+  auto offsets = format::validate_section(s.data(), s.size(), g);
+  std::vector<uint8_t> out(base.size(), 0xAA);
+  format::apply_section_tiles(s.data(), offsets, g, 0, g.num_tiles(), base.data(), out.data());
+  if (section_out) *section_out = s;
+  return out == ft;
+}
+
+static codec::TileEntry entry(const std::vector<uint8_t>& s, uint64_t t) {
+  codec::TileEntry e;
+  memcpy(&e, s.data() + t * 8, 8);
+  return e;
+}
+
+static void test_round_trips() {
+  const uint32_t sizes[] = {1, 2, 4, 8};
+  const double densities[] = {0.0, 0.001, 0.03, 0.5, 1.0};
+  uint32_t seed = 1;
+  for (uint32_t eb : sizes)
+    for (double d : densities)
+      for (auto dims : {std::pair<uint64_t, uint64_t>{64, 64}, {130, 70}, {1, 300}, {3, 1}, {200, 129}}) {
+        TileGrid g{dims.first, dims.second, 64, 64, eb};
+        if (dims.first == 1) g.tile_rows = 1, g.tile_cols = 4096;
+        std::vector<uint8_t> base, ft;
+        make_pair(g, d, eb > 1 ? eb - 1 : 1, 0.05, seed++, base, ft);
+        check(round_trips(g, base, ft), "round trip eb=" + std::to_string(eb) + " density=" + std::to_string(d) +
+                                            " " + std::to_string(dims.first) + "x" + std::to_string(dims.second));
+      }
+}
+
+static void test_codec_choice() {
+  TileGrid g{64, 64, 64, 64, 4};
+  std::vector<uint8_t> base, ft, s;
+  make_pair(g, 0.0, 0, 0, 7, base, ft);
+  round_trips(g, base, ft, &s);
+  check(entry(s, 0).codec == codec::kZero && s.size() == 16, "untouched tile is zero and costs no payload");
+  make_pair(g, 0.01, 3, 0, 8, base, ft);
+  round_trips(g, base, ft, &s);
+  check(entry(s, 0).codec == codec::kSparse, "1% changed is sparse");
+  make_pair(g, 1.0, 2, 0.02, 9, base, ft);
+  round_trips(g, base, ft, &s);
+  check(entry(s, 0).codec == codec::kBytePlane && entry(s, 0).low_bytes == 2, "dense low-2-byte change is byteplane");
+  make_pair(g, 1.0, 4, 0.9, 10, base, ft);
+  round_trips(g, base, ft, &s);
+  check(entry(s, 0).codec == codec::kRaw, "dense full-width change is raw");
+}
+
+static void test_cooperative_decode_matches_serial() {
+  // A CUDA block runs phase 1 on all threads, syncs, then phase 2; any thread count must agree.
+  TileGrid g{64, 64, 64, 64, 2};
+  std::vector<uint8_t> base, ft, s;
+  make_pair(g, 1.0, 1, 0.1, 11, base, ft);
+  round_trips(g, base, ft, &s);
+  auto offsets = format::validate_section(s.data(), s.size(), g);
+  codec::TileEntry e = entry(s, 0);
+  std::vector<uint16_t> serial(4096), coop(4096, 0xBEEF);
+  const uint8_t* p = s.data() + offsets[0];
+  codec::decode_tile_low<uint16_t>(p, e, 4096, serial.data(), 0, 1);
+  codec::decode_tile_exceptions<uint16_t>(p, e, 4096, serial.data(), 0, 1);
+  for (uint32_t t = 0; t < 128; ++t) codec::decode_tile_low<uint16_t>(p, e, 4096, coop.data(), t, 128);
+  for (uint32_t t = 0; t < 128; ++t) codec::decode_tile_exceptions<uint16_t>(p, e, 4096, coop.data(), t, 128);
+  check(serial == coop && e.n_exc > 0, "128-way cooperative decode equals serial decode");
+}
+
+static void test_validation_rejects_bad_sections() {
+  TileGrid g{100, 100, 64, 64, 4};
+  std::vector<uint8_t> base, ft, s;
+  make_pair(g, 0.03, 3, 0.0, 12, base, ft);
+  round_trips(g, base, ft, &s);
+  check(!throws([&] { format::validate_section(s.data(), s.size(), g); }), "valid section passes");
+  check(throws([&] { format::validate_section(s.data(), s.size() - 16, g); }), "truncated section");
+  check(throws([&] { format::validate_section(s.data(), 8, g); }), "section shorter than its table");
+  auto grown = s;
+  grown.resize(s.size() + 16);
+  check(throws([&] { format::validate_section(grown.data(), grown.size(), g); }), "trailing bytes");
+  auto bad = s;
+  bad[4] = 9;  // codec id 9
+  check(throws([&] { format::validate_section(bad.data(), bad.size(), g); }), "unknown codec");
+  bad = s;
+  uint32_t huge = 5000;
+  memcpy(bad.data(), &huge, 4);
+  check(throws([&] { format::validate_section(bad.data(), bad.size(), g); }), "more exceptions than elements");
+  // Swap the first two exception positions of tile 0 (sparse): no longer strictly increasing.
+  bad = s;
+  auto offsets = format::validate_section(s.data(), s.size(), g);
+  codec::TileEntry e = entry(s, 0);
+  check(e.codec == codec::kSparse && e.n_exc >= 2, "tile 0 is sparse with exceptions");
+  uint8_t* pos = bad.data() + offsets[0];
+  std::swap(pos[0], pos[1]);
+  std::swap(pos[e.n_exc], pos[e.n_exc + 1]);
+  check(throws([&] { format::validate_section(bad.data(), bad.size(), g); }), "unsorted exception positions");
+  bad = s;
+  pos = bad.data() + offsets[0];
+  pos[e.n_exc - 1] = 0xFF, pos[2 * e.n_exc - 1] = 0xFF;  // last position 65535 > elems
+  check(throws([&] { format::validate_section(bad.data(), bad.size(), g); }), "position outside the tile");
+  check(throws([] { TileGrid{4, 4, 300, 300, 4}.check(); }), "tile larger than 65536 elements");
+  check(throws([] { TileGrid{4, 4, 4, 4, 3}.check(); }), "3-byte elements");
+  check(throws([] { TileGrid{0, 4, 4, 4, 4}.check(); }), "empty tensor");
+}
+
+static void test_payload_size_formula() {
+  codec::TileEntry e{10, codec::kBytePlane, 1, 0};
+  check(codec::tile_payload_bytes(e, 4096, 2) == codec::align_up(4096 + 10 * 3, 16), "byteplane size");
+  e = {7, codec::kSparse, 0, 0};
+  check(codec::tile_payload_bytes(e, 4096, 4) == 48, "sparse size 7*(2+4)=42 padded to 48");
+  e = {0, codec::kRaw, 4, 0};
+  check(codec::tile_payload_bytes(e, 100, 4) == 400, "raw size");
+  check(!codec::tile_entry_valid({0, codec::kRaw, 3, 0}, 100, 4), "raw must keep every byte");
+  check(!codec::tile_entry_valid({0, codec::kSparse, 0, 0}, 100, 4), "sparse needs an exception");
+  check(!codec::tile_entry_valid({0, codec::kZero, 0, 1}, 100, 4), "reserved must be zero");
+}
+
+int main() {
+  test_round_trips();
+  test_codec_choice();
+  test_cooperative_decode_matches_serial();
+  test_validation_rejects_bad_sections();
+  test_payload_size_formula();
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
