@@ -252,3 +252,13 @@ def test_corrupted_input_safetensors(tmp_path, pair):
     p.write_bytes(p.read_bytes()[:-50])
     with pytest.raises(InputError, match="base.safetensors"):
         xorgemm.pack(p, pair[1], tmp_path / "o.xor.safetensors")
+
+
+def test_header_length_that_looks_like_a_pickle_opcode(delta, pair):
+    """A header of 0x380 bytes starts the file with 0x80 0x03, the bytes a protocol-3 pickle starts with."""
+    raw = delta.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n < 0x380
+    delta.write_bytes(struct.pack("<Q", 0x380) + raw[8:8 + n] + b" " * (0x380 - n) + raw[8 + n:])
+    assert delta.read_bytes()[:2] == b"\x80\x03"
+    assert xorgemm.verify(pair[0], delta, pair[1]).ok

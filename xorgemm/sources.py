@@ -114,7 +114,7 @@ def check_not_pickle(path: Path):
                          ".safetensors first")
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
     except OSError as e:
         raise InputError(f"{path}: cannot be opened ({e.strerror})") from None
     if sniff_pickle(head):

@@ -47,8 +47,11 @@ def digest(data: torch.Tensor | bytes) -> str:
 
 
 def sniff_pickle(head: bytes) -> bool:
-    """torch.save zip archives and raw pickles: refused, never loaded."""
-    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and head[1] <= 5)
+    """torch.save zip archives and raw pickles (refused, never loaded), from a file's first 9 bytes. A
+    safetensors file has '{' at byte 8, whatever its 8-byte header length (which may well start 0x80)."""
+    if head[8:9] == b"{":
+        return False
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -264,13 +267,14 @@ class DeltaFile:
             raise InputError(f"{self.path}: is not a file")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
             if sniff_pickle(head):
                 self._fail("is a pickle / torch.save checkpoint; xorgemm never unpickles, expected a .xor.safetensors "
                            "delta")
             if len(head) < 8:
                 self._fail("is not a safetensors file (shorter than its 8-byte header length)")
-            (hlen,) = struct.unpack("<Q", head)
+            (hlen,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
             if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
                 self._fail(f"is truncated or not a safetensors file (header of {hlen} bytes, file of {size})")
             try:
