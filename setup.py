@@ -7,12 +7,32 @@ xorgemm._C_cuda  CUDA (when nvcc and a CUDA build of torch are present): GPU ker
 """
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+def _find_cuda_home():
+    """CUDA_HOME is the folder above nvcc's bin/. nvcc may be a wrapper script on the PATH, so ask nvcc
+    itself (its dry run prints TOP=<bin>/..); torch reads CUDA_HOME when cpp_extension is imported."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("XORGEMM_FORCE_CPU", "0") == "1" or not shutil.which("nvcc"):
+        return
+    try:
+        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            os.environ["CUDA_HOME"] = os.path.realpath(line.split("=", 1)[1].strip())
+            return
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME  # noqa: E402
 
 ROOT = Path(__file__).parent
 CSRC = "csrc"
@@ -36,7 +56,8 @@ def _cuda_include_dirs():
 def _want_cuda():
     if os.environ.get("XORGEMM_FORCE_CPU", "0") == "1":
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None and shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is not None
+    return (torch.version.cuda is not None and CUDA_HOME is not None
+            and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
 
 
 cxx_flags = ["-O3", "-std=c++20"]

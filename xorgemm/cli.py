@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "bytes; then totals.")
     ins.add_argument("delta", help="the .xor.safetensors delta")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.add_argument("--top", type=int, metavar="N", help="list only the N tensors taking the most disk bytes "
+                                                          "(totals still cover every tensor)")
 
     ver = sub.add_parser("verify", help="prove a delta rebuilds the fine-tune exactly",
                          description="Rebuild every tensor from base + delta and compare it byte for byte with the "
@@ -146,7 +148,8 @@ def cmd_inspect(a) -> int:
         return 0
     head = ("tensor", "kind", "dtype", "shape", "tiles", "zero", "sparse/bplane/raw", "stored", "disk", "ratio")
     table = [head]
-    for r in rows:
+    shown = sorted(rows, key=lambda r: -r["disk_bytes"])[:a.top] if a.top else rows
+    for r in shown:
         c = r["codecs"]
         table.append((r["name"], r["kind"], r["dtype"], "x".join(map(str, r["shape"])) or "()", str(r["tiles"]),
                       str(r["zero_tiles"]), f"{c['sparse']}/{c['byteplane']}/{c['raw']}", _human(r["stored_bytes"]),
@@ -156,6 +159,8 @@ def cmd_inspect(a) -> int:
         print("  ".join(v.ljust(w) if j < 4 else v.rjust(w) for j, (v, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} smaller tensors not shown (--top {a.top})")
     print(f"\n{d.path}: {totals['tensors']} tensors, {totals['tiles']} tiles ({totals['zero_tiles']} all-zero, "
           f"skipped), {_human(total)} of weights in {_human(file_bytes)} on disk ({100 * totals['ratio']:.2f}%), "
           f"{totals['chunks']} zstd chunks")

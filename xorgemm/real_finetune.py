@@ -58,7 +58,7 @@ def _load_encoder():
         from transformers import AutoModel
     except ImportError:
         raise InputError("the real fine-tune needs transformers: pip install 'xorgemm[demo]'") from None
-    return AutoModel.from_pretrained(str(base_model_dir()), torch_dtype=torch.float32)
+    return AutoModel.from_pretrained(str(base_model_dir()), dtype=torch.float32)
 
 
 def _train(recipe: Recipe, log=print) -> tuple[dict, dict]:

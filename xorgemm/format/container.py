@@ -214,17 +214,25 @@ class DeltaTensor:
                 f"{digest(base)} != {self.base_hash})")
 
     def apply(self, base: torch.Tensor | None) -> torch.Tensor:
-        """The fine-tuned tensor, bit for bit, on the CPU; `base` may be None for tensors stored whole."""
+        """The fine-tuned tensor, bit for bit, on the base's device (a CUDA base is patched by a GPU kernel);
+        `base` may be None for tensors stored whole, which come back on the CPU."""
         self.check_base(base)
         if self.kind == "same":
-            out = base.detach().cpu().clone().contiguous()
+            out = base.detach().clone().contiguous()
         elif self.kind == "whole":
             raw = self.file.read_span(*self.span, tensor=self.name)
             out = raw.view(self.dtype).reshape(self.shape).clone()
         else:
             sec = self.section()
-            out_bytes = torch.empty(self.nbytes, dtype=torch.uint8)
-            C.apply_section(sec, self._offsets, tensor_bytes(base), out_bytes, *self.grid.args)
+            base = base.detach().contiguous()
+            out_bytes = torch.empty(self.nbytes, dtype=torch.uint8, device=base.device)
+            base_bytes = base.reshape(-1).view(torch.uint8)
+            if base.is_cuda:
+                CUDA = cuda_extension(self._where())
+                CUDA.apply_section(sec.to(base.device), self._offsets.to(base.device), base_bytes, out_bytes,
+                                   *self.grid.args)
+            else:
+                C.apply_section(sec, self._offsets, base_bytes, out_bytes, *self.grid.args)
             out = out_bytes.view(self.dtype).reshape(self.shape)
         if digest(out) != self.ft_hash:
             raise DeltaFormatError(f"{self._where()}: reconstructed bytes do not match the fine-tune's recorded "
@@ -237,6 +245,15 @@ class DeltaTensor:
         out = torch.zeros(self.nbytes, dtype=torch.uint8)
         C.apply_section(sec, self._offsets, out, out, *self.grid.args)
         return out
+
+
+def cuda_extension(context: str):
+    from xorgemm._native import CUDA
+
+    if CUDA is None:
+        raise InputError(f"{context}: the base is on a GPU but xorgemm was built without its CUDA extension "
+                         "(rebuild where nvcc and a CUDA build of torch are present)")
+    return CUDA
 
 
 def dtype_name_safe(dtype) -> str:

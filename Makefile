@@ -1,0 +1,56 @@
+# Two commands on a fresh machine (Python 3.10+, a C++ compiler; nvcc for the CUDA extension):
+#   make demo    build everything, then pack/verify the seed scenario and a real MiniLM fine-tune
+#   make test    build everything, then pytest, the native unit tests and a bounded fuzzing run
+# The virtual environment is .venv; TORCH selects the torch build (a CUDA 13.0 build by default).
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.14.1
+FUZZ_SECONDS ?= 60
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
+
+PY     := $(VENV)/bin/python
+NATIVE := $(wildcard csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+
+.PHONY: demo test pytest native fuzz bench clean
+
+demo: $(VENV)/.demo
+	$(PY) -m xorgemm.demo
+
+test: pytest native fuzz
+
+pytest: $(VENV)/.built
+	$(PY) -m pytest -q
+
+native: $(NATIVE) tests/cpp/codec_test.cpp CMakeLists.txt
+	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/native -j 2
+	ctest --test-dir build/native --output-on-failure
+
+# libFuzzer needs clang; XORGEMM_REQUIRE_FUZZ=1 (CI) makes its absence an error instead of a notice.
+fuzz: $(NATIVE) tests/cpp/fuzz_delta_section.cpp CMakeLists.txt
+	@if command -v clang++ > /dev/null; then \
+	  CXX=clang++ cmake -S . -B build/fuzz -DXORGEMM_FUZZ=ON > /dev/null && \
+	  cmake --build build/fuzz -j 2 --target fuzz_delta_section && \
+	  corpus=$$(mktemp -d) && build/fuzz/fuzz_delta_section -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$corpus 2>&1 | tail -n 3; \
+	elif [ "$$XORGEMM_REQUIRE_FUZZ" = 1 ]; then echo "fuzz: clang++ not found (apt-get install clang)"; exit 1; \
+	else echo "fuzz: skipped, clang++ not found (apt-get install clang)"; fi
+
+bench: $(VENV)/.demo
+	$(PY) bench/pack.py
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" numpy ninja setuptools wheel
+	touch $@
+
+$(VENV)/.built: $(VENV)/.torch setup.py pyproject.toml $(NATIVE)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.built
+	$(PY) -m pip install -q -e '.[demo]' --no-build-isolation
+	touch $@
+
+clean:
+	rm -rf build $(VENV) xorgemm/*.so *.egg-info
