@@ -11,7 +11,7 @@ and pack / unpack throughput on one core (torch and zstd single-threaded) beside
 
     python bench/pack.py                  # everything; the first run fine-tunes MiniLM (~3 min, cached)
     python bench/pack.py --no-real        # synthetic and seed deltas only (~1 min)
-    python bench/pack.py --update-docs    # also rewrite the table in docs/format.md
+    python bench/pack.py --update-docs    # also rewrite the tables in docs/format.md and README.md
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def synthetic_model(dtype, seed=0):
 def synthetic(kind, dtype):
     base = synthetic_model(dtype)
     if kind == "partial":  # only the attention tensors tuned, densely; the rest frozen
-        ft = {k: perturb(v, "dense", seed=i) if k.startswith("attn.") else v.clone() for i, (k, v) in enumerate(base.items())}
+        ft = {k: perturb(v, "dense", seed=i) if k.startswith("attn.") else v.clone()
+              for i, (k, v) in enumerate(base.items())}
     elif kind == "dense":
         ft = {k: perturb(v, "dense", seed=i) for i, (k, v) in enumerate(base.items())}
     else:  # sparse / structured: 3% of elements or of tiles, changed by ~5% of the weights' scale
@@ -133,8 +134,9 @@ def zipnn_ratio(xor: bytes, dtype: str):
 def measure(name, dtype, make, levels19: bool):
     base, ft = make()
     nbytes = sum(v.numel() * v.element_size() for v in ft.values())
-    changed = sum(int((tensor_bytes(base[k]).view(-1, v.element_size()) != tensor_bytes(v).view(-1, v.element_size()))
-                      .any(1).sum()) for k, v in ft.items()) / sum(v.numel() for v in ft.values())
+    changed = sum(int((tensor_bytes(base[k]).view(-1, v.element_size())
+                       != tensor_bytes(v).view(-1, v.element_size())).any(1).sum())
+                  for k, v in ft.items()) / sum(v.numel() for v in ft.values())
     xor = whole_xor(base, ft)
     row = {"delta": name, "dtype": dtype, "weights_bytes": nbytes, "changed_elements": changed}
     torch.set_num_threads(1)
@@ -174,7 +176,8 @@ def markdown(rows, meta) -> str:
     for r in rows:
         zipnn = pct(r, "zipnn") + ("" if r.get("zipnn_lossless") in (True, None) else " (not lossless)")
         lines.append(
-            f"| {r['delta']} | {r['dtype']} | {r['weights_bytes'] / 2**20:.2f} MiB | {100 * r['changed_elements']:.1f}% | "
+            f"| {r['delta']} | {r['dtype']} | {r['weights_bytes'] / 2**20:.2f} MiB | "
+            f"{100 * r['changed_elements']:.1f}% | "
             f"**{pct(r, 'xorgemm')}** | {pct(r, 'xorgemm_19')} | {pct(r, 'zstd_3')} | {pct(r, 'zstd_19')} | "
             f"{pct(r, 'planes_19')} | {zipnn} | {r['pack_mb_s']:.0f} | {r['unpack_mb_s']:.0f} | "
             f"{r['zstd3_pack_mb_s']:.0f} / {r['zstd3_unpack_mb_s']:.0f} |")
@@ -199,13 +202,23 @@ def machine_meta(argv):
             "command": "python bench/pack.py" + ("".join(f" {a}" for a in argv if a != "--update-docs"))}
 
 
-def update_docs(table: str):
-    text = DOCS.read_text()
-    new, n = re.subn(r"(<!-- pack-table:begin -->\n).*?(<!-- pack-table:end -->)", lambda m: m.group(1) + table + m.group(2),
-                     text, flags=re.S)
+def summary(rows, meta) -> str:
+    """The README's short table: the headline ratio beside zstd-19 of the whole XOR, and throughput."""
+    lines = ["| delta | dtype | xorgemm | zstd-19 of the whole XOR | pack MB/s | unpack MB/s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['delta']} | {r['dtype']} | **{pct(r, 'xorgemm')}** | {pct(r, 'zstd_19')} | "
+                     f"{r['pack_mb_s']:.0f} | {r['unpack_mb_s']:.0f} |")
+    return "\n".join(lines) + f"\n\n{meta['cpu']}, one core, {meta['date']}, `{meta['command']}`.\n"
+
+
+def replace_region(path: Path, marker: str, text: str):
+    old = path.read_text()
+    pattern = rf"(<!-- {marker}:begin -->\n).*?(<!-- {marker}:end -->)"
+    new, n = re.subn(pattern, lambda m: m.group(1) + text + m.group(2), old, flags=re.S)
     if n != 1:
-        raise SystemExit(f"{DOCS}: no <!-- pack-table:begin/end --> markers to replace")
-    DOCS.write_text(new)
+        raise SystemExit(f"{path}: no <!-- {marker}:begin/end --> markers to replace")
+    path.write_text(new)
 
 
 def main(argv=None):
@@ -214,7 +227,8 @@ def main(argv=None):
     p.add_argument("--no-real", action="store_true", help="skip the real MiniLM fine-tunes (no transformers needed)")
     p.add_argument("--no-19", action="store_true", help="skip the slow zstd-19 columns")
     p.add_argument("--out", default=str(RESULTS / "pack_cpu"), help="results path without suffix (.json, .md)")
-    p.add_argument("--update-docs", action="store_true", help="rewrite the table in docs/format.md")
+    p.add_argument("--update-docs", action="store_true",
+                   help="rewrite the tables in docs/format.md and README.md from this run")
     a = p.parse_args(argv)
     meta = machine_meta(argv)
     rows = []
@@ -228,7 +242,8 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(f"# xorgemm pack/unpack on the CPU\n\n{table}")
     if a.update_docs:
-        update_docs(table)
+        replace_region(DOCS, "pack-table", table)
+        replace_region(ROOT / "README.md", "pack-summary", summary(rows, meta))
 
 
 if __name__ == "__main__":

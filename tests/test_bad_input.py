@@ -18,7 +18,8 @@ from xorgemm.testing import perturb
 @pytest.fixture
 def pair():
     g = torch.Generator().manual_seed(0)
-    base = {"a.weight": torch.randn(130, 70, generator=g).bfloat16(), "a.bias": torch.randn(130, generator=g).bfloat16(),
+    base = {"a.weight": torch.randn(130, 70, generator=g).bfloat16(),
+            "a.bias": torch.randn(130, generator=g).bfloat16(),
             "b.weight": torch.randn(64, 64, generator=g).bfloat16()}
     ft = {k: perturb(v, "dense", seed=i) for i, (k, v) in enumerate(base.items())}
     return base, ft

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference_codec import BYTEPLANE, RAW, SPARSE, ZERO, decode_section, payload_size, xor_words
+
 from xorgemm._native import C
 from xorgemm.format.layout import grid_of, tensor_bytes, tile_for
 from xorgemm.testing import DELTA_KINDS, perturb

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, InputError, XorgemmError
-from xorgemm.format.container import (StreamWriter, base_fingerprint, digest, load_delta, write_delta_file)
+from xorgemm.format.container import StreamWriter, base_fingerprint, digest, load_delta, write_delta_file
 from xorgemm.format.layout import CODEC_NAMES, DEFAULT_TILE, dtype_name, grid_of, tensor_bytes, tile_for
 from xorgemm.sources import TensorSource, open_source
 

@@ -84,7 +84,8 @@ def _train(recipe: Recipe, log=print) -> tuple[dict, dict]:
         loss.backward()
         opt.step()
         if log and (step + 1) % max(1, recipe.steps // 5) == 0:
-            log(f"  fine-tune step {step + 1}/{recipe.steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+            elapsed = time.perf_counter() - t0
+            log(f"  fine-tune step {step + 1}/{recipe.steps}: loss {loss.item():.3f} ({elapsed:.0f} s)")
     ft = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return base, ft
 

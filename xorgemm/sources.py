@@ -4,8 +4,8 @@ time, so packing a large model never holds two whole models in memory. Pickle ch
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open

@@ -29,8 +29,17 @@ import zstandard
 
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, where
-from xorgemm.format.layout import (CODEC_NAMES, DTYPES, MAX_TILE_ELEMS, TILE_ALIGN, Grid, dtype_name, grid_of,
-                                   tensor_bytes, view_2d)
+from xorgemm.format.layout import (
+    CODEC_NAMES,
+    DTYPES,
+    MAX_TILE_ELEMS,
+    TILE_ALIGN,
+    Grid,
+    dtype_name,
+    grid_of,
+    tensor_bytes,
+    view_2d,
+)
 
 FORMAT = "xorgemm.delta"
 FORMAT_VERSION = 1
@@ -159,7 +168,7 @@ class DeltaTensor:
     ft_hash: str
     tile_counts: tuple[int, ...]  # tiles per codec, in CODEC_NAMES order
     reason: str | None = None  # why a "whole" tensor is whole: "new" or "reshaped"
-    file: "DeltaFile" = field(repr=False, default=None)
+    file: DeltaFile = field(repr=False, default=None)
     _offsets: torch.Tensor | None = field(repr=False, default=None)
 
     @property
@@ -304,7 +313,8 @@ class DeltaFile:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             self._fail("is a safetensors file but not an xorgemm delta (no 'format: xorgemm.delta' metadata)")
         if meta.get("format_version") != str(FORMAT_VERSION):
-            self._fail(f"has format version {meta.get('format_version')!r}; this xorgemm reads version {FORMAT_VERSION}")
+            self._fail(f"has format version {meta.get('format_version')!r}; "
+                       f"this xorgemm reads version {FORMAT_VERSION}")
         self.format_version = FORMAT_VERSION
         data_start = 8 + hlen
         data_len = size - data_start
