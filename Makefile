@@ -31,7 +31,10 @@ fuzz: $(NATIVE) tests/cpp/fuzz_delta_section.cpp CMakeLists.txt
 	@if command -v clang++ > /dev/null; then \
 	  CXX=clang++ cmake -S . -B build/fuzz -DXORGEMM_FUZZ=ON > /dev/null && \
 	  cmake --build build/fuzz -j 2 --target fuzz_delta_section && \
-	  corpus=$$(mktemp -d) && build/fuzz/fuzz_delta_section -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$corpus 2>&1 | tail -n 3; \
+	  corpus=$$(mktemp -d) && \
+	  if build/fuzz/fuzz_delta_section -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$corpus > build/fuzz/fuzz.log 2>&1; \
+	  then grep -E "^Done|stat::number_of_executed_units" build/fuzz/fuzz.log; \
+	  else tail -n 60 build/fuzz/fuzz.log; echo "fuzz: the fuzzer found a failure (build/fuzz/fuzz.log)"; exit 1; fi; \
 	elif [ "$$XORGEMM_REQUIRE_FUZZ" = 1 ]; then echo "fuzz: clang++ not found (apt-get install clang)"; exit 1; \
 	else echo "fuzz: skipped, clang++ not found (apt-get install clang)"; fi
 

@@ -263,3 +263,9 @@ def test_header_length_that_looks_like_a_pickle_opcode(delta, pair):
     delta.write_bytes(struct.pack("<Q", 0x380) + raw[8:8 + n] + b" " * (0x380 - n) + raw[8 + n:])
     assert delta.read_bytes()[:2] == b"\x80\x03"
     assert xorgemm.verify(pair[0], delta, pair[1]).ok
+
+
+def test_unsupported_dtype_names_the_tensor(tmp_path):
+    base = {"w": torch.zeros(4, dtype=torch.complex64)}
+    with pytest.raises(InputError, match="tensor 'w'.*complex64"):
+        xorgemm.pack(base, base, tmp_path / "o.xor.safetensors")

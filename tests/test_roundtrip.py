@@ -59,7 +59,11 @@ def test_tensor_kinds_same_whole_new_reshaped(tmp_path):
     assert d["norm.weight"].kind == "same" and d["norm.weight"].span[1] == 0
     assert (d["lm_head.weight"].kind, d["lm_head.weight"].reason) == ("whole", "new")
     assert (d["embed.weight"].kind, d["embed.weight"].reason) == ("whole", "reshaped")
-    assert d["layers.0.mlp.weight"].kind == "xor"
+    mlp = d["layers.0.mlp.weight"]
+    assert mlp.kind == "xor"
+    table = mlp.tile_table()
+    assert len(table) == sum(mlp.tile_counts) == 3 * 2  # 130x75 in 64x64 tiles, ragged
+    assert [int((table["codec"] == c).sum()) for c in range(4)] == list(mlp.tile_counts)
     assert "scale" not in d
     assert_bit_exact(xorgemm.unpack(base, path), ft)
 

@@ -66,8 +66,11 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     with tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=_quiet(progress), leave=False) as bar:
         for name in names:
             fdtype, fshape = fsrc.meta(name)
+            try:
+                entry = {"dtype": dtype_name(fdtype), "shape": list(fshape)}
+            except InputError as e:
+                raise InputError(f"{fsrc.label}: tensor '{name}': {e}") from None
             ft = fsrc.get(name)
-            entry = {"dtype": dtype_name(fdtype), "shape": list(fshape)}
             counts = (0,) * len(CODEC_NAMES)
             if name not in bsrc:
                 entry.update(kind="whole", reason="new")

@@ -91,14 +91,16 @@ XG_HD uint64_t exception_high_bits(const uint8_t* payload, TileEntry e, uint32_t
 // cooperatively: worker `tid` of `nthreads` takes a strided share. Phase 1 writes every word's low part;
 // phase 2 ORs in the exceptions. A CUDA block runs phase 1, __syncthreads(), phase 2; the CPU calls both
 // with (0, 1). Positions >= elems are skipped here (host validation rejects them before any decode).
+// Plane by plane, so each pass streams one contiguous plane (vectorized on the CPU, coalesced on the GPU);
+// a worker only ever touches its own words, so the passes need no synchronization between them.
 template <typename Word>
 XG_HD void decode_tile_low(const uint8_t* payload, TileEntry e, uint32_t elems, Word* out, uint32_t tid,
                            uint32_t nthreads) {
   const uint32_t k = e.codec == kZero ? 0 : e.low_bytes;
-  for (uint32_t i = tid; i < elems; i += nthreads) {
-    Word w = 0;
-    for (uint32_t j = 0; j < k; ++j) w |= (Word)((Word)payload[(uint64_t)j * elems + i] << (8 * j));
-    out[i] = w;
+  for (uint32_t i = tid; i < elems; i += nthreads) out[i] = k ? (Word)payload[i] : (Word)0;
+  for (uint32_t j = 1; j < k; ++j) {
+    const uint8_t* plane = payload + (uint64_t)j * elems;
+    for (uint32_t i = tid; i < elems; i += nthreads) out[i] |= (Word)((Word)plane[i] << (8 * j));
   }
 }
 template <typename Word>

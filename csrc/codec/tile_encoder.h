@@ -37,28 +37,38 @@ inline TileEntry choose_tile_codec(const Word* words, uint32_t elems, uint32_t e
   return e;
 }
 
-// Appends the payload of `e` for these words to `out` (padding included).
+// Appends the payload of `e` for these words to `out` (padding included). `scratch` is reused between
+// calls so the exception list is compacted without branches or allocations.
 template <typename Word>
 inline void encode_tile(const Word* words, uint32_t elems, uint32_t elem_bytes, TileEntry e,
-                        std::vector<uint8_t>& out) {
+                        std::vector<uint8_t>& out, std::vector<uint64_t>& scratch) {
   if (e.codec == kZero) return;
   const uint64_t start = out.size();
   out.resize(start + tile_payload_bytes(e, elems, elem_bytes), 0);
   uint8_t* low = out.data() + start;
   for (uint32_t j = 0; j < e.low_bytes; ++j)
     for (uint32_t i = 0; i < elems; ++i) low[(uint64_t)j * elems + i] = (uint8_t)((uint64_t)words[i] >> (8 * j));
+  if (e.n_exc == 0) return;
+  // Branch-free compaction: write every candidate, advance only past words with high bytes.
+  scratch.resize(2 * (size_t)elems + 2);
+  uint64_t* exc_pos = scratch.data();
+  uint64_t* exc_high = scratch.data() + elems + 1;
+  const uint32_t shift = 8 * e.low_bytes;  // < 64: exceptions exist only when low_bytes < elem_bytes
+  uint32_t x = 0;
+  for (uint32_t i = 0; i < elems; ++i) {
+    const uint64_t high = (uint64_t)words[i] >> shift;
+    exc_pos[x] = i;
+    exc_high[x] = high;
+    x += high != 0;
+  }
   uint8_t* pos = low + (uint64_t)elems * e.low_bytes;
   uint8_t* hi = pos + 2ull * e.n_exc;
-  const uint32_t high_planes = elem_bytes - e.low_bytes;
-  uint32_t x = 0;
-  for (uint32_t i = 0; i < elems && x < e.n_exc; ++i) {
-    if (significant_bytes(words[i]) <= e.low_bytes) continue;
-    pos[x] = (uint8_t)i;
-    pos[e.n_exc + x] = (uint8_t)(i >> 8);
-    for (uint32_t j = 0; j < high_planes; ++j)
-      hi[(uint64_t)j * e.n_exc + x] = (uint8_t)((uint64_t)words[i] >> (8 * (e.low_bytes + j)));
-    ++x;
+  for (uint32_t y = 0; y < e.n_exc; ++y) {
+    pos[y] = (uint8_t)exc_pos[y];
+    pos[e.n_exc + y] = (uint8_t)(exc_pos[y] >> 8);
   }
+  for (uint32_t j = 0; j < elem_bytes - e.low_bytes; ++j)
+    for (uint32_t y = 0; y < e.n_exc; ++y) hi[(uint64_t)j * e.n_exc + y] = (uint8_t)(exc_high[y] >> (8 * j));
 }
 
 }  // namespace codec

@@ -60,12 +60,13 @@ static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t
   // Room for every tile stored raw, so appending never reallocates.
   out.reserve(out.size() + g.tensor_bytes() + n * codec::kTileAlign);
   std::vector<Word> words, row;
+  std::vector<uint64_t> scratch;
   for (uint64_t t = 0; t < n; ++t) {
     gather_xor_words<Word>(base, finetuned, g, t, words, row);
     const uint32_t elems = (uint32_t)words.size();
     TileEntry e = codec::choose_tile_codec(words.data(), elems, g.elem_bytes);
     memcpy(out.data() + t * sizeof(TileEntry), &e, sizeof e);
-    codec::encode_tile(words.data(), elems, g.elem_bytes, e, out);
+    codec::encode_tile(words.data(), elems, g.elem_bytes, e, out, scratch);
   }
   return out;
 }
@@ -125,7 +126,7 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
 template <typename Word>
 static void apply_tiles_as(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
                            uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out) {
-  std::vector<Word> scratch((size_t)g.tile_rows * g.tile_cols), row(g.tile_cols);
+  std::vector<Word> scratch((size_t)g.tile_rows * g.tile_cols);
   for (uint64_t t = t_begin; t < t_end; ++t) {
     const TileEntry e = read_entry(section, t);
     const uint32_t h = g.tile_height(t), w = g.tile_width(t), elems = h * w;
@@ -144,9 +145,14 @@ static void apply_tiles_as(const uint8_t* section, const std::vector<uint64_t>& 
     for (uint32_t r = 0; r < h; ++r) {
       const uint64_t at = ((r0 + r) * g.cols + c0) * sizeof(Word);
       const Word* x = scratch.data() + (size_t)r * w;
-      memcpy(row.data(), base + at, (size_t)w * sizeof(Word));  // rows need not be aligned
-      for (uint32_t c = 0; c < w; ++c) row[c] ^= x[c];
-      memcpy(out + at, row.data(), (size_t)w * sizeof(Word));
+      const uint8_t* b = base + at;
+      uint8_t* o = out + at;
+      for (uint32_t c = 0; c < w; ++c) {  // memcpy: rows need not be aligned; compiles to vector loads
+        Word v;
+        memcpy(&v, b + (size_t)c * sizeof(Word), sizeof(Word));
+        v ^= x[c];
+        memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
+      }
     }
   }
 }
