@@ -1,6 +1,6 @@
 """Builds xorgemm's native extensions.
 
-xorgemm._C       C++ (always): tile codecs, delta sections.
+xorgemm._C       C++ (always): tile codecs, delta sections, the xorgemm ops and their CPU kernels.
 xorgemm._C_cuda  CUDA (when nvcc and a CUDA build of torch are present): GPU kernels over the same shared
                  codec headers. XORGEMM_FORCE_CPU=1 skips it; TORCH_CUDA_ARCH_LIST picks the targets
                  (default "8.0;9.0a").
@@ -64,7 +64,8 @@ cxx_flags = ["-O3", "-std=c++20"]
 ext_modules = [
     CppExtension(
         "xorgemm._C",
-        sources=[f"{CSRC}/python/module.cpp", f"{CSRC}/format/delta_section.cpp"],
+        sources=[f"{CSRC}/python/module.cpp", f"{CSRC}/ops.cpp", f"{CSRC}/cpu/xor_gemm.cpp",
+                 f"{CSRC}/format/delta_section.cpp"],
         include_dirs=[str(ROOT / CSRC)],
         extra_compile_args={"cxx": cxx_flags},
     )

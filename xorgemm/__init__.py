@@ -4,14 +4,21 @@
     xorgemm.pack("base.safetensors", "ft.safetensors", "ft.xor.safetensors")
     sd = xorgemm.unpack("base.safetensors", "ft.xor.safetensors")     # bit-exact fine-tuned state dict
     delta = xorgemm.load_delta("ft.xor.safetensors")                  # validated, lazily decoded
+
+    from xorgemm import XorLinear                                     # nn.Linear over base XOR delta
+    model = xorgemm.patch_model(base_model, {"legal": "legal.xor.safetensors", "med": "med.xor.safetensors"})
+    with xorgemm.use(model, "legal"): ...                             # or per-row fine-tune ids
 """
 from xorgemm.delta import PackReport, VerifyReport, pack, save_state_dict, unpack, verify
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, XorgemmError
 from xorgemm.format import DeltaFile, DeltaTensor, load_delta
+from xorgemm.nn import XorLinear
+from xorgemm.patch import PatchReport, patch_model, select, use
 
 __version__ = "0.1.0"
 
 __all__ = [
     "pack", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor", "PackReport",
-    "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError",
+    "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear",
+    "patch_model", "use", "select", "PatchReport",
 ]

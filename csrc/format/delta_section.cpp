@@ -123,47 +123,63 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
   return offsets;
 }
 
-template <typename Word>
-static void apply_tiles_as(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
-                           uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out) {
-  std::vector<Word> scratch((size_t)g.tile_rows * g.tile_cols);
-  for (uint64_t t = t_begin; t < t_end; ++t) {
+void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* offsets, const TileGrid& g) {
+  g.check();
+  const uint64_t header = table_bytes(g);
+  if (len < header) throw FormatError("section is shorter than its tile table");
+  for (uint64_t t = 0; t < g.num_tiles(); ++t) {
     const TileEntry e = read_entry(section, t);
-    const uint32_t h = g.tile_height(t), w = g.tile_width(t), elems = h * w;
-    const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
-    if (e.codec == codec::kZero) {
-      if (out != base)
-        for (uint32_t r = 0; r < h; ++r) {
-          const uint64_t at = ((r0 + r) * g.cols + c0) * sizeof(Word);
-          memcpy(out + at, base + at, (size_t)w * sizeof(Word));
-        }
-      continue;
-    }
-    const uint8_t* payload = section + offsets[t];
-    codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);
-    codec::decode_tile_exceptions<Word>(payload, e, elems, scratch.data(), 0, 1);
-    for (uint32_t r = 0; r < h; ++r) {
-      const uint64_t at = ((r0 + r) * g.cols + c0) * sizeof(Word);
-      const Word* x = scratch.data() + (size_t)r * w;
-      const uint8_t* b = base + at;
-      uint8_t* o = out + at;
-      for (uint32_t c = 0; c < w; ++c) {  // memcpy: rows need not be aligned; compiles to vector loads
-        Word v;
-        memcpy(&v, b + (size_t)c * sizeof(Word), sizeof(Word));
-        v ^= x[c];
-        memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
-      }
-    }
+    const uint32_t elems = g.tile_height(t) * g.tile_width(t);
+    if (!codec::tile_entry_valid(e, elems, g.elem_bytes))
+      throw FormatError("tile " + std::to_string(t) + " has an invalid entry");
+    const uint64_t size = codec::tile_payload_bytes(e, elems, g.elem_bytes);
+    if (offsets[t] < header || offsets[t] > len || size > len - offsets[t])
+      throw FormatError("tile " + std::to_string(t) + " has a payload offset outside the section");
   }
 }
 
-void apply_section_tiles(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
-                         uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out) {
+template <typename Word>
+static void apply_block_as(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t gr0,
+                           uint64_t gr1, uint64_t gc0, uint64_t gc1, const uint8_t* base, const OutBlock& out) {
+  std::vector<Word> scratch((size_t)g.tile_rows * g.tile_cols);
+  const uint64_t grid_cols = g.grid_cols();
+  for (uint64_t gr = gr0; gr < gr1; ++gr)
+    for (uint64_t gc = gc0; gc < gc1; ++gc) {
+      const uint64_t t = gr * grid_cols + gc;
+      const TileEntry e = read_entry(section, t);
+      const uint32_t h = g.tile_height(t), w = g.tile_width(t), elems = h * w;
+      const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
+      const bool zero = e.codec == codec::kZero;
+      if (!zero) {
+        const uint8_t* payload = section + offsets[t];
+        codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);
+        codec::decode_tile_exceptions<Word>(payload, e, elems, scratch.data(), 0, 1);
+      }
+      for (uint32_t r = 0; r < h; ++r) {
+        const uint8_t* b = base + ((r0 + r) * g.cols + c0) * sizeof(Word);
+        uint8_t* o = out.data + ((r0 + r - out.row0) * out.ld + (c0 - out.col0)) * sizeof(Word);
+        if (zero) {
+          if (o != b) memcpy(o, b, (size_t)w * sizeof(Word));
+          continue;
+        }
+        const Word* x = scratch.data() + (size_t)r * w;
+        for (uint32_t c = 0; c < w; ++c) {  // memcpy: rows need not be aligned; compiles to vector loads
+          Word v;
+          memcpy(&v, b + (size_t)c * sizeof(Word), sizeof(Word));
+          v ^= x[c];
+          memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
+        }
+      }
+    }
+}
+
+void apply_section_block(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t gr0,
+                         uint64_t gr1, uint64_t gc0, uint64_t gc1, const uint8_t* base, const OutBlock& out) {
   switch (g.elem_bytes) {
-    case 1: return apply_tiles_as<uint8_t>(section, offsets, g, t_begin, t_end, base, out);
-    case 2: return apply_tiles_as<uint16_t>(section, offsets, g, t_begin, t_end, base, out);
-    case 4: return apply_tiles_as<uint32_t>(section, offsets, g, t_begin, t_end, base, out);
-    default: return apply_tiles_as<uint64_t>(section, offsets, g, t_begin, t_end, base, out);
+    case 1: return apply_block_as<uint8_t>(section, offsets, g, gr0, gr1, gc0, gc1, base, out);
+    case 2: return apply_block_as<uint16_t>(section, offsets, g, gr0, gr1, gc0, gc1, base, out);
+    case 4: return apply_block_as<uint32_t>(section, offsets, g, gr0, gr1, gc0, gc1, base, out);
+    default: return apply_block_as<uint64_t>(section, offsets, g, gr0, gr1, gc0, gc1, base, out);
   }
 }
 

@@ -51,11 +51,23 @@ std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetune
 // increasing and inside their tile) and returns each tile's payload offset within the section.
 std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g);
 
-// Writes base XOR delta for tiles [t_begin, t_end) of a validated section into `out` (both buffers
-// rows*cols*elem_bytes bytes; `out` may be `base`): given the base it yields the fine-tuned bytes, given
-// zeros the XOR itself.
-void apply_section_tiles(const uint8_t* section, const std::vector<uint64_t>& offsets, const TileGrid& g,
-                         uint64_t t_begin, uint64_t t_end, const uint8_t* base, uint8_t* out);
+// Where patched tiles are written: a row-major block of the tensor whose element (0, 0) is tensor element
+// (row0, col0), with `ld` elements per row. The whole tensor is {data, 0, 0, cols}.
+struct OutBlock {
+  uint8_t* data;
+  uint64_t row0, col0, ld;
+};
+
+// Writes base XOR delta for the tiles in grid rows [gr0, gr1) x grid columns [gc0, gc1) of a validated
+// section (tile payloads at `offsets`) into `out`: given the base bytes (rows*cols*elem_bytes) it yields
+// the fine-tuned bytes, given zeros the XOR itself. `out` may alias `base` (in place).
+void apply_section_block(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t gr0,
+                         uint64_t gr1, uint64_t gc0, uint64_t gc1, const uint8_t* base, const OutBlock& out);
+
+// The checks that make decoding memory-safe, for sections whose offsets were computed elsewhere (O(tiles)):
+// every entry well formed and every payload inside the section. validate_section also checks exception
+// positions; decoders skip out-of-tile positions, so this is enough for safety, not for correctness.
+void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* offsets, const TileGrid& g);
 
 // Per-codec tile counts of a validated section: counts[codec].
 void codec_counts(const uint8_t* section, const TileGrid& g, uint64_t counts[codec::kNumCodecs]);

@@ -70,12 +70,13 @@ void apply_section(const torch::Tensor& section, const torch::Tensor& offsets, c
   TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous() &&
                   (uint64_t)offsets.numel() == g.num_tiles(),
               "offsets must come from validate_section for this grid");
-  std::vector<uint64_t> off((size_t)offsets.numel());
-  memcpy(off.data(), offsets.data_ptr<int64_t>(), off.size() * sizeof(uint64_t));
+  const uint64_t* off = reinterpret_cast<const uint64_t*>(offsets.data_ptr<int64_t>());
+  xorgemm::format::check_section_bounds(s, (uint64_t)section.numel(), off, g);
   py::gil_scoped_release no_gil;
-  // Tiles write disjoint regions, so any split over tiles is race-free.
-  at::parallel_for(0, (int64_t)g.num_tiles(), 16, [&](int64_t begin, int64_t end) {
-    xorgemm::format::apply_section_tiles(s, off, g, (uint64_t)begin, (uint64_t)end, b, o);
+  // Tiles write disjoint regions, so any split over grid rows is race-free.
+  at::parallel_for(0, (int64_t)g.grid_rows(), 1, [&](int64_t begin, int64_t end) {
+    xorgemm::format::apply_section_block(s, off, g, (uint64_t)begin, (uint64_t)end, 0, g.grid_cols(), b,
+                                         {o, 0, 0, g.cols});
   });
 }
 

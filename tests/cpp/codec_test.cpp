@@ -57,7 +57,8 @@ static bool round_trips(const TileGrid& g, const std::vector<uint8_t>& base, con
   std::vector<uint8_t> s = format::encode_section(base.data(), ft.data(), g);
   auto offsets = format::validate_section(s.data(), s.size(), g);
   std::vector<uint8_t> out(base.size(), 0xAA);
-  format::apply_section_tiles(s.data(), offsets, g, 0, g.num_tiles(), base.data(), out.data());
+  format::apply_section_block(s.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), base.data(),
+                              {out.data(), 0, 0, g.cols});
   if (section_out) *section_out = s;
   return out == ft;
 }
@@ -154,6 +155,29 @@ static void test_validation_rejects_bad_sections() {
   check(throws([] { TileGrid{0, 4, 4, 4, 4}.check(); }), "empty tensor");
 }
 
+static void test_block_apply_and_bounds() {
+  // A block of grid rows x grid columns written into its own buffer equals that part of the full apply.
+  TileGrid g{200, 150, 64, 64, 4};
+  std::vector<uint8_t> base, ft, s;
+  make_pair(g, 0.2, 3, 0.05, 13, base, ft);
+  round_trips(g, base, ft, &s);
+  auto offsets = format::validate_section(s.data(), s.size(), g);
+  // grid rows 1..3 (rows 64..199, the last one ragged), grid column 1 (cols 64..127): a 136 x 64 block
+  std::vector<uint8_t> block(136 * 64 * 4, 0);
+  format::apply_section_block(s.data(), offsets.data(), g, 1, 4, 1, 2, base.data(), {block.data(), 64, 64, 64});
+  bool same = true;
+  for (uint64_t r = 64; r < 200; ++r)
+    same &= memcmp(block.data() + ((r - 64) * 64) * 4, ft.data() + (r * 150 + 64) * 4, 64 * 4) == 0;
+  check(same, "block apply equals the full apply on that block");
+  check(!throws([&] { format::check_section_bounds(s.data(), s.size(), offsets.data(), g); }), "bounds of a valid section");
+  auto bad = offsets;
+  bad[3] = s.size() - 8;
+  check(throws([&] { format::check_section_bounds(s.data(), s.size(), bad.data(), g); }), "payload past the end");
+  bad = offsets;
+  bad[0] = 0;
+  check(throws([&] { format::check_section_bounds(s.data(), s.size(), bad.data(), g); }), "payload inside the table");
+}
+
 static void test_payload_size_formula() {
   codec::TileEntry e{10, codec::kBytePlane, 1, 0};
   check(codec::tile_payload_bytes(e, 4096, 2) == codec::align_up(4096 + 10 * 3, 16), "byteplane size");
@@ -172,6 +196,7 @@ int main() {
   test_cooperative_decode_matches_serial();
   test_validation_rejects_bad_sections();
   test_payload_size_formula();
+  test_block_apply_and_bounds();
   printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;
 }

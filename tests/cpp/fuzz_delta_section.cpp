@@ -25,7 +25,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (size > n) memcpy(ft.data(), data + n, size - n < n ? size - n : n);
     std::vector<uint8_t> s = format::encode_section(base.data(), ft.data(), g);
     auto offsets = format::validate_section(s.data(), s.size(), g);
-    format::apply_section_tiles(s.data(), offsets, g, 0, g.num_tiles(), base.data(), base.data());
+    format::apply_section_block(s.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), base.data(),
+                                {base.data(), 0, 0, g.cols});
     if (base != ft) abort();
     return 0;
   }
@@ -33,7 +34,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     auto offsets = format::validate_section(section.data(), section.size(), g);
     std::vector<uint8_t> out(g.tensor_bytes(), 0);
-    format::apply_section_tiles(section.data(), offsets, g, 0, g.num_tiles(), out.data(), out.data());
+    format::apply_section_block(section.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), out.data(),
+                                {out.data(), 0, 0, g.cols});
   } catch (const format::FormatError&) {
   }
   return 0;

@@ -1,0 +1,286 @@
+"""XorLinear: a drop-in for nn.Linear that multiplies by base XOR delta without materializing the weight.
+
+One XorLinear holds one shared base weight and any number of named fine-tunes (their delta sections,
+validated once, and their biases). A forward uses the base, one fine-tune for the whole batch, or a
+fine-tune per row (ids into `finetunes`, -1 for the base), like Punica's segmented GEMM:
+
+    layer = XorLinear.from_linear(base_linear, finetuned_weight, finetuned_bias, name="legal")
+    layer.add_delta("med", med_weight, med_bias)
+    y = layer(x, finetune="legal")                        # one fine-tune
+    y = layer(x, finetune=torch.tensor([0, 1, -1, 0]))    # rows of x[0..3] use legal, med, base, legal
+
+Without a `finetune` argument the layer uses its `active` selection, which `xorgemm.use(model, ...)` sets
+for every XorLinear of a model at once (see patch.py).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from xorgemm._native import C
+from xorgemm.errors import InputError
+from xorgemm.format.layout import DEFAULT_TILE, grid_of, tensor_bytes, tile_for
+from xorgemm.ops import xor_linear
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class DeltaWeight:
+    """What `XorLinear.weight` returns: the fine-tuned weight's shape, dtype and device, no data.
+    `materialize()` builds the exact tensor when it is really needed."""
+
+    def __init__(self, layer: XorLinear):
+        self._layer = layer
+
+    shape = property(lambda self: self._layer.base_weight.shape)
+    dtype = property(lambda self: self._layer.base_weight.dtype)
+    device = property(lambda self: self._layer.base_weight.device)
+    ndim = property(lambda self: 2)
+    requires_grad = property(lambda self: False)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self):
+        return 2
+
+    def numel(self):
+        return self.shape.numel()
+
+    def materialize(self, finetune=None):
+        return self._layer.materialize(finetune)
+
+    def requires_grad_(self, requires_grad=True):
+        if requires_grad:
+            raise RuntimeError("xorgemm: an XorLinear's weight (base XOR delta) is frozen and has no gradient")
+        return self
+
+    def __repr__(self):
+        return f"DeltaWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+class _DeltaSlot(nn.Module):
+    """One fine-tune's state in an XorLinear: its delta section, tile offsets and bias (buffers)."""
+
+    def __init__(self, section: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("section", section)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("bias", bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A loaded section has its own size: take the incoming shapes before the usual copy.
+        for name in ("section", "offsets", "bias"):
+            t = state_dict.get(prefix + name)
+            if t is not None and (self._buffers.get(name) is None or self._buffers[name].shape != t.shape):
+                like = self._buffers.get(name)
+                self._buffers[name] = torch.empty_like(t, device=like.device if like is not None else t.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class XorLinear(nn.Module):
+    """y = x @ (base XOR delta)^T + bias, with the delta decoded tile by tile inside the matmul."""
+
+    def __init__(self, base_weight: torch.Tensor, base_bias: torch.Tensor | None = None, *, tile=DEFAULT_TILE):
+        super().__init__()
+        if base_weight.dim() != 2:
+            raise InputError(f"XorLinear needs a 2-D weight, got shape {tuple(base_weight.shape)}")
+        if base_bias is not None and tuple(base_bias.shape) != (base_weight.shape[0],):
+            raise InputError(f"bias of shape {tuple(base_bias.shape)} does not match {base_weight.shape[0]} outputs")
+        # detach() shares storage with the base model: no copy of the base is ever made.
+        self.register_buffer("base_weight", base_weight.detach())
+        self.bias = None if base_bias is None else nn.Parameter(base_bias.detach(), requires_grad=False)
+        self.tile = tile_for((1, 1), tile)
+        self.deltas = nn.ModuleDict()
+        self.finetunes: list[str] = []
+        self.active: str | torch.Tensor | None = None
+
+    # --- construction
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, finetuned_weight: torch.Tensor | None = None,
+                    finetuned_bias: torch.Tensor | None = None, *, name: str = "finetune", tile=DEFAULT_TILE):
+        """Wraps `base` (sharing its weight storage) and, if given, adds one fine-tune `name`."""
+        layer = cls(base.weight, base.bias, tile=tile)
+        if finetuned_weight is not None:
+            layer.add_delta(name, finetuned_weight, finetuned_bias)
+            layer.active = name
+        return layer
+
+    @classmethod
+    def from_delta(cls, base: nn.Linear, delta, prefix: str, *, name: str = "finetune"):
+        """Wraps `base` with the fine-tune that `delta` (a DeltaFile or path) stores for `prefix`.weight/.bias."""
+        from xorgemm.format.container import DeltaFile, load_delta
+
+        d = delta if isinstance(delta, DeltaFile) else load_delta(delta)
+        weight = d[f"{prefix}.weight"]
+        layer = cls(base.weight, base.bias, tile=weight.tile or DEFAULT_TILE)
+        layer.add_delta_from_file(name, weight, d.tensors.get(f"{prefix}.bias"))
+        layer.active = name
+        return layer
+
+    def _check_name(self, name: str):
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InputError(f"fine-tune name {name!r} must be letters, digits, '_' or '-', starting with a letter")
+        if name in self.finetunes:
+            raise InputError(f"fine-tune {name!r} is already in this XorLinear")
+
+    def add_delta(self, name: str, finetuned_weight: torch.Tensor, finetuned_bias: torch.Tensor | None = None):
+        """Adds fine-tune `name` given its full weight (encoded here into a delta section; the weight is not kept)."""
+        self._check_name(name)
+        w = self.base_weight
+        if finetuned_weight.shape != w.shape or finetuned_weight.dtype != w.dtype:
+            raise InputError(f"fine-tune {name!r}: weight is {finetuned_weight.dtype} {tuple(finetuned_weight.shape)}, "
+                             f"the base is {w.dtype} {tuple(w.shape)}")
+        grid = grid_of(w.shape, self.tile, w.dtype)
+        section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), *grid.args)
+        offsets = C.validate_section(section, *grid.args)
+        self._add_slot(name, section, offsets, finetuned_bias)
+
+    def add_delta_from_file(self, name: str, weight, bias=None):
+        """Adds fine-tune `name` from DeltaTensor entries of a loaded delta file (weight, optional bias)."""
+        self._check_name(name)
+        w = self.base_weight
+        weight.check_base(w.cpu())
+        if weight.kind == "xor":
+            if weight.tile != self.tile:
+                raise InputError(f"{weight.file.path}: tensor '{weight.name}' is tiled {weight.tile}, this XorLinear "
+                                 f"uses {self.tile}")
+            section = weight.section()
+            offsets = weight._offsets
+        elif weight.kind == "same":
+            section = offsets = None  # this fine-tune leaves the weight alone (its bias may still differ)
+        else:
+            raise InputError(f"{weight.file.path}: tensor '{weight.name}' is stored whole ({weight.reason}); an "
+                             "XorLinear needs a delta against its base")
+        fb = None
+        if bias is not None and bias.kind != "same":
+            fb = bias.apply(None if self.bias is None else self.bias.detach().cpu())
+        self._add_slot(name, section, offsets, fb)
+
+    def _add_slot(self, name, section, offsets, bias):
+        dev = self.base_weight.device
+        if bias is not None:
+            if bias.shape != (self.out_features,) or bias.dtype != self.base_weight.dtype:
+                raise InputError(f"fine-tune {name!r}: bias is {bias.dtype} {tuple(bias.shape)}, expected "
+                                 f"{self.base_weight.dtype} ({self.out_features},)")
+            bias = bias.detach().to(dev)
+        if section is None:  # an all-zero delta: only a tile table, every tile skipped
+            grid = grid_of(self.base_weight.shape, self.tile, self.base_weight.dtype)
+            section = torch.zeros(-(-grid.num_tiles * 8 // 16) * 16, dtype=torch.uint8)
+            offsets = C.validate_section(section, *grid.args)
+        self.deltas[name] = _DeltaSlot(section.to(dev), offsets.to(dev), bias)
+        self.finetunes.append(name)
+
+    # --- introspection
+
+    @property
+    def in_features(self) -> int:
+        return self.base_weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_weight.shape[0]
+
+    @property
+    def weight(self) -> DeltaWeight:
+        return DeltaWeight(self)
+
+    def delta_bytes(self, name: str | None = None) -> int:
+        names = [name] if name is not None else self.finetunes
+        return sum(self.deltas[n].section.numel() for n in names)
+
+    def extra_repr(self) -> str:
+        wbytes = self.base_weight.numel() * self.base_weight.element_size()
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"bias={self.bias is not None}", f"dtype={self.base_weight.dtype}", f"tile={self.tile}"]
+        for n in self.finetunes:
+            parts.append(f"{n}: {self.delta_bytes(n):,} B delta ({100 * self.delta_bytes(n) / wbytes:.1f}%)")
+        return ", ".join(parts)
+
+    def materialize(self, finetune: str | None = None) -> torch.Tensor:
+        """The exact fine-tuned weight (or the base for None), built on the CPU."""
+        name = self._resolve_name(finetune)
+        base = self.base_weight.detach().cpu().contiguous()
+        if name is None:
+            return base.clone()
+        slot = self.deltas[name]
+        grid = grid_of(base.shape, self.tile, base.dtype)
+        out = torch.empty_like(tensor_bytes(base))
+        C.apply_section(slot.section.cpu(), slot.offsets.cpu(), tensor_bytes(base), out, *grid.args)
+        return out.view(base.dtype).view(base.shape)
+
+    def _resolve_name(self, finetune):
+        if finetune is None:
+            finetune = self.active if isinstance(self.active, str) else None
+        if finetune is not None and finetune not in self.deltas:
+            raise InputError(f"unknown fine-tune {finetune!r}; this XorLinear has {self.finetunes}")
+        return finetune
+
+    # --- forward
+
+    def _row_ids(self, finetune, x) -> torch.Tensor | None:
+        """Per-row local delta indices (int64, -1 = base) for x's rows, or None for one delta / the base."""
+        if isinstance(finetune, torch.Tensor):
+            ids = finetune.to(device=x.device, dtype=torch.long)
+            lead = x.shape[:-1]
+            if ids.shape != lead[: ids.dim()]:
+                raise InputError(f"fine-tune ids of shape {tuple(ids.shape)} do not prefix the input's rows "
+                                 f"{tuple(lead)}")
+            if ids.numel() and (ids.min() < -1 or ids.max() >= len(self.finetunes)):
+                raise InputError(f"fine-tune ids must be in -1..{len(self.finetunes) - 1} (-1 is the base), got "
+                                 f"{ids.min().item()}..{ids.max().item()}")
+            return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead).reshape(-1)
+        return None
+
+    def forward(self, x: torch.Tensor, finetune: str | torch.Tensor | None = None) -> torch.Tensor:
+        if finetune is None:
+            finetune = self.active
+        w = self.base_weight
+        if x.shape[-1] != self.in_features:
+            raise InputError(f"XorLinear expects {self.in_features} input features, got input of shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype != w.dtype:
+            raise InputError(f"XorLinear input is {x.dtype} but its weight is {w.dtype}; cast the input")
+        if x.device != w.device:
+            raise InputError(f"XorLinear input is on {x.device} but its weight is on {w.device}")
+        if w.device.type != "cpu" and not _has_kernel(w.device.type):
+            raise NotImplementedError(f"XorLinear has no {w.device.type} kernel in this build yet (the fused CUDA "
+                                      "kernel is the next milestone); run it on the CPU")
+        row_ids = self._row_ids(finetune, x)
+        names = self.finetunes if row_ids is not None else [n for n in [self._resolve_name(finetune)] if n]
+        sections = [self.deltas[n].section for n in names]
+        offsets = [self.deltas[n].offsets for n in names]
+        bias = self._bias_rows(names)
+        if row_ids is None and bias is not None:
+            bias = bias[-1]  # one fine-tune (or the base) for every row: its own bias
+        return xor_linear(x, w, sections, offsets, row_ids, bias, tile=self.tile)
+
+    def _bias_rows(self, names):
+        """[len(names) + 1, N] biases (row 0 the base's), or None if no bias at all."""
+        slots = [self.deltas[n] for n in names]
+        if self.bias is None and all(s.bias is None for s in slots):
+            return None
+        base = self.bias if self.bias is not None else torch.zeros(self.out_features, dtype=self.base_weight.dtype,
+                                                                   device=self.base_weight.device)
+        return torch.stack([base] + [s.bias if s.bias is not None else base for s in slots])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        names = []
+        for k in state_dict:
+            if k.startswith(prefix + "deltas."):
+                n = k[len(prefix) + len("deltas."):].split(".")[0]
+                if n not in names:
+                    names.append(n)
+        for n in names:
+            if n not in self.deltas:
+                self.deltas[n] = _DeltaSlot(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None)
+                self.finetunes.append(n)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _has_kernel(device_type: str) -> bool:
+    key = {"cuda": "CUDA", "meta": "Meta"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("xorgemm::xor_linear", key)
