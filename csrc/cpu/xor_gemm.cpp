@@ -1,10 +1,10 @@
 // CPU implementation of the xorgemm ops (schemas in ops.cpp).
 //
-// Per block of output features (forward) or input features (backward), each thread decodes that block's
-// delta tiles with the shared decoders and XORs them onto the base block in a small scratch buffer, then
-// multiplies it with ATen's GEMM. Blocks are independent, so they run in parallel (at::parallel_for) and the
-// fine-tuned weight is never materialized whole. Rows of x are grouped by fine-tune; base rows use the
-// base weight directly.
+// Per block of output features, all cores decode that block's delta tiles with the shared decoders and XOR
+// them onto the base rows in a small scratch buffer (at::parallel_for over tile rows); then ATen's GEMM,
+// also on all cores, multiplies it: y[:, block] = x @ block^T forward, grad_x += grad_y[:, block] @ block
+// backward. Only one block of the fine-tuned weight exists at a time, never the whole. Rows of x are
+// grouped by fine-tune; base rows use the base weight directly.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -17,8 +17,7 @@ namespace {
 using format::OutBlock;
 using format::TileGrid;
 
-// Output features per forward block / input features per backward block: large enough for an efficient
-// GEMM, small enough that a thread's scratch block stays cache-friendly.
+// Output features per patched block: large enough for an efficient GEMM, small enough to stay in cache.
 constexpr int64_t kBlockFeatures = 256;
 
 struct Problem {
@@ -98,6 +97,29 @@ void put_rows(at::Tensor& out, const std::vector<int64_t>& rows, const at::Tenso
   }
 }
 
+// Calls fn(r0, h, block) for consecutive blocks of output features [r0, r0 + h) of fine-tune `d`, where
+// block is the [h, K] fine-tuned weight block, patched by all cores in a reused scratch buffer. Blocks
+// are serial so that fn's GEMM can use every core too.
+template <typename Fn>
+void for_each_patched_block(const Problem& p, size_t d, const at::Tensor& base, Fn&& fn) {
+  const int64_t N = base.size(0), K = base.size(1), tile_rows = p.grid.tile_rows;
+  const int64_t grid_rows_per_block = std::max<int64_t>(1, kBlockFeatures / tile_rows);
+  const int64_t n_blocks = ((int64_t)p.grid.grid_rows() + grid_rows_per_block - 1) / grid_rows_per_block;
+  const uint8_t* base_bytes = reinterpret_cast<const uint8_t*>(base.data_ptr());
+  at::Tensor scratch = at::empty({grid_rows_per_block * tile_rows, K}, base.options());
+  uint8_t* scratch_bytes = reinterpret_cast<uint8_t*>(scratch.data_ptr());
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t gr0 = b * grid_rows_per_block;
+    const int64_t gr1 = std::min<int64_t>(gr0 + grid_rows_per_block, (int64_t)p.grid.grid_rows());
+    const int64_t r0 = gr0 * tile_rows, h = std::min<int64_t>(gr1 * tile_rows, N) - r0;
+    at::parallel_for(gr0, gr1, 1, [&](int64_t g0, int64_t g1) {  // whole grid rows: contiguous copies
+      format::apply_section_block(p.sections[d], p.offsets[d], p.grid, g0, g1, 0, p.grid.grid_cols(), base_bytes,
+                                  {scratch_bytes, (uint64_t)r0, 0, (uint64_t)K});
+    });
+    fn(r0, h, scratch.narrow(0, 0, h));
+  }
+}
+
 at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,
                           at::TensorList tile_offsets, const std::optional<at::Tensor>& row_delta,
                           const std::optional<at::Tensor>& bias, int64_t tile_rows, int64_t tile_cols) {
@@ -111,9 +133,6 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
   const int64_t M = x2.size(0);
   const Problem p = make_problem(M, base, sections.vec(), tile_offsets.vec(), row_delta, tile_rows, tile_cols);
   at::Tensor out = at::empty({M, N}, x.options());
-  const uint8_t* base_bytes = reinterpret_cast<const uint8_t*>(base.data_ptr());
-  const int64_t grid_rows_per_block = std::max<int64_t>(1, kBlockFeatures / tile_rows);
-  const int64_t n_blocks = ((int64_t)p.grid.grid_rows() + grid_rows_per_block - 1) / grid_rows_per_block;
   for (size_t gi = 0; gi < p.group_rows.size(); ++gi) {
     const auto& rows = p.group_rows[gi];
     if (rows.empty()) continue;
@@ -122,21 +141,14 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
       put_rows(out, rows, at::mm(xg, base.t()));
       continue;
     }
-    at::Tensor yg = at::empty({(int64_t)rows.size(), N}, x.options());
-    const uint8_t* section = p.sections[gi - 1];
-    const uint64_t* offsets = p.offsets[gi - 1];
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor scratch = at::empty({grid_rows_per_block * tile_rows, K}, base.options());
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint64_t gr0 = b * grid_rows_per_block;
-        const uint64_t gr1 = std::min<uint64_t>(gr0 + grid_rows_per_block, p.grid.grid_rows());
-        const int64_t r0 = gr0 * tile_rows, h = std::min<int64_t>(gr1 * tile_rows, N) - r0;
-        format::apply_section_block(section, offsets, p.grid, gr0, gr1, 0, p.grid.grid_cols(), base_bytes,
-                                    {reinterpret_cast<uint8_t*>(scratch.data_ptr()), (uint64_t)r0, 0, (uint64_t)K});
-        yg.narrow(1, r0, h).copy_(at::mm(xg, scratch.narrow(0, 0, h).t()));
-      }
+    // Each block's GEMM writes its columns of y in place (a column slice is a BLAS matrix with ld = N).
+    const bool all_rows = (int64_t)rows.size() == M;
+    at::Tensor yg = all_rows ? out : at::empty({(int64_t)rows.size(), N}, x.options());
+    for_each_patched_block(p, gi - 1, base, [&](int64_t r0, int64_t h, const at::Tensor& block) {
+      at::Tensor yb = yg.narrow(1, r0, h);
+      at::mm_out(yb, xg, block.t());
     });
-    put_rows(out, rows, yg);
+    if (!all_rows) put_rows(out, rows, yg);
   }
   if (bias.has_value()) {
     const at::Tensor& bv = *bias;
@@ -171,9 +183,6 @@ at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
   const int64_t M = g2.size(0);
   const Problem p = make_problem(M, base, sections.vec(), tile_offsets.vec(), row_delta, tile_rows, tile_cols);
   at::Tensor out = at::empty({M, K}, grad_y.options());
-  const uint8_t* base_bytes = reinterpret_cast<const uint8_t*>(base.data_ptr());
-  const int64_t grid_cols_per_block = std::max<int64_t>(1, kBlockFeatures / tile_cols);
-  const int64_t n_blocks = ((int64_t)p.grid.grid_cols() + grid_cols_per_block - 1) / grid_cols_per_block;
   for (size_t gi = 0; gi < p.group_rows.size(); ++gi) {
     const auto& rows = p.group_rows[gi];
     if (rows.empty()) continue;
@@ -182,21 +191,10 @@ at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
       put_rows(out, rows, at::mm(gg, base));
       continue;
     }
-    at::Tensor xg = at::empty({(int64_t)rows.size(), K}, grad_y.options());
-    const uint8_t* section = p.sections[gi - 1];
-    const uint64_t* offsets = p.offsets[gi - 1];
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor scratch = at::empty({N, grid_cols_per_block * tile_cols}, base.options());
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint64_t gc0 = b * grid_cols_per_block;
-        const uint64_t gc1 = std::min<uint64_t>(gc0 + grid_cols_per_block, p.grid.grid_cols());
-        const int64_t c0 = gc0 * tile_cols, w = std::min<int64_t>(gc1 * tile_cols, K) - c0;
-        // The block's leading dimension is its width w, so it is a contiguous [N, w] matrix.
-        format::apply_section_block(section, offsets, p.grid, 0, p.grid.grid_rows(), gc0, gc1, base_bytes,
-                                    {reinterpret_cast<uint8_t*>(scratch.data_ptr()), 0, (uint64_t)c0, (uint64_t)w});
-        const at::Tensor blk = scratch.view(-1).narrow(0, 0, N * w).view({N, w});
-        xg.narrow(1, c0, w).copy_(at::mm(gg, blk));
-      }
+    // grad_x = sum over output-feature blocks of grad_y[:, block] @ W'[block, :], accumulated block by block.
+    at::Tensor xg = at::zeros({(int64_t)rows.size(), K}, grad_y.options());
+    for_each_patched_block(p, gi - 1, base, [&](int64_t r0, int64_t h, const at::Tensor& block) {
+      xg.addmm_(gg.narrow(1, r0, h), block);
     });
     put_rows(out, rows, xg);
   }

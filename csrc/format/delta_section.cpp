@@ -138,39 +138,79 @@ void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* 
   }
 }
 
+// out[c] = base[c] ^ x[c] over a row; restrict lets the compiler vectorize (rows need not be aligned, so
+// elements move through memcpy, which compiles to plain vector loads and stores).
+template <typename Word>
+static void xor_row(const uint8_t* __restrict__ b, const Word* __restrict__ x, uint8_t* __restrict__ o, uint32_t w) {
+  for (uint32_t c = 0; c < w; ++c) {
+    Word v;
+    memcpy(&v, b + (size_t)c * sizeof(Word), sizeof(Word));
+    v ^= x[c];
+    memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
+  }
+}
+template <typename Word>
+static void xor_row_in_place(const Word* __restrict__ x, uint8_t* __restrict__ o, uint32_t w) {
+  for (uint32_t c = 0; c < w; ++c) {
+    Word v;
+    memcpy(&v, o + (size_t)c * sizeof(Word), sizeof(Word));
+    v ^= x[c];
+    memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
+  }
+}
+
 template <typename Word>
 static void apply_block_as(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t gr0,
                            uint64_t gr1, uint64_t gc0, uint64_t gc1, const uint8_t* base, const OutBlock& out) {
   std::vector<Word> scratch((size_t)g.tile_rows * g.tile_cols);
   const uint64_t grid_cols = g.grid_cols();
-  for (uint64_t gr = gr0; gr < gr1; ++gr)
+  // When the block spans whole rows, each grid row's base rows are copied as one contiguous stream (a
+  // tile's rows are far apart: copying them tile by tile thrashes the TLB), and its tiles then patch it in
+  // place while it is still in cache.
+  const bool whole_rows = gc0 == 0 && gc1 == grid_cols && out.col0 == 0 && out.ld == g.cols;
+  for (uint64_t gr = gr0; gr < gr1; ++gr) {
+    const uint64_t row_begin = gr * g.tile_rows, row_end = std::min<uint64_t>(row_begin + g.tile_rows, g.rows);
+    const uint8_t* rows_base = base + row_begin * g.cols * sizeof(Word);
+    uint8_t* rows_out = out.data + (row_begin - out.row0) * out.ld * sizeof(Word);
+    const bool copied = whole_rows;
+    if (whole_rows && rows_out != rows_base) memcpy(rows_out, rows_base, (row_end - row_begin) * g.cols * sizeof(Word));
     for (uint64_t gc = gc0; gc < gc1; ++gc) {
       const uint64_t t = gr * grid_cols + gc;
       const TileEntry e = read_entry(section, t);
       const uint32_t h = g.tile_height(t), w = g.tile_width(t), elems = h * w;
       const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
-      const bool zero = e.codec == codec::kZero;
-      if (!zero) {
-        const uint8_t* payload = section + offsets[t];
-        codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);
-        codec::decode_tile_exceptions<Word>(payload, e, elems, scratch.data(), 0, 1);
-      }
-      for (uint32_t r = 0; r < h; ++r) {
-        const uint8_t* b = base + ((r0 + r) * g.cols + c0) * sizeof(Word);
-        uint8_t* o = out.data + ((r0 + r - out.row0) * out.ld + (c0 - out.col0)) * sizeof(Word);
-        if (zero) {
-          if (o != b) memcpy(o, b, (size_t)w * sizeof(Word));
-          continue;
-        }
-        const Word* x = scratch.data() + (size_t)r * w;
-        for (uint32_t c = 0; c < w; ++c) {  // memcpy: rows need not be aligned; compiles to vector loads
+      auto base_row = [&](uint32_t r) { return base + ((r0 + r) * g.cols + c0) * sizeof(Word); };
+      auto out_row = [&](uint32_t r) {
+        return out.data + ((r0 + r - out.row0) * out.ld + (c0 - out.col0)) * sizeof(Word);
+      };
+      const uint8_t* payload = section + offsets[t];
+      if (e.codec == codec::kZero || e.codec == codec::kSparse) {
+        // Few or no changes: copy the base and patch only the listed words, not the whole tile.
+        if (!copied && out_row(0) != base_row(0))
+          for (uint32_t r = 0; r < h; ++r) memcpy(out_row(r), base_row(r), (size_t)w * sizeof(Word));
+        for (uint32_t x = 0; x < e.n_exc; ++x) {
+          const uint32_t i = codec::exception_position(payload, e, elems, x);
+          if (i >= elems) continue;
+          uint8_t* o = out_row(i / w) + (size_t)(i % w) * sizeof(Word);
           Word v;
-          memcpy(&v, b + (size_t)c * sizeof(Word), sizeof(Word));
-          v ^= x[c];
-          memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
+          memcpy(&v, o, sizeof(Word));
+          v ^= (Word)codec::exception_high_bits(payload, e, elems, sizeof(Word), x);
+          memcpy(o, &v, sizeof(Word));
+        }
+        continue;
+      }
+      codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);
+      codec::decode_tile_exceptions<Word>(payload, e, elems, scratch.data(), 0, 1);
+      for (uint32_t r = 0; r < h; ++r) {
+        const Word* x = scratch.data() + (size_t)r * w;
+        if (copied || out_row(r) == base_row(r)) {
+          xor_row_in_place<Word>(x, out_row(r), w);
+        } else {
+          xor_row<Word>(base_row(r), x, out_row(r), w);
         }
       }
     }
+  }
 }
 
 void apply_section_block(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t gr0,
