@@ -18,7 +18,7 @@ using format::OutBlock;
 using format::TileGrid;
 
 // Output features per patched block: large enough for an efficient GEMM, small enough to stay in cache.
-constexpr int64_t kBlockFeatures = 256;
+constexpr int64_t kBlockFeatures = 512;
 
 struct Problem {
   TileGrid grid;
