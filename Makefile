@@ -39,7 +39,9 @@ fuzz: $(NATIVE) tests/cpp/fuzz_delta_section.cpp CMakeLists.txt
 	else echo "fuzz: skipped, clang++ not found (apt-get install clang)"; fi
 
 bench: $(VENV)/.demo
+	$(PY) -m pip install -q -e '.[bench]' --no-build-isolation
 	$(PY) bench/pack.py
+	$(PY) bench/gemm.py --plot
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)

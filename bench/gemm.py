@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,30 @@ def markdown(rows, meta) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(rows) -> str:
+    """The README's short table: the largest shape, every kind, at the smallest and largest M."""
+    if not rows:
+        return ""
+    n, k = max(((r["n"], r["k"]) for r in rows), key=lambda s: s[0] * s[1])
+    ms = sorted({r["m"] for r in rows})
+    pick = [r for r in rows if (r["n"], r["k"]) == (n, k) and r["m"] in (ms[0], ms[-1]) and r.get("xorgemm_ms")]
+    out = ["| N x K | M | dtype | delta | dense ms | unfused ms | xorgemm ms | x dense |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in pick:
+        out.append(f"| {n}x{k} | {r['m']} | {r['dtype']} | {r['kind']} | {r['dense_ms']:.2f} | "
+                   f"{r['unfused_ms']:.2f} | {r['xorgemm_ms']:.2f} | {r['xorgemm_ms'] / r['dense_ms']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def update_readme(text: str):
+    readme = ROOT / "README.md"
+    pattern = r"(<!-- gemm-summary:begin -->\n).*?(<!-- gemm-summary:end -->)"
+    new, n = re.subn(pattern, lambda m: m.group(1) + text + m.group(2), readme.read_text(), flags=re.S)
+    if n != 1:
+        raise SystemExit(f"{readme}: no <!-- gemm-summary:begin/end --> markers to replace")
+    readme.write_text(new)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -170,6 +195,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 7 CPU, 50 GPU)")
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/gemm_<device>)")
     p.add_argument("--plot", action="store_true", help="also write a PNG (matplotlib)")
+    p.add_argument("--update-readme", action="store_true", help="rewrite the README's CPU summary table")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")
@@ -179,7 +205,7 @@ def main(argv=None):
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": (torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "CPU")
             + (f", {torch.get_num_threads()} threads" if a.device == "cpu" else ""),
-            "command": "python bench/gemm.py" + "".join(f" {v}" for v in argv)}
+            "command": "python bench/gemm.py" + "".join(f" {v}" for v in argv if v != "--update-readme")}
     if a.device == "cpu":
         try:
             for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -204,6 +230,8 @@ def main(argv=None):
     out.with_suffix(".md").write_text(f"# xorgemm GEMM benchmark ({a.device})\n\n{table}")
     if a.plot:
         plot(rows, out.with_suffix(".png"))
+    if a.update_readme:
+        update_readme(summary(rows) + f"\n{meta['device']}, {meta['date'][:10]}, `{meta['command']}`.\n")
     bad = [r for r in rows if r.get("correct") is False]
     if bad:
         raise SystemExit(f"{len(bad)} rows failed the correctness check")

@@ -185,9 +185,8 @@ def test_bad_inputs():
         layer.add_delta("a", torch.randn(32, 16))
     with pytest.raises(xorgemm.InputError, match="base is"):
         layer.add_delta("b", torch.randn(16, 32))
-    if torch.cuda.is_available():
-        with pytest.raises(xorgemm.InputError, match="on cuda"):
-            layer(torch.randn(2, 16, device="cuda"))
+    with pytest.raises(xorgemm.InputError, match="input is on meta but its weight is on cpu"):
+        layer(torch.randn(2, 16, device="meta"))
 
 
 def test_op_validates_its_arguments():
@@ -223,3 +222,25 @@ def test_torch_compile_traces_the_op():
     x = torch.randn(5, 32)
     compiled = torch.compile(layer, backend="eager", fullgraph=False)
     assert torch.allclose(compiled(x), F.linear(x, ft), atol=1e-5)
+
+
+def test_from_delta_file_including_a_bias_only_finetune(tmp_path):
+    torch.manual_seed(3)
+    lin = _linear(torch.randn(96, 80), torch.randn(96))
+    sd = {"proj.weight": lin.weight.detach(), "proj.bias": lin.bias.detach()}
+    ft = {"proj.weight": perturb(sd["proj.weight"], "structured", seed=1), "proj.bias": sd["proj.bias"] + 1}
+    bias_only = {"proj.weight": sd["proj.weight"].clone(), "proj.bias": sd["proj.bias"] * 3}
+    xorgemm.pack(sd, ft, tmp_path / "a.xor.safetensors")
+    xorgemm.pack(sd, bias_only, tmp_path / "b.xor.safetensors")
+    layer = XorLinear.from_delta(lin, tmp_path / "a.xor.safetensors", "proj", name="a")
+    layer.add_delta_from_file("b", *(xorgemm.load_delta(tmp_path / "b.xor.safetensors")[n]
+                                     for n in ("proj.weight", "proj.bias")))
+    x = torch.randn(3, 80)
+    want = [F.linear(x[0].double(), ft["proj.weight"].double(), ft["proj.bias"].double()),
+            F.linear(x[1].double(), sd["proj.weight"].double(), bias_only["proj.bias"].double()),
+            F.linear(x[2].double(), sd["proj.weight"].double(), sd["proj.bias"].double())]
+    got = layer(x, finetune=torch.tensor([0, 1, -1]))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+    with pytest.raises(xorgemm.BaseMismatchError):
+        XorLinear.from_delta(_linear(torch.randn(96, 80)), tmp_path / "a.xor.safetensors", "proj")

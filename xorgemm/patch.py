@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from xorgemm.errors import BaseMismatchError, InputError
-from xorgemm.format.container import DeltaFile, digest, load_delta
+from xorgemm.format.container import DeltaFile, load_delta
 from xorgemm.nn import XorLinear
 
 
@@ -77,7 +77,7 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
     state = dict(model.state_dict(keep_vars=True))
     # Refuse deltas for another base before touching anything: every tensor a delta derives from the base
     # must be the model's own, by shape, dtype and content hash.
-    for fname, d in files.items():
+    for d in files.values():
         for tname, t in d.tensors.items():
             if t.kind == "whole":
                 if tname not in state:
