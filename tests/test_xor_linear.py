@@ -197,6 +197,8 @@ def test_op_validates_its_arguments():
         xor_linear(x, base, secs * 2, offs * 2)
     with pytest.raises(RuntimeError, match="asks for delta 5"):
         xor_linear(x, base, secs, offs, torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match=r"bias must be \[64\]"):
+        xor_linear(x, base, secs, offs, bias=torch.zeros(5, 64))
     bad = offs[0].clone()
     bad[0] = 10 ** 9
     with pytest.raises(RuntimeError, match="outside the section"):

@@ -132,6 +132,15 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   const Problem p = make_problem(M, base, sections.vec(), tile_offsets.vec(), row_delta, tile_rows, tile_cols);
+  if (bias.has_value()) {  // checked before any work
+    const at::Tensor& bv = *bias;
+    TORCH_CHECK(bv.scalar_type() == x.scalar_type() && bv.device().is_cpu(), "xorgemm: bias must be a ",
+                x.scalar_type(), " CPU tensor");
+    TORCH_CHECK((bv.dim() == 1 && bv.size(0) == N) ||
+                    (bv.dim() == 2 && bv.size(0) == (int64_t)sections.size() + 1 && bv.size(1) == N),
+                "xorgemm: bias must be [", N, "] or, one row per delta plus the base, [", sections.size() + 1, ", ",
+                N, "]; got ", bv.sizes());
+  }
   at::Tensor out = at::empty({M, N}, x.options());
   for (size_t gi = 0; gi < p.group_rows.size(); ++gi) {
     const auto& rows = p.group_rows[gi];
@@ -152,14 +161,9 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
   }
   if (bias.has_value()) {
     const at::Tensor& bv = *bias;
-    TORCH_CHECK(bv.scalar_type() == x.scalar_type() && bv.device().is_cpu(), "xorgemm: bias must be a ",
-                x.scalar_type(), " CPU tensor");
     if (bv.dim() == 1) {
-      TORCH_CHECK(bv.size(0) == N, "xorgemm: bias has ", bv.size(0), " features, the output ", N);
       out.add_(bv);
     } else {
-      TORCH_CHECK(bv.dim() == 2 && bv.size(0) == (int64_t)sections.size() + 1 && bv.size(1) == N,
-                  "xorgemm: a per-delta bias must be [deltas + 1, ", N, "], got ", bv.sizes());
       const at::Tensor ids = row_delta.has_value()
                                  ? *row_delta + 1
                                  : at::full({M}, (int64_t)sections.size(), at::TensorOptions().dtype(at::kLong));

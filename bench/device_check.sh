@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one script a lent GPU machine runs (see the device notes in README.md): it builds the extensions
+# there, runs the CUDA tests, compute-sanitizer memcheck on a small case, and the GPU benchmarks, and
+# writes logs and results under $OUT (at most 8 files come back). Meant to finish well inside 8 minutes.
+#
+#   bench/fetch_device_wheels.sh        # here, once: wheels the device lacks, into .whl/
+#   run (carry .whl): bash bench/device_check.sh
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+status=0
+step() { echo "== $* ($(date +%T))"; }
+
+step "environment"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "device_check: installing the carried wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nvcc --version | tail -n 1
+} 2>&1 | tee "$OUT/env.txt"
+
+step "build (sm_90a; the device's own torch)"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+if ! python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"
+  echo "device_check: the build failed"
+  exit 1
+fi
+python3 -c "import xorgemm._native as n; assert n.CUDA is not None, 'no _C_cuda'" || exit 1
+
+step "CUDA and CPU-reference tests"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_xor_linear.py tests/test_codec.py \
+  > "$OUT/pytest.log" 2>&1 || status=1
+tail -n 5 "$OUT/pytest.log"
+
+step "compute-sanitizer memcheck, small case"
+compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  -k "test_gpu_apply_matches_cpu and 130 and bfloat16" > "$OUT/memcheck.log" 2>&1 || status=1
+tail -n 5 "$OUT/memcheck.log"
+
+step "benchmarks"
+python3 bench/gemm.py --device cuda --shapes 4096x4096 14336x4096 --m 1 16 256 2048 --dtypes bf16 \
+  --kinds sparse dense --out "$OUT/gemm_cuda" > "$OUT/bench.log" 2>&1 || status=1
+tail -n 20 "$OUT/bench.log"
+
+step "done (status $status)"
+exit $status

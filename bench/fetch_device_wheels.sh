@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Downloads, here, the wheels the lent GPU machine lacks (it has no internet; its python3 is 3.12), into
+# .whl/ (git-ignored), for bench/device_check.sh. Its image already has xxhash, tqdm, safetensors,
+# pytest, hypothesis and transformers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+for pkg in "zstandard==0.25.0"; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "$pkg"
+done
+ls -l .whl
