@@ -222,7 +222,7 @@ class XorLinear(nn.Module):
     # --- forward
 
     def _row_ids(self, finetune, x) -> torch.Tensor | None:
-        """Per-row local delta indices (int64, -1 = base) for x's rows, or None for one delta / the base."""
+        """Per-row fine-tune indices into `finetunes` (int64, -1 = base) for x's rows; None unless given ids."""
         if isinstance(finetune, torch.Tensor):
             ids = finetune.to(device=x.device, dtype=torch.long)
             lead = x.shape[:-1]
