@@ -138,22 +138,14 @@ void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* 
   }
 }
 
-// out[c] = base[c] ^ x[c] over a row; restrict lets the compiler vectorize (rows need not be aligned, so
-// elements move through memcpy, which compiles to plain vector loads and stores).
+// out[c] = base[c] ^ x[c] over a row; out may be base (in place) or not overlap it at all. Elements move
+// through memcpy (rows need not be aligned), which compiles to plain loads and stores; the compiler
+// vectorizes the loop behind a run-time overlap check.
 template <typename Word>
-static void xor_row(const uint8_t* __restrict__ b, const Word* __restrict__ x, uint8_t* __restrict__ o, uint32_t w) {
+static void xor_row(const uint8_t* b, const Word* __restrict__ x, uint8_t* o, uint32_t w) {
   for (uint32_t c = 0; c < w; ++c) {
     Word v;
     memcpy(&v, b + (size_t)c * sizeof(Word), sizeof(Word));
-    v ^= x[c];
-    memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
-  }
-}
-template <typename Word>
-static void xor_row_in_place(const Word* __restrict__ x, uint8_t* __restrict__ o, uint32_t w) {
-  for (uint32_t c = 0; c < w; ++c) {
-    Word v;
-    memcpy(&v, o + (size_t)c * sizeof(Word), sizeof(Word));
     v ^= x[c];
     memcpy(o + (size_t)c * sizeof(Word), &v, sizeof(Word));
   }
@@ -202,12 +194,8 @@ static void apply_block_as(const uint8_t* section, const uint64_t* offsets, cons
       codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);
       codec::decode_tile_exceptions<Word>(payload, e, elems, scratch.data(), 0, 1);
       for (uint32_t r = 0; r < h; ++r) {
-        const Word* x = scratch.data() + (size_t)r * w;
-        if (copied || out_row(r) == base_row(r)) {
-          xor_row_in_place<Word>(x, out_row(r), w);
-        } else {
-          xor_row<Word>(base_row(r), x, out_row(r), w);
-        }
+        uint8_t* o = out_row(r);
+        xor_row<Word>(copied ? o : base_row(r), scratch.data() + (size_t)r * w, o, w);
       }
     }
   }
