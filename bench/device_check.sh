@@ -34,7 +34,7 @@ fi
 python3 -c "import xorgemm._native as n; assert n.CUDA is not None, 'no _C_cuda'" || exit 1
 
 step "CUDA and CPU-reference tests"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_xor_linear.py tests/test_codec.py \
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_xor_linear.py tests/test_xor_linear.py tests/test_codec.py \
   > "$OUT/pytest.log" 2>&1 || status=1
 tail -n 5 "$OUT/pytest.log"
 
