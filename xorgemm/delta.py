@@ -13,7 +13,14 @@ from tqdm.auto import tqdm
 
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, InputError, XorgemmError
-from xorgemm.format.container import StreamWriter, base_fingerprint, digest, load_delta, write_delta_file
+from xorgemm.format.container import (
+    DeltaFile,
+    StreamWriter,
+    base_fingerprint,
+    digest,
+    load_delta,
+    write_delta_file,
+)
 from xorgemm.format.layout import CODEC_NAMES, DEFAULT_TILE, dtype_name, grid_of, tensor_bytes, tile_for
 from xorgemm.sources import TensorSource, open_source
 
@@ -127,8 +134,6 @@ def _nbytes(dtype, shape) -> int:
 
 
 def _open_delta(delta):
-    from xorgemm.format.container import DeltaFile
-
     return delta if isinstance(delta, DeltaFile) else load_delta(delta)
 
 

@@ -39,7 +39,6 @@ from xorgemm.format.layout import (
     dtype_name,
     grid_of,
     tensor_bytes,
-    view_2d,
 )
 
 FORMAT = "xorgemm.delta"
@@ -592,4 +591,4 @@ def base_fingerprint(base_hashes: dict[str, str]) -> str:
 
 
 __all__ = ["DeltaFile", "DeltaTensor", "StreamWriter", "load_delta", "write_delta_file", "atomic_write", "digest",
-           "base_fingerprint", "sniff_pickle", "view_2d", "FORMAT", "FORMAT_VERSION"]
+           "base_fingerprint", "sniff_pickle", "FORMAT", "FORMAT_VERSION"]
