@@ -269,3 +269,9 @@ def test_unsupported_dtype_names_the_tensor(tmp_path):
     base = {"w": torch.zeros(4, dtype=torch.complex64)}
     with pytest.raises(InputError, match="tensor 'w'.*complex64"):
         xorgemm.pack(base, base, tmp_path / "o.xor.safetensors")
+
+
+def test_verify_false_still_checks_shape_and_chunks(delta, pair):
+    d = xorgemm.load_delta(delta)
+    with pytest.raises(BaseMismatchError, match="a.weight"):
+        d["a.weight"].apply(torch.zeros(70, 130).bfloat16(), verify=False)
