@@ -13,7 +13,7 @@ status=0
 step() { echo "== $* ($(date +%T))"; }
 
 step "environment"
-if ls .whl/*.whl > /dev/null 2>&1; then
+if ! python3 -c "import zstandard" 2> /dev/null && ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "device_check: installing the carried wheels failed"; exit 1; }
   export PYTHONPATH=/tmp/site
