@@ -63,6 +63,19 @@ static bool round_trips(const TileGrid& g, const std::vector<uint8_t>& base, con
   return out == ft;
 }
 
+// A fine-tune pair encoded, checked to round-trip, and validated: the setup most tests share.
+struct Encoded {
+  std::vector<uint8_t> base, ft, section;
+  std::vector<uint64_t> offsets;
+};
+static Encoded encoded(const TileGrid& g, double density, uint32_t low, double high_frac, uint32_t seed) {
+  Encoded x;
+  make_pair(g, density, low, high_frac, seed, x.base, x.ft);
+  check(round_trips(g, x.base, x.ft, &x.section), "fixture round trip");
+  x.offsets = format::validate_section(x.section.data(), x.section.size(), g);
+  return x;
+}
+
 static codec::TileEntry entry(const std::vector<uint8_t>& s, uint64_t t) {
   codec::TileEntry e;
   memcpy(&e, s.data() + t * 8, 8);
@@ -105,10 +118,9 @@ static void test_codec_choice() {
 static void test_cooperative_decode_matches_serial() {
   // A CUDA block runs phase 1 on all threads, syncs, then phase 2; any thread count must agree.
   TileGrid g{64, 64, 64, 64, 2};
-  std::vector<uint8_t> base, ft, s;
-  make_pair(g, 1.0, 1, 0.1, 11, base, ft);
-  round_trips(g, base, ft, &s);
-  auto offsets = format::validate_section(s.data(), s.size(), g);
+  const Encoded x = encoded(g, 1.0, 1, 0.1, 11);
+  const auto& s = x.section;
+  const auto& offsets = x.offsets;
   codec::TileEntry e = entry(s, 0);
   std::vector<uint16_t> serial(4096), coop(4096, 0xBEEF);
   const uint8_t* p = s.data() + offsets[0];
@@ -158,10 +170,9 @@ static void test_validation_rejects_bad_sections() {
 static void test_block_apply_and_bounds() {
   // A block of grid rows x grid columns written into its own buffer equals that part of the full apply.
   TileGrid g{200, 150, 64, 64, 4};
-  std::vector<uint8_t> base, ft, s;
-  make_pair(g, 0.2, 3, 0.05, 13, base, ft);
-  round_trips(g, base, ft, &s);
-  auto offsets = format::validate_section(s.data(), s.size(), g);
+  const Encoded x = encoded(g, 0.2, 3, 0.05, 13);
+  const auto &base = x.base, &ft = x.ft, &s = x.section;
+  const auto& offsets = x.offsets;
   // grid rows 1..3 (rows 64..199, the last one ragged), grid column 1 (cols 64..127): a 136 x 64 block
   std::vector<uint8_t> block(136 * 64 * 4, 0);
   format::apply_section_block(s.data(), offsets.data(), g, 1, 4, 1, 2, base.data(), {block.data(), 64, 64, 64});
