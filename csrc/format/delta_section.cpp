@@ -180,10 +180,14 @@ static void apply_block_as(const uint8_t* section, const uint64_t* offsets, cons
         // Few or no changes: copy the base and patch only the listed words, not the whole tile.
         if (!copied && out_row(0) != base_row(0))
           for (uint32_t r = 0; r < h; ++r) memcpy(out_row(r), base_row(r), (size_t)w * sizeof(Word));
+        // Tile widths are powers of two but on the ragged edge: avoid a hardware divide per word.
+        const bool pow2 = (w & (w - 1)) == 0;
+        const uint32_t log2w = pow2 ? (uint32_t)__builtin_ctz(w) : 0;
         for (uint32_t x = 0; x < e.n_exc; ++x) {
           const uint32_t i = codec::exception_position(payload, e, elems, x);
           if (i >= elems) continue;
-          uint8_t* o = out_row(i / w) + (size_t)(i % w) * sizeof(Word);
+          const uint32_t r = pow2 ? i >> log2w : i / w, c = pow2 ? i & (w - 1) : i % w;
+          uint8_t* o = out_row(r) + (size_t)c * sizeof(Word);
           Word v;
           memcpy(&v, o, sizeof(Word));
           v ^= (Word)codec::exception_high_bits(payload, e, elems, sizeof(Word), x);
