@@ -139,11 +139,12 @@ class XorLinear(nn.Module):
         offsets = C.validate_section(section, *grid.args)
         self._add_slot(name, section, offsets, finetuned_bias)
 
-    def add_delta_from_file(self, name: str, weight, bias=None):
-        """Adds fine-tune `name` from DeltaTensor entries of a loaded delta file (weight, optional bias)."""
+    def add_delta_from_file(self, name: str, weight, bias=None, *, check_base: bool = True):
+        """Adds fine-tune `name` from DeltaTensor entries of a loaded delta file (weight, optional bias).
+        `check_base=False` skips the base hash for a caller that has already checked it (patch_model)."""
         self._check_name(name)
         w = self.base_weight
-        weight.check_base(w.cpu())
+        weight.check_base(w.cpu(), hash_check=check_base)
         if weight.kind == "xor":
             if weight.tile != self.tile:
                 raise InputError(f"{weight.file.path}: tensor '{weight.name}' is tiled {weight.tile}, this XorLinear "
@@ -253,9 +254,11 @@ class XorLinear(nn.Module):
         names = self.finetunes if row_ids is not None else [n for n in [self._resolve_name(finetune)] if n]
         sections = [self.deltas[n].section for n in names]
         offsets = [self.deltas[n].offsets for n in names]
-        bias = self._bias_rows(names)
-        if row_ids is None and bias is not None:
-            bias = bias[-1]  # one fine-tune (or the base) for every row: its own bias
+        if row_ids is None:  # one fine-tune (or the base) for every row: its own bias, else the base's
+            own = self.deltas[names[0]].bias if names else None
+            bias = own if own is not None else self.bias
+        else:
+            bias = self._bias_rows(names)
         return xor_linear(x, w, sections, offsets, row_ids, bias, tile=self.tile)
 
     def _bias_rows(self, names):

@@ -110,7 +110,8 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
         for f in names:
             d = files[f]
             if wname in d.tensors:
-                layer.add_delta_from_file(f, d.tensors[wname], d.tensors.get(bname))
+                # The base was checked by hash for every tensor above: no second pass over it here.
+                layer.add_delta_from_file(f, d.tensors[wname], d.tensors.get(bname), check_base=False)
             else:  # this fine-tune does not list the tensor: it keeps the base
                 layer.add_delta(f, mod.weight.detach(), None)
         _set_submodule(model, mod_name, layer)

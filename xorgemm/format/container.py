@@ -205,7 +205,7 @@ class DeltaTensor:
         """Per tile: n_exc, codec, low_bytes (the 8-byte entries of the section's table)."""
         sec = self.section()
         entry = np.dtype([("n_exc", "<u4"), ("codec", "u1"), ("low_bytes", "u1"), ("reserved", "<u2")])
-        return np.frombuffer(sec.numpy().tobytes()[: self.grid.num_tiles * 8], dtype=entry)
+        return np.frombuffer(sec.numpy()[: self.grid.num_tiles * 8], dtype=entry).copy()
 
     def check_base(self, base: torch.Tensor, *, hash_check: bool = True):
         """Refuses a base tensor this delta was not made from (dtype, shape, then content hash)."""
