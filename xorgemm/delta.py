@@ -1,6 +1,7 @@
 """pack / unpack / verify: a fine-tune as a lossless XOR delta against its base, and back, bit for bit."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -133,8 +134,14 @@ def _nbytes(dtype, shape) -> int:
     return n
 
 
+@contextlib.contextmanager
 def _open_delta(delta):
-    return delta if isinstance(delta, DeltaFile) else load_delta(delta)
+    """A DeltaFile for a path or DeltaFile; one opened here is closed (its map released) afterwards."""
+    if isinstance(delta, DeltaFile):
+        yield delta
+    else:
+        with load_delta(delta) as d:
+            yield d
 
 
 def _base_tensor(bsrc: TensorSource, delta, name):
@@ -150,10 +157,10 @@ def _base_tensor(bsrc: TensorSource, delta, name):
 def unpack(base, delta, *, progress: bool = False) -> dict[str, torch.Tensor]:
     """The fine-tuned state dict, bit for bit, from `base` and a delta file (path or DeltaFile)."""
     bsrc = open_source(base, "base")
-    d = _open_delta(delta)
     out = {}
-    for name in tqdm(list(d), desc="unpack", unit="tensor", disable=_quiet(progress), leave=False):
-        out[name] = d[name].apply(_base_tensor(bsrc, d, name))
+    with _open_delta(delta) as d:
+        for name in tqdm(list(d), desc="unpack", unit="tensor", disable=_quiet(progress), leave=False):
+            out[name] = d[name].apply(_base_tensor(bsrc, d, name))
     return out
 
 
@@ -173,20 +180,20 @@ def verify(base, delta, finetuned, *, progress: bool = False) -> VerifyReport:
     """Reconstructs every tensor and compares it byte for byte with the fine-tune."""
     bsrc = open_source(base, "base")
     fsrc = open_source(finetuned, "finetuned")
-    d = _open_delta(delta)
     rep = VerifyReport()
     fnames = set(fsrc.names())
-    rep.missing_in_delta = sorted(fnames - set(d))
-    rep.extra_in_delta = sorted(set(d) - fnames)
-    todo = [n for n in d if n in fnames]
-    for name in tqdm(todo, desc="verify", unit="tensor", disable=_quiet(progress), leave=False):
-        got = d[name].apply(_base_tensor(bsrc, d, name))
-        want = fsrc.get(name)
-        same = (got.dtype == want.dtype and got.shape == want.shape
-                and torch.equal(tensor_bytes(got), tensor_bytes(want)))
-        rep.checked += 1
-        if not same:
-            rep.mismatched.append(name)
+    with _open_delta(delta) as d:
+        rep.missing_in_delta = sorted(fnames - set(d))
+        rep.extra_in_delta = sorted(set(d) - fnames)
+        todo = [n for n in d if n in fnames]
+        for name in tqdm(todo, desc="verify", unit="tensor", disable=_quiet(progress), leave=False):
+            got = d[name].apply(_base_tensor(bsrc, d, name))
+            want = fsrc.get(name)
+            same = (got.dtype == want.dtype and got.shape == want.shape
+                    and torch.equal(tensor_bytes(got), tensor_bytes(want)))
+            rep.checked += 1
+            if not same:
+                rep.mismatched.append(name)
     return rep
 
 
