@@ -112,5 +112,41 @@ XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t 
   }
 }
 
+// The fused GEMM's form of the same decode: XORs the tile's words straight into a destination tile laid
+// out with `stride` words per row (a padded shared-memory tile holding the base), so no separate delta
+// buffer exists: dst[r * stride + c] ^= word (r * w + c), for a tile `w` words wide. Phase 1 XORs each
+// word's low part (word-major: a thread gathers word i from every low plane, reads coalesced across
+// threads); phase 2 XORs the exceptions' high bytes. A CUDA block needs a __syncthreads() between the two
+// phases (a word's low and high parts may belong to different threads) and none inside a phase: words are
+// distinct within a phase (exception positions strictly increase in a validated section).
+template <typename Word>
+XG_HD void xor_tile_low_strided(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
+                                uint32_t stride, uint32_t tid, uint32_t nthreads) {
+  const uint32_t k = e.codec == kZero ? 0 : e.low_bytes;
+  if (k == 0 || tid >= elems) return;
+  // Walk (row, col) incrementally: one division per thread, not one per word.
+  uint32_t r = tid / w, c = tid % w;
+  const uint32_t dr = nthreads / w, dc = nthreads % w;
+  for (uint32_t i = tid; i < elems; i += nthreads) {
+    Word v = (Word)payload[i];
+    for (uint32_t j = 1; j < k; ++j) v |= (Word)((Word)payload[(uint64_t)j * elems + i] << (8 * j));
+    dst[r * stride + c] ^= v;
+    r += dr;
+    c += dc;
+    if (c >= w) {
+      c -= w;
+      ++r;
+    }
+  }
+}
+template <typename Word>
+XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
+                                       uint32_t stride, uint32_t tid, uint32_t nthreads) {
+  for (uint32_t x = tid; x < e.n_exc; x += nthreads) {
+    const uint32_t i = exception_position(payload, e, elems, x);
+    if (i < elems) dst[(i / w) * stride + i % w] ^= (Word)exception_high_bits(payload, e, elems, sizeof(Word), x);
+  }
+}
+
 }  // namespace codec
 }  // namespace xorgemm
