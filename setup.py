@@ -76,7 +76,8 @@ if _want_cuda():
     ext_modules.append(
         CUDAExtension(
             "xorgemm._C_cuda",
-            sources=[f"{CSRC}/cuda/module.cpp", f"{CSRC}/cuda/apply_delta.cu"],
+            sources=[f"{CSRC}/cuda/module.cpp", f"{CSRC}/cuda/apply_delta.cu", f"{CSRC}/cuda/xor_gemm.cu",
+                     f"{CSRC}/cuda/xor_linear_cuda.cpp"],
             include_dirs=[str(ROOT / CSRC)] + _cuda_include_dirs(),
             extra_compile_args={
                 "cxx": cxx_flags,

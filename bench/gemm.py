@@ -15,11 +15,14 @@ Writes bench/results/gemm_<device>.json and .md (and .png with --plot).
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import xorgemm  # noqa: E402
 from xorgemm import XorLinear  # noqa: E402
+from xorgemm.format.gpu_decompress import nvcomp_available  # noqa: E402
 from xorgemm.testing import perturb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,23 +63,24 @@ class Timer:
     def __init__(self, device, reps, warmup):
         self.device, self.reps, self.warmup = device, reps, warmup
 
-    def __call__(self, fn) -> float:
-        """Median milliseconds of fn()."""
-        for _ in range(self.warmup):
-            fn()
+    def __call__(self, fn, rotate: int = 1) -> float:
+        """Median milliseconds of fn(i), i cycling through range(rotate): callers keep `rotate` copies of
+        their weights so that, on a GPU, L2 does not serve them from the previous run."""
+        for i in range(self.warmup):
+            fn(i % rotate)
         times = []
         if self.device == "cuda":
-            for _ in range(self.reps):
+            for i in range(self.reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                fn(i % rotate)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
         else:
-            for _ in range(self.reps):
+            for i in range(self.reps):
                 t = time.perf_counter()
-                fn()
+                fn(i % rotate)
                 times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
@@ -84,60 +89,149 @@ def rel_err(got, want) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def bench_row(shape, m, dtype_name, kind, device, timer, workdir):
+def copy_bandwidth(timer) -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read plus written, on a 1 GiB buffer."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = timer(lambda i: b.copy_(a))
+    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
+def driver_version() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown"
+
+
+def rotation(weight_bytes: int) -> int:
+    """Copies of the weights to cycle through so that each timed run reads them from HBM, not L2."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, -(-3 * l2 // weight_bytes))
+
+
+class UnfusedNvcomp:
+    """The unfused GPU baseline: nvCOMP decompresses the whole delta (its zstd chunks resident on the GPU),
+    the apply kernel XORs it onto the base into a full fine-tuned weight, cuBLAS multiplies."""
+
+    def __init__(self, delta_tensor, base_d):
+        from nvidia import nvcomp
+
+        from xorgemm._native import CUDA
+
+        f = delta_tensor.file
+        off, length = delta_tensor.span
+        first = bisect.bisect_right(f._raw_starts, off) - 1
+        last = bisect.bisect_right(f._raw_starts, off + length - 1) - 1
+        frames = [f._mm[f._payload_off + int(c[0]): f._payload_off + int(c[0]) + int(c[1])]
+                  for c in f.chunks[first:last + 1]]
+        raw = [int(c[2]) for c in f.chunks[first:last + 1]]
+        comp_off = [0]
+        for fr in frames[:-1]:
+            comp_off.append(comp_off[-1] + -(-len(fr) // 16) * 16)
+        host = torch.zeros(comp_off[-1] + len(frames[-1]) + 16, dtype=torch.uint8)
+        for o, fr in zip(comp_off, frames):
+            host[o:o + len(fr)] = torch.frombuffer(bytearray(fr), dtype=torch.uint8)
+        self.comp = host.cuda()
+        self.raw = torch.empty(sum(raw), dtype=torch.uint8, device="cuda")
+        raw_off = [sum(raw[:i]) for i in range(len(raw))]
+        s = torch.cuda.current_stream().cuda_stream
+        self.codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=s)
+        self.src = nvcomp.as_arrays(self.comp, comp_off, [len(fr) for fr in frames], cuda_stream=s)
+        self.dst = nvcomp.as_arrays(self.raw, raw_off, raw, cuda_stream=s)
+        self.config = self.codec.decompression_config(self.src)  # parsed once: decode itself never syncs
+        self.start = off - int(f._raw_starts[first])
+        self.length = length
+        self.offsets = delta_tensor.resident("cpu")[1].cuda()
+        self.grid = delta_tensor.grid
+        self.base = base_d
+        self.out = torch.empty_like(base_d)
+        self.CUDA = CUDA
+
+    def __call__(self, x):
+        self.codec.decode(self.src, out=self.dst, decompression_config=self.config)
+        section = self.raw[self.start:self.start + self.length]
+        self.CUDA.apply_section(section, self.offsets, self.base.view(-1).view(torch.uint8),
+                                self.out.view(-1).view(torch.uint8), *self.grid.args)
+        return F.linear(x, self.out)
+
+
+def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs):
+    """Rows for one weight shape, dtype and delta kind, at every token count in `ms`."""
     n, k = shape
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
     ft = make_finetune(base, kind, seed=1)
-    x = torch.randn(m, k, generator=g).to(dtype)
     path = Path(workdir) / f"{n}x{k}-{dtype_name}-{kind}.xor.safetensors"
     xorgemm.pack({"w": base}, {"w": ft}, path)
     delta = xorgemm.load_delta(path)
-    base_d, ft_d, x_d = base.to(device), ft.to(device), x.to(device)
-    layer = XorLinear(base_d)
-    layer.add_delta_from_file("ft", delta["w"])
-    layer.active = "ft"
-    row = {"n": n, "k": k, "m": m, "dtype": dtype_name, "kind": kind,
-           "weight_bytes": base.numel() * base.element_size(), "delta_bytes": layer.delta_bytes(),
-           "file_bytes": path.stat().st_size}
-    with torch.no_grad():
-        row["dense_ms"] = timer(lambda: F.linear(x_d, ft_d))
-
-        def unfused():
-            # The seed's way: decompress the chunks on every call, XOR the whole weight, then F.linear. The
-            # content hashes are skipped (verify=False) so the baseline pays for no checking xorgemm skips.
-            d = xorgemm.load_delta(path)
-            return F.linear(x_d, d["w"].apply(base_d, verify=False))
-
-        row["unfused_ms"] = timer(unfused)
-        try:
-            y = layer(x_d)
-        except NotImplementedError as e:
-            row["xorgemm_ms"], row["correct"], row["note"] = None, None, str(e).split(";")[0]
-        else:
-            row["xorgemm_ms"] = timer(lambda: layer(x_d))
-            err = rel_err(y.cpu(), F.linear(x.double(), ft.double()))
-            row["rel_err"], row["correct"] = err, err < TOL[dtype_name]
+    weight_bytes = base.numel() * base.element_size()
+    rot = rotation(weight_bytes) if device == "cuda" else 1
+    bases = [base.to(device) for _ in range(rot)]
+    fts = [ft.to(device) for _ in range(rot)]
+    layers = []
+    for b in bases:
+        layer = XorLinear(b)
+        layer.add_delta_from_file("ft", delta["w"])
+        layer.active = "ft"
+        layers.append(layer)
+    if device == "cuda" and nvcomp_available():
+        unfused_impl, unfused_how = [UnfusedNvcomp(delta["w"], b) for b in bases], "nvCOMP + XOR kernel + cuBLAS"
+    else:
+        def cpu_decode(b):
+            def run(x):
+                d = xorgemm.load_delta(path)  # the chunks decompressed on every call, on the CPU
+                return F.linear(x, d["w"].apply(b, verify=False))
+            return run
+        unfused_impl, unfused_how = [cpu_decode(b) for b in bases], "zstandard + XOR + F.linear"
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        x_d = x.to(device)
+        row = {"n": n, "k": k, "m": m, "dtype": dtype_name, "kind": kind, "weight_bytes": weight_bytes,
+               "delta_bytes": layers[0].delta_bytes(), "file_bytes": path.stat().st_size, "rotation": rot,
+               "unfused_how": unfused_how}
+        with torch.no_grad():
+            row["dense_ms"] = timer(lambda i, x_d=x_d: F.linear(x_d, fts[i]), rot)
+            row["unfused_ms"] = timer(lambda i, x_d=x_d: unfused_impl[i](x_d), rot)
+            y = layers[0](x_d)
+            row["xorgemm_ms"] = timer(lambda i, x_d=x_d: layers[i](x_d), rot)
+        err = rel_err(y.cpu(), F.linear(x.double(), ft.double()))
+        row["rel_err"], row["correct"] = err, err < TOL[dtype_name]
+        if copy_gbs:
+            moved = weight_bytes + row["delta_bytes"] + x_d.numel() * x_d.element_size() * (1 + n / k)
+            row["xorgemm_gbs"] = moved / (row["xorgemm_ms"] * 1e-3) / 1e9
+            row["copy_frac"] = row["xorgemm_gbs"] / copy_gbs
+        rows.append(row)
     delta.close()
-    return row
+    return rows
 
 
 def markdown(rows, meta) -> str:
-    out = [f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}; `{meta['command']}`. "
-           "Median milliseconds; `x dense` is xorgemm's time over dense F.linear on the fine-tuned weight "
-           "(lower is better, 1.00 = as fast); `vs unfused` is how many times faster xorgemm is than "
-           "decompress + XOR + F.linear.", "",
-           "| N x K | M | dtype | delta | resident delta | dense ms | unfused ms | xorgemm ms | x dense | "
-           "vs unfused | correct |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    gpu = "copy_gbs" in meta
+    head = [f"Device: {meta['device']}; torch {meta['torch']}"
+            + (f"; CUDA {meta['cuda']}; driver {meta['driver']}; nvCOMP {meta.get('nvcomp', 'not installed')}; "
+               f"device-to-device copy {meta['copy_gbs']:.0f} GB/s" if gpu else "")
+            + f"; {meta['date']}; `{meta['command']}`.",
+            "",
+            "Median milliseconds; `x dense` is xorgemm's time over dense F.linear on the fine-tuned weight (lower "
+            "is better, 1.00 = as fast); `vs unfused` is how many times faster xorgemm is than the unfused "
+            f"baseline ({rows[0]['unfused_how'] if rows else ''})."
+            + (" `GB/s` counts base + resident delta + activations read and output written, `% copy` is that over "
+               "the copy bandwidth." if gpu else ""), ""]
+    cols = "| N x K | M | dtype | delta | resident delta | dense ms | unfused ms | xorgemm ms | x dense | vs unfused |"
+    cols += " GB/s | % copy |" if gpu else ""
+    out = head + [cols + " correct |", "|---" * (cols.count("|")) + "|"]
     for r in rows:
-        xg = r.get("xorgemm_ms")
-        out.append(
-            f"| {r['n']}x{r['k']} | {r['m']} | {r['dtype']} | {r['kind']} | "
-            f"{100 * r['delta_bytes'] / r['weight_bytes']:.1f}% | {r['dense_ms']:.3f} | {r['unfused_ms']:.3f} | "
-            + (f"{xg:.3f} | {xg / r['dense_ms']:.2f} | {r['unfused_ms'] / xg:.1f}x | "
-               f"{'yes' if r['correct'] else 'NO'} |" if xg is not None else f"n/a | | | {r.get('note', '')} |"))
+        xg = r["xorgemm_ms"]
+        line = (f"| {r['n']}x{r['k']} | {r['m']} | {r['dtype']} | {r['kind']} | "
+                f"{100 * r['delta_bytes'] / r['weight_bytes']:.1f}% | {r['dense_ms']:.3f} | {r['unfused_ms']:.3f} | "
+                f"{xg:.3f} | {xg / r['dense_ms']:.2f} | {r['unfused_ms'] / xg:.1f}x |")
+        if gpu:
+            line += f" {r['xorgemm_gbs']:.0f} | {100 * r['copy_frac']:.0f}% |"
+        out.append(line + f" {'yes' if r['correct'] else 'NO'} |")
     return "\n".join(out) + "\n"
 
 
@@ -147,7 +241,7 @@ def summary(rows) -> str:
         return ""
     n, k = max(((r["n"], r["k"]) for r in rows), key=lambda s: s[0] * s[1])
     ms = sorted({r["m"] for r in rows})
-    pick = [r for r in rows if (r["n"], r["k"]) == (n, k) and r["m"] in (ms[0], ms[-1]) and r.get("xorgemm_ms")]
+    pick = [r for r in rows if (r["n"], r["k"]) == (n, k) and r["m"] in (ms[0], ms[-1])]
     out = ["| N x K | M | dtype | delta | dense ms | unfused ms | xorgemm ms | x dense |",
            "|---|---|---|---|---|---|---|---|"]
     for r in pick:
@@ -171,7 +265,6 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.get("xorgemm_ms")]
     labels = [f"{r['n']}x{r['k']} M={r['m']} {r['dtype']} {r['kind']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
     ax.barh(range(len(rows)), [r["xorgemm_ms"] / r["dense_ms"] for r in rows], color="tab:blue", label="xorgemm")
@@ -216,14 +309,25 @@ def main(argv=None):
                     break
         except OSError:
             pass
+    copy_gbs = None
+    if a.device == "cuda":
+        copy_gbs = copy_bandwidth(timer)
+        meta["copy_gbs"] = copy_gbs
+        meta["driver"] = driver_version()
+        meta["cuda"] = torch.version.cuda
+        meta["xorgemm_cuda_path"] = os.environ.get("XORGEMM_CUDA_PATH", "auto")
+        if nvcomp_available():
+            from nvidia import nvcomp
+
+            meta["nvcomp"] = nvcomp.__version__
+        print(f"device-to-device copy: {copy_gbs:.0f} GB/s", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for shape in shapes:
             for dtype in a.dtypes or d["dtypes"]:
                 for kind in a.kinds:
-                    for m in a.m or d["m"]:
-                        print(f"{shape[0]}x{shape[1]} {dtype} {kind} M={m} ...", file=sys.stderr, flush=True)
-                        rows.append(bench_row(shape, m, dtype, kind, a.device, timer, work))
+                    print(f"{shape[0]}x{shape[1]} {dtype} {kind} ...", file=sys.stderr, flush=True)
+                    rows += bench_case(shape, a.m or d["m"], dtype, kind, a.device, timer, work, copy_gbs)
     table = markdown(rows, meta)
     print(table)
     out = Path(a.out or ROOT / "bench" / "results" / f"gemm_{a.device}")

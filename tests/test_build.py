@@ -1,5 +1,7 @@
-"""The CUDA extension builds for sm_80 and sm_90a, without local-memory spills, wherever nvcc and a CUDA
-build of torch are present. CI sets XORGEMM_REQUIRE_CUDA_BUILD=1, so there these tests never skip."""
+"""The CUDA extension builds for sm_80 and sm_90a wherever nvcc and a CUDA build of torch are present, its hot
+kernels without register spills (no local memory, no stack: what `ptxas -v` reports, read back from the
+cubins) and the fused GEMMs on tensor cores (HMMA in their SASS). CI sets XORGEMM_REQUIRE_CUDA_BUILD=1, so
+there these tests never skip."""
 import os
 import re
 import shutil
@@ -26,6 +28,12 @@ def cuobjdump():
     return shutil.which("cuobjdump")
 
 
+def run_tool(tool, *args):
+    # cuobjdump -sass runs nvdisasm, which the nvidia-cuda-nvdisasm wheel puts beside it.
+    env = dict(os.environ, PATH=str(Path(tool).parent) + os.pathsep + os.environ.get("PATH", ""))
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True, env=env).stdout
+
+
 def cuda_so():
     if CUDA is None:
         if REQUIRED:
@@ -41,16 +49,40 @@ def cuda_so():
 
 def test_cuda_extension_has_sm80_and_sm90a_cubins():
     tool, so = cuda_so()
-    elves = subprocess.run([tool, "-lelf", so], capture_output=True, text=True, check=True).stdout
-    assert re.search(r"apply_delta\.sm_80\.cubin", elves), elves
-    assert re.search(r"apply_delta\.sm_90a\.cubin", elves), elves
+    elves = run_tool(tool, "-lelf", so)
+    for unit in ("apply_delta", "xor_gemm"):
+        for arch in ("sm_80", "sm_90a"):
+            assert re.search(rf"{unit}\.{arch}\.cubin", elves), elves
+
+
+HOT_KERNELS = {
+    "apply_section_kernel": 8,  # 4 word sizes x 2 architectures
+    "fused_xor_gemm_kernel": 24,  # bf16/fp16 x 3 row tiles x forward/backward x 2 architectures
+    "reduce_splits_kernel": 4,
+}
 
 
 def test_kernels_do_not_spill():
     tool, so = cuda_so()
-    usage = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    usage = run_tool(tool, "-res-usage", so)
     kernels = re.findall(r"Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    apply = [k for k in kernels if "apply_section_kernel" in k[0]]
-    assert len(apply) >= 8, usage  # 4 word sizes x 2 architectures
-    for name, reg, stack, local in apply:
-        assert int(local) == 0 and int(stack) == 0, f"{name} spills: {reg} registers, stack {stack}, local {local}"
+    for family, count in HOT_KERNELS.items():
+        found = [k for k in kernels if family in k[0]]
+        assert len(found) == count, f"{family}: expected {count} kernels, found {len(found)}\n{usage}"
+        for name, reg, stack, local in found:
+            assert int(local) == 0 and int(stack) == 0, f"{name} spills: {reg} registers, stack {stack}, local {local}"
+
+
+def test_fused_kernels_run_on_tensor_cores():
+    tool, so = cuda_so()
+    sass = run_tool(tool, "-sass", so)
+    # One "Function : <name>" header per kernel and architecture, its SASS up to the next header.
+    bodies = re.split(r"\n\s+Function : ", sass)[1:]
+    fused = [b for b in bodies if "fused_xor_gemm_kernel" in b.split("\n", 1)[0]]
+    assert len(fused) == HOT_KERNELS["fused_xor_gemm_kernel"], f"found {len(fused)} fused kernels in the SASS"
+    for body in fused:
+        name = body.split("\n", 1)[0]
+        bf16 = "ILb1E" in name  # the template's first argument: bf16 (true) or fp16 (false)
+        mma = re.findall(r"HMMA\.16816\.F32(\.BF16)?\b", body)
+        assert mma, f"{name}: no HMMA.16816 in its SASS"
+        assert all(bool(m) == bf16 for m in mma), f"{name}: HMMA of the wrong input type"

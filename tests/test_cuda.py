@@ -35,3 +35,49 @@ def test_gpu_apply_large_tiles_and_wrong_base(tmp_path):
     assert torch.equal(d["w"].apply(base.cuda()).cpu(), ft)
     with pytest.raises(xorgemm.BaseMismatchError):
         d["w"].apply(ft.cuda())
+
+
+@pytest.mark.skipif(not xorgemm.format.gpu_decompress.nvcomp_available(), reason="needs nvCOMP (xorgemm[cuda])")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nvcomp_and_zstandard_give_the_same_resident_tiles(tmp_path, monkeypatch, dtype):
+    """The zstd chunks decompressed on the GPU by nvCOMP and on the CPU by zstandard: identical sections
+    and tile offsets, and a layer loaded either way computes the same output bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    base = {"a": torch.randn(1000, 776, generator=g).to(dtype), "b": torch.randn(300, 64, generator=g).to(dtype)}
+    ft = {"a": perturb(base["a"], "dense", seed=1), "b": perturb(base["b"], "sparse", seed=2)}
+    path = tmp_path / "d.xor.safetensors"
+    xorgemm.pack(base, ft, path, chunk_bytes=16 * 1024)  # several chunks per tensor, spans across chunk edges
+    d = xorgemm.load_delta(path)
+    for name in base:
+        monkeypatch.setenv("XORGEMM_DECOMPRESS", "nvcomp")
+        sec_gpu, off_gpu = d[name].resident("cuda")
+        monkeypatch.setenv("XORGEMM_DECOMPRESS", "cpu")
+        sec_cpu, off_cpu = d[name].resident("cuda")
+        assert sec_gpu.is_cuda and sec_cpu.is_cuda
+        assert torch.equal(sec_gpu, sec_cpu) and torch.equal(off_gpu, off_cpu)
+        assert torch.equal(sec_gpu.cpu(), d[name].section())
+    layers = {}
+    for how in ("nvcomp", "cpu"):
+        monkeypatch.setenv("XORGEMM_DECOMPRESS", how)
+        layer = xorgemm.XorLinear(base["a"].cuda())
+        layer.add_delta_from_file("ft", d["a"])
+        layers[how] = layer
+    x = torch.randn(5, 776, generator=g).to(dtype).cuda()
+    assert torch.equal(layers["nvcomp"](x, finetune="ft"), layers["cpu"](x, finetune="ft"))
+
+
+@pytest.mark.skipif(not xorgemm.format.gpu_decompress.nvcomp_available(), reason="needs nvCOMP (xorgemm[cuda])")
+def test_nvcomp_reports_a_corrupted_chunk(tmp_path, monkeypatch):
+    base = torch.randn(256, 256).bfloat16()
+    path = tmp_path / "d.xor.safetensors"
+    xorgemm.pack({"w": base}, {"w": perturb(base, "dense", seed=1)}, path)
+    d = xorgemm.load_delta(path)
+    payload_at = d._payload_off + int(d.chunks[0][0]) + 1  # inside the zstd magic number: no valid frame
+    raw = bytearray(path.read_bytes())
+    raw[payload_at] ^= 0xFF
+    bad = tmp_path / "bad.xor.safetensors"
+    bad.write_bytes(bytes(raw))
+    monkeypatch.setenv("XORGEMM_DECOMPRESS", "nvcomp")
+    with pytest.raises(xorgemm.DeltaFormatError) as e:
+        xorgemm.load_delta(bad)["w"].resident("cuda")
+    assert "bad.xor.safetensors" in str(e.value)

@@ -135,6 +135,7 @@ class XorLinear(nn.Module):
             raise InputError(f"fine-tune {name!r}: weight is {finetuned_weight.dtype} {tuple(finetuned_weight.shape)}, "
                              f"the base is {w.dtype} {tuple(w.shape)}")
         grid = grid_of(w.shape, self.tile, w.dtype)
+        # Encoded on the CPU (tensor_bytes copies there); _add_slot puts the section beside the base.
         section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), *grid.args)
         offsets = C.validate_section(section, *grid.args)
         self._add_slot(name, section, offsets, finetuned_bias)
@@ -149,8 +150,8 @@ class XorLinear(nn.Module):
             if weight.tile != self.tile:
                 raise InputError(f"{weight.file.path}: tensor '{weight.name}' is tiled {weight.tile}, this XorLinear "
                                  f"uses {self.tile}")
-            section = weight.section()
-            offsets = weight._offsets
+            # On a GPU base the chunks are decompressed on the GPU (nvCOMP) when xorgemm[cuda] is installed.
+            section, offsets = weight.resident(w.device)
         elif weight.kind == "same":
             section = offsets = None  # this fine-tune leaves the weight alone (its bias may still differ)
         else:
@@ -248,8 +249,9 @@ class XorLinear(nn.Module):
         if x.device != w.device:
             raise InputError(f"XorLinear input is on {x.device} but its weight is on {w.device}")
         if w.device.type != "cpu" and not _has_kernel(w.device.type):
-            raise NotImplementedError(f"XorLinear has no {w.device.type} kernel in this build yet (the fused CUDA "
-                                      "kernel is the next milestone); run it on the CPU")
+            hint = (" (xorgemm was built without its CUDA extension: rebuild where nvcc and a CUDA build of torch "
+                    "are present)" if w.device.type == "cuda" else "")
+            raise NotImplementedError(f"XorLinear has no {w.device.type} kernel{hint}; run it on the CPU")
         row_ids = self._row_ids(finetune, x)
         names = self.finetunes if row_ids is not None else [n for n in [self._resolve_name(finetune)] if n]
         sections = [self.deltas[n].section for n in names]

@@ -74,6 +74,8 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
         deltas = {"finetune": deltas}
     files = {name: d if isinstance(d, DeltaFile) else load_delta(d) for name, d in deltas.items()}
     names = list(files)
+    if device is not None:  # first, so resident deltas are made on the device (nvCOMP decompresses on a GPU)
+        model.to(device)
     state = dict(model.state_dict(keep_vars=True))
     # Refuse deltas for another base before touching anything: every tensor a delta derives from the base
     # must be the model's own, by shape, dtype and content hash.
@@ -127,8 +129,6 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
     model.xorgemm_finetunes = names
     model.xorgemm_overrides = overrides
     model.xorgemm_report = report
-    if device is not None:
-        model.to(device)
     select(model, active)
     return model
 

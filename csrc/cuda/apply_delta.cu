@@ -20,10 +20,10 @@ using codec::TileEntry;
 template <typename Word>
 __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const int64_t* __restrict__ offsets,
                                      const Word* __restrict__ base, Word* __restrict__ out, int64_t rows,
-                                     int64_t cols, int tile_rows, int tile_cols) {
+                                     int64_t cols, int tile_rows, int tile_cols, int64_t t0) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Word* tile = reinterpret_cast<Word*>(smem_raw);
-  const int64_t t = blockIdx.x;
+  const int64_t t = t0 + blockIdx.x;
   const int64_t grid_cols = (cols + tile_cols - 1) / tile_cols;
   const int64_t r0 = t / grid_cols * tile_rows, c0 = t % grid_cols * tile_cols;
   const int h = (int)(rows - r0 < tile_rows ? rows - r0 : tile_rows);
@@ -38,16 +38,21 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
     codec::decode_tile_exceptions<Word>(payload, e, elems, tile, threadIdx.x, blockDim.x);
     __syncthreads();
   }
+  // `out` starts at the first row of tile t0's grid row: a block of the tensor or the whole of it.
+  const int64_t out_row0 = t0 / grid_cols * tile_rows;
   for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x) {
-    const int64_t at = (r0 + i / w) * cols + c0 + i % w;
-    out[at] = e.codec == codec::kZero ? base[at] : (Word)(base[at] ^ tile[i]);
+    const int64_t row = r0 + i / w, col = c0 + i % w;
+    const Word b = base[row * cols + col];
+    out[(row - out_row0) * cols + col] = e.codec == codec::kZero ? b : (Word)(b ^ tile[i]);
   }
 }
 
 template <typename Word>
 static void launch(const torch::Tensor& section, const torch::Tensor& offsets, const torch::Tensor& base,
-                   torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols) {
-  const int64_t n_tiles = ((rows + tile_rows - 1) / tile_rows) * ((cols + tile_cols - 1) / tile_cols);
+                   torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols, int64_t gr0,
+                   int64_t gr1) {
+  const int64_t grid_cols = (cols + tile_cols - 1) / tile_cols;
+  const int64_t n_tiles = (gr1 - gr0) * grid_cols;
   const size_t smem = (size_t)tile_rows * tile_cols * sizeof(Word);
   int max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, base.get_device()));
@@ -61,13 +66,13 @@ static void launch(const torch::Tensor& section, const torch::Tensor& offsets, c
   kernel<<<(unsigned)n_tiles, 256, smem, stream>>>(
       section.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(),
       reinterpret_cast<const Word*>(base.data_ptr<uint8_t>()), reinterpret_cast<Word*>(out.data_ptr<uint8_t>()), rows,
-      cols, (int)tile_rows, (int)tile_cols);
+      cols, (int)tile_rows, (int)tile_cols, gr0 * grid_cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void apply_section_cuda(const torch::Tensor& section, const torch::Tensor& offsets, const torch::Tensor& base,
-                        torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols,
-                        int64_t elem_bytes) {
+void apply_section_rows_cuda(const torch::Tensor& section, const torch::Tensor& offsets, const torch::Tensor& base,
+                             torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols,
+                             int64_t elem_bytes, int64_t gr0, int64_t gr1) {
   for (const torch::Tensor* t : {&section, &base, static_cast<const torch::Tensor*>(&out)})
     TORCH_CHECK(t->is_cuda() && t->scalar_type() == torch::kUInt8 && t->is_contiguous() && t->dim() == 1,
                 "section, base and out must be contiguous 1-D uint8 CUDA tensors");
@@ -77,8 +82,11 @@ void apply_section_cuda(const torch::Tensor& section, const torch::Tensor& offse
                   offsets.device() == base.device(),
               "all tensors must be on the same GPU");
   TORCH_CHECK(rows > 0 && cols > 0 && tile_rows > 0 && tile_cols > 0, "shape and tile shape must be positive");
-  TORCH_CHECK(base.numel() == rows * cols * elem_bytes && out.numel() == base.numel(),
-              "base and out must hold rows*cols*elem_bytes bytes");
+  const int64_t grid_rows = (rows + tile_rows - 1) / tile_rows;
+  TORCH_CHECK(0 <= gr0 && gr0 < gr1 && gr1 <= grid_rows, "grid rows [", gr0, ", ", gr1, ") outside 0..", grid_rows);
+  const int64_t out_rows = std::min(gr1 * tile_rows, rows) - gr0 * tile_rows;
+  TORCH_CHECK(base.numel() == rows * cols * elem_bytes && out.numel() == out_rows * cols * elem_bytes,
+              "base must hold rows*cols*elem_bytes bytes and out the bytes of the grid rows it receives");
   TORCH_CHECK(offsets.numel() == ((rows + tile_rows - 1) / tile_rows) * ((cols + tile_cols - 1) / tile_cols),
               "offsets must hold one entry per tile");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(base.data_ptr()) % elem_bytes == 0 &&
@@ -86,12 +94,20 @@ void apply_section_cuda(const torch::Tensor& section, const torch::Tensor& offse
               "base and out must be aligned to the element size");
   const c10::cuda::CUDAGuard guard(base.device());
   switch (elem_bytes) {
-    case 1: return launch<uint8_t>(section, offsets, base, out, rows, cols, tile_rows, tile_cols);
-    case 2: return launch<uint16_t>(section, offsets, base, out, rows, cols, tile_rows, tile_cols);
-    case 4: return launch<uint32_t>(section, offsets, base, out, rows, cols, tile_rows, tile_cols);
-    case 8: return launch<unsigned long long>(section, offsets, base, out, rows, cols, tile_rows, tile_cols);
+    case 1: return launch<uint8_t>(section, offsets, base, out, rows, cols, tile_rows, tile_cols, gr0, gr1);
+    case 2: return launch<uint16_t>(section, offsets, base, out, rows, cols, tile_rows, tile_cols, gr0, gr1);
+    case 4: return launch<uint32_t>(section, offsets, base, out, rows, cols, tile_rows, tile_cols, gr0, gr1);
+    case 8: return launch<unsigned long long>(section, offsets, base, out, rows, cols, tile_rows, tile_cols, gr0, gr1);
     default: TORCH_CHECK(false, "element size ", elem_bytes, " is not 1, 2, 4 or 8 bytes");
   }
+}
+
+void apply_section_cuda(const torch::Tensor& section, const torch::Tensor& offsets, const torch::Tensor& base,
+                        torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols,
+                        int64_t elem_bytes) {
+  TORCH_CHECK(rows > 0 && tile_rows > 0, "shape and tile shape must be positive");
+  apply_section_rows_cuda(section, offsets, base, out, rows, cols, tile_rows, tile_cols, elem_bytes, 0,
+                          (rows + tile_rows - 1) / tile_rows);
 }
 
 }  // namespace cuda

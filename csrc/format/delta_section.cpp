@@ -87,7 +87,7 @@ static TileEntry read_entry(const uint8_t* section, uint64_t t) {
   return e;
 }
 
-std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g) {
+std::vector<uint64_t> table_offsets(const uint8_t* section, uint64_t len, const TileGrid& g) {
   g.check();
   const uint64_t n = g.num_tiles();
   const uint64_t header = table_bytes(g);
@@ -107,19 +107,28 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
     if (size > len - at)
       throw FormatError("tile " + std::to_string(t) + " runs past the end of the section");
     offsets[t] = at;
-    // Positions strictly increasing also bounds them by the tile and rules out duplicates.
-    int64_t prev = -1;
-    for (uint32_t x = 0; x < e.n_exc; ++x) {
-      const uint32_t i = codec::exception_position(section + at, e, elems, x);
-      if ((int64_t)i <= prev || i >= elems)
-        throw FormatError("tile " + std::to_string(t) + " has a bad exception position " + std::to_string(i));
-      prev = i;
-    }
     at += size;
   }
   if (at != len)
     throw FormatError("section holds " + std::to_string(len) + " bytes but its tiles account for " +
                       std::to_string(at));
+  return offsets;
+}
+
+std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g) {
+  std::vector<uint64_t> offsets = table_offsets(section, len, g);
+  for (uint64_t t = 0; t < offsets.size(); ++t) {
+    const TileEntry e = read_entry(section, t);
+    const uint32_t elems = g.tile_height(t) * g.tile_width(t);
+    // Positions strictly increasing also bounds them by the tile and rules out duplicates.
+    int64_t prev = -1;
+    for (uint32_t x = 0; x < e.n_exc; ++x) {
+      const uint32_t i = codec::exception_position(section + offsets[t], e, elems, x);
+      if ((int64_t)i <= prev || i >= elems)
+        throw FormatError("tile " + std::to_string(t) + " has a bad exception position " + std::to_string(i));
+      prev = i;
+    }
+  }
   return offsets;
 }
 

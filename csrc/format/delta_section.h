@@ -47,6 +47,11 @@ uint64_t table_bytes(const TileGrid& g);
 // Encodes XOR(base, finetuned) (both rows*cols*elem_bytes bytes) as a whole section.
 std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g);
 
+// Checks a section's tile table alone (every entry well formed, payloads filling exactly `len` bytes) and
+// returns each tile's payload offset: what a section decompressed on a GPU gets, its table read back.
+// Only the table's n_tiles * 8 bytes are read.
+std::vector<uint64_t> table_offsets(const uint8_t* table, uint64_t len, const TileGrid& g);
+
 // Validates a section of `len` bytes completely (table entries, total size, exception positions strictly
 // increasing and inside their tile) and returns each tile's payload offset within the section.
 std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g);

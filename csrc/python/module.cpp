@@ -57,6 +57,19 @@ torch::Tensor validate_section(const torch::Tensor& section, int64_t rows, int64
   return out;
 }
 
+// Payload offsets from a section's tile table alone (int64), for a section of section_len bytes elsewhere.
+torch::Tensor table_offsets(const torch::Tensor& table, int64_t section_len, int64_t rows, int64_t cols,
+                            int64_t tile_rows, int64_t tile_cols, int64_t elem_bytes) {
+  const TileGrid g = make_grid(rows, cols, tile_rows, tile_cols, elem_bytes);
+  const uint8_t* t = bytes_of(table, "table");
+  TORCH_CHECK((uint64_t)table.numel() >= g.num_tiles() * sizeof(xorgemm::codec::TileEntry) && section_len >= 0,
+              "table must hold one 8-byte entry per tile");
+  const std::vector<uint64_t> offsets = xorgemm::format::table_offsets(t, (uint64_t)section_len, g);
+  auto out = torch::empty({(int64_t)offsets.size()}, torch::kInt64);
+  memcpy(out.data_ptr<int64_t>(), offsets.data(), offsets.size() * sizeof(uint64_t));
+  return out;
+}
+
 // out = base XOR section, for a validated section (out may be base: in place).
 void apply_section(const torch::Tensor& section, const torch::Tensor& offsets, const torch::Tensor& base,
                    torch::Tensor& out, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols,
@@ -103,6 +116,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("validate_section", &validate_section, "Validate a delta section; returns tile payload offsets",
         py::arg("section"), py::arg("rows"), py::arg("cols"), py::arg("tile_rows"), py::arg("tile_cols"),
         py::arg("elem_bytes"));
+  m.def("table_offsets", &table_offsets, "Check a section's tile table alone; returns tile payload offsets",
+        py::arg("table"), py::arg("section_len"), py::arg("rows"), py::arg("cols"), py::arg("tile_rows"),
+        py::arg("tile_cols"), py::arg("elem_bytes"));
   m.def("apply_section", &apply_section, "out = base XOR a validated section (out may be base)", py::arg("section"),
         py::arg("offsets"), py::arg("base"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("tile_rows"),
         py::arg("tile_cols"), py::arg("elem_bytes"));

@@ -30,6 +30,7 @@ import zstandard
 
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, where
+from xorgemm.format.gpu_decompress import decompress_on_gpu, decompressor_for
 from xorgemm.format.layout import (
     CODEC_NAMES,
     DTYPES,
@@ -200,6 +201,25 @@ class DeltaTensor:
             except C.FormatError as e:
                 raise DeltaFormatError(f"{self._where()}: malformed delta section: {e}") from None
         return sec
+
+    def resident(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The section and its tile payload offsets on `device`, ready for the kernels. Bound for a GPU, the
+        chunks are decompressed there by nvCOMP when it is installed (xorgemm[cuda]; see gpu_decompress.py)
+        and only the tile table comes back to be checked; otherwise zstandard decodes them on the CPU, the
+        whole section is validated and copied over. Both give the same bytes."""
+        device = torch.device(device)
+        if decompressor_for(device) == "cpu":
+            sec = self.section()
+            return sec.to(device), self._offsets.to(device)
+        if self.kind != "xor":
+            raise InputError(f"{self._where()}: is stored as '{self.kind}', it has no tile section")
+        sec = self.file.read_span_on(*self.span, device, tensor=self.name)
+        table = sec[: self.grid.num_tiles * 8].cpu()
+        try:
+            offsets = C.table_offsets(table, sec.numel(), *self.grid.args)
+        except C.FormatError as e:
+            raise DeltaFormatError(f"{self._where()}: malformed delta section: {e}") from None
+        return sec, offsets.to(device)
 
     def tile_table(self) -> np.ndarray:
         """Per tile: n_exc, codec, low_bytes (the 8-byte entries of the section's table)."""
@@ -497,6 +517,21 @@ class DeltaFile:
             at = start + lo - offset
             dst[at:at + hi - lo] = np.frombuffer(chunk, dtype=np.uint8, count=hi - lo, offset=lo)
         return out
+
+    def read_span_on(self, offset: int, length: int, device, tensor=None) -> torch.Tensor:
+        """read_span, decompressed on a GPU by nvCOMP (gpu_decompress.py): the result lives on `device`."""
+        if length == 0:
+            return torch.empty(0, dtype=torch.uint8, device=device)
+        first = bisect.bisect_right(self._raw_starts, offset) - 1
+        last = bisect.bisect_right(self._raw_starts, offset + length - 1) - 1
+        frames, sizes = [], []
+        for i in range(first, last + 1):
+            off, n, raw_len, _ = (int(v) for v in self.chunks[i])
+            frames.append(self._mm[self._payload_off + off: self._payload_off + off + n])
+            sizes.append(raw_len)
+        raw = decompress_on_gpu(frames, sizes, device, where(self.path, tensor))
+        start = offset - int(self._raw_starts[first])
+        return raw[start:start + length].clone()  # its own allocation: aligned, and the rest is freed
 
     def compressed_share(self, name) -> float:
         """On-disk bytes attributable to a tensor: its share of every chunk its span touches."""
