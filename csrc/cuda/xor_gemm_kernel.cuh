@@ -1,0 +1,355 @@
+// The fused decode-XOR-GEMM's device code (see xor_gemm.cu for the design). Kept apart from the host side
+// so that tests/cpp/fused_kernel_test.cpp can compile this exact source for the CPU, under the emulation
+// of tests/cpp/cuda_emulation.h (XORGEMM_EMULATE: threads and barriers, deferred cp.async, warp MMA).
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+
+#include "codec/tile_codec.h"
+
+#if defined(XORGEMM_EMULATE)
+#define XG_DYNAMIC_SMEM(name) unsigned char* name = emulate::dynamic_smem()
+#define XG_GRID_CONSTANT
+#else
+#define XG_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define XG_GRID_CONSTANT __grid_constant__
+#endif
+
+namespace xorgemm {
+namespace cuda {
+namespace fused {
+
+using codec::TileEntry;
+
+constexpr int kMaxDeltas = 64;  // fine-tunes per launch (their pointers ride in the parameters)
+constexpr int kTile = 64;                    // delta tile = output block = reduction step
+constexpr int kStride = kTile + 8;           // shared-memory row in elements: 144 bytes, conflict-free
+constexpr int kThreads = 128;                // four warps
+constexpr int kStages = 3;                   // cp.async pipeline depth
+constexpr int kPayloadCap = kTile * kTile * 4;  // largest valid payload of a 16-bit tile: every word an exception
+constexpr int kTileSmem = kTile * kStride * 2;
+
+struct FusedArgs {
+  const uint16_t* a;   // activations [m, lda]: x (forward) or grad_y (backward)
+  int64_t lda;
+  const uint16_t* base;  // [n, k]
+  int64_t n, k, m;
+  const int64_t* perm;  // sorted row -> row of a; nullptr: identity
+  const int32_t* seg;   // [n_groups + 1] segment bounds over sorted rows; nullptr: all rows in only_group
+  int n_groups;         // 1 + number of deltas; group 0 is the plain base
+  int only_group;
+  bool staged;          // one fine-tune for every row: its payload rides the pipeline, patched in place
+  const uint8_t* sections[kMaxDeltas];
+  const int64_t* offsets[kMaxDeltas];
+  float* partial;  // [splits, m, out_cols]
+  int64_t out_cols;
+  int red_tiles, tiles_per_split;
+};
+
+__host__ __device__ constexpr int a_smem_bytes(int mt) { return 16 * mt * kStride * 2; }
+__host__ __device__ constexpr int stage_bytes(int mt, bool staged) {
+  return kTileSmem + a_smem_bytes(mt) + (staged ? kPayloadCap : 0);
+}
+__host__ __device__ constexpr int smem_bytes(int mt, bool staged) {
+  return kStages * stage_bytes(mt, staged) + (staged ? 0 : kTileSmem);  // + the patch copy when grouped
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  // src-size 0 zero-fills the 16 bytes: out-of-range rows and columns contribute nothing to the sums.
+#if defined(XORGEMM_EMULATE)
+  emulate::cp_async16(smem, gmem, valid);
+#else
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(XORGEMM_EMULATE)
+  emulate::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(XORGEMM_EMULATE)
+  emulate::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(XORGEMM_EMULATE)
+  emulate::mma16816(kBf16, c, a, b);
+#else
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ TileEntry load_entry(const uint8_t* section, int64_t t) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(section + t * sizeof(TileEntry));
+  TileEntry e;
+  e.n_exc = raw.x;
+  e.codec = (uint8_t)(raw.y & 0xff);
+  e.low_bytes = (uint8_t)((raw.y >> 8) & 0xff);
+  e.reserved = (uint16_t)(raw.y >> 16);
+  return e;
+}
+
+// Multiplies the BM activation rows [lo, hi) (CTA-local) of one segment by the 64x64 weight tile `w` held
+// in shared memory, accumulating into acc. kTrans: the tile's rows are the reduction (backward).
+template <bool kBf16, int MT, bool kTrans>
+__device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, int lo, int hi,
+                                         float (&acc)[MT][2][4]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kTile; kk += 16) {
+    uint32_t b[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int o = warp * 16 + nt * 8 + gid;  // output column within the block
+      if constexpr (!kTrans) {  // B[k][o] = W'[o][k]: two consecutive k of one weight row
+        const uint16_t* p = w + o * kStride + kk + tig * 2;
+        b[nt][0] = ld32(p);
+        b[nt][1] = ld32(p + 8);
+      } else {  // B[k][o] = W'[k][o]: two weight rows, one column
+        const int r = kk + tig * 2;
+        b[nt][0] = (uint32_t)w[r * kStride + o] | ((uint32_t)w[(r + 1) * kStride + o] << 16);
+        b[nt][1] = (uint32_t)w[(r + 8) * kStride + o] | ((uint32_t)w[(r + 9) * kStride + o] << 16);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (mt * 16 >= hi || mt * 16 + 16 <= lo) continue;  // slice outside the segment (warp-uniform)
+      const int r0 = mt * 16 + gid, r1 = r0 + 8;
+      const bool in0 = r0 >= lo && r0 < hi, in1 = r1 >= lo && r1 < hi;
+      const uint16_t* p0 = a + r0 * kStride + kk + tig * 2;
+      const uint16_t* p1 = a + r1 * kStride + kk + tig * 2;
+      const uint32_t af[4] = {in0 ? ld32(p0) : 0u, in1 ? ld32(p1) : 0u, in0 ? ld32(p0 + 8) : 0u,
+                              in1 ? ld32(p1 + 8) : 0u};
+      mma16816<kBf16>(acc[mt][0], af, b[0]);
+      mma16816<kBf16>(acc[mt][1], af, b[1]);
+    }
+  }
+}
+
+template <bool kBf16, int MT, bool kTrans>
+__global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GRID_CONSTANT FusedArgs args) {
+  constexpr int BM = 16 * MT;
+  XG_DYNAMIC_SMEM(smem);
+  __shared__ int seg_lo[kMaxDeltas + 1], seg_hi[kMaxDeltas + 1];
+  __shared__ int64_t a_row[BM];
+
+  const int tid = threadIdx.x;
+  const int64_t out_block = blockIdx.x;
+  const int kt0 = blockIdx.y * args.tiles_per_split;
+  const int kt1 = imin(args.red_tiles, kt0 + args.tiles_per_split);
+  const int64_t row0 = (int64_t)blockIdx.z * BM;  // first sorted row of this CTA
+  const int rows_here = (int)min64(BM, args.m - row0);
+  const int64_t grid_cols = (args.k + kTile - 1) / kTile;
+  const int64_t red_total = kTrans ? args.n : args.k;
+
+  const int sbytes = stage_bytes(MT, args.staged);
+  auto tile_of = [&](int s) { return reinterpret_cast<uint16_t*>(smem + s * sbytes); };
+  auto a_of = [&](int s) { return reinterpret_cast<uint16_t*>(smem + s * sbytes + kTileSmem); };
+  auto payload_of = [&](int s) { return smem + s * sbytes + kTileSmem + a_smem_bytes(MT); };
+  uint16_t* patch = reinterpret_cast<uint16_t*>(smem + kStages * sbytes);
+
+  // This CTA's share of each segment (CTA-local rows), and where its rows live in `a`.
+  for (int g = tid; g < args.n_groups; g += kThreads) {
+    int64_t lo = 0, hi = 0;
+    if (args.seg != nullptr) {
+      lo = args.seg[g] - row0;
+      hi = args.seg[g + 1] - row0;
+    } else if (g == args.only_group) {
+      hi = rows_here;
+    }
+    seg_lo[g] = (int)max64(lo, 0);
+    seg_hi[g] = (int)min64(hi, rows_here);
+  }
+  for (int r = tid; r < BM; r += kThreads)
+    a_row[r] = r < rows_here ? (args.perm != nullptr ? args.perm[row0 + r] : row0 + r) : -1;
+  __syncthreads();
+
+  // Tile coordinates of reduction step kt.
+  auto tile_rc = [&](int kt, int64_t& gr, int64_t& gc) {
+    gr = kTrans ? kt : out_block;
+    gc = kTrans ? out_block : kt;
+  };
+
+  auto issue = [&](int kt, int s) {
+    if (kt < kt1) {
+      int64_t gr, gc;
+      tile_rc(kt, gr, gc);
+      const int64_t n0 = gr * kTile, k0 = gc * kTile;
+      uint16_t* tile = tile_of(s);
+      for (int c = tid; c < kTile * 8; c += kThreads) {
+        const int r = c >> 3, col = (c & 7) * 8;
+        const bool ok = n0 + r < args.n && k0 + col < args.k;
+        cp_async16(tile + r * kStride + col, ok ? args.base + (n0 + r) * args.k + k0 + col : args.base, ok);
+      }
+      const int64_t red0 = kTrans ? n0 : k0;
+      uint16_t* a = a_of(s);
+      for (int c = tid; c < BM * 8; c += kThreads) {
+        const int r = c >> 3, col = (c & 7) * 8;
+        const bool ok = a_row[r] >= 0 && red0 + col < red_total;
+        cp_async16(a + r * kStride + col, ok ? args.a + a_row[r] * args.lda + red0 + col : args.a, ok);
+      }
+      if (args.staged) {
+        const int d = args.only_group - 1;
+        const int64_t t = gr * grid_cols + gc;
+        const TileEntry e = load_entry(args.sections[d], t);
+        if (e.codec != codec::kZero) {  // zero tiles: no payload loads at all
+          const uint32_t h = (uint32_t)min64(kTile, args.n - n0), w = (uint32_t)min64(kTile, args.k - k0);
+          const int chunks = (int)(codec::tile_payload_bytes(e, h * w, 2) / 16);
+          const uint8_t* src = args.sections[d] + args.offsets[d][t];
+          unsigned char* dst = payload_of(s);
+          for (int c = tid; c < chunks; c += kThreads) cp_async16(dst + c * 16, src + c * 16, true);
+        }
+      }
+    }
+    cp_async_commit();  // always, so wait_group counts stay uniform at the end of the range
+  };
+
+  float acc[MT][2][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(kt0 + s, s);
+
+  for (int kt = kt0; kt < kt1; ++kt) {
+    const int s = (kt - kt0) % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage s landed for every thread; everyone is done with the stage refilled next
+    issue(kt + kStages - 1, (kt - kt0 + kStages - 1) % kStages);
+
+    int64_t gr, gc;
+    tile_rc(kt, gr, gc);
+    const int64_t t = gr * grid_cols + gc;
+    const uint32_t h = (uint32_t)min64(kTile, args.n - gr * kTile);
+    const uint32_t w = (uint32_t)min64(kTile, args.k - gc * kTile);
+    uint16_t* tile = tile_of(s);
+    const uint16_t* a = a_of(s);
+    for (int g = 0; g < args.n_groups; ++g) {
+      const int lo = seg_lo[g], hi = seg_hi[g];
+      if (lo >= hi) continue;
+      const uint16_t* wtile = tile;
+      bool patched_copy = false;
+      if (g > 0) {
+        const int d = g - 1;
+        const TileEntry e = load_entry(args.sections[d], t);
+        if (e.codec != codec::kZero) {
+          uint16_t* dst = tile;
+          const uint8_t* payload = payload_of(s);
+          if (!args.staged) {  // other segments still need the plain base tile: patch a copy
+            const uint4* src4 = reinterpret_cast<const uint4*>(tile);
+            uint4* dst4 = reinterpret_cast<uint4*>(patch);
+            for (int i = tid; i < kTileSmem / 16; i += kThreads) dst4[i] = src4[i];
+            __syncthreads();
+            dst = patch;
+            payload = args.sections[d] + args.offsets[d][t];
+            patched_copy = true;
+          }
+          codec::xor_tile_low_strided<uint16_t>(payload, e, h * w, w, dst, kStride, tid, kThreads);
+          __syncthreads();
+          codec::xor_tile_exceptions_strided<uint16_t>(payload, e, h * w, w, dst, kStride, tid, kThreads);
+          __syncthreads();
+          wtile = dst;
+        }
+      }
+      mma_tile<kBf16, MT, kTrans>(a, wtile, lo, hi, acc);
+      if (patched_copy) __syncthreads();  // the next segment's copy overwrites the patch
+    }
+  }
+  cp_async_wait<0>();
+
+  // Partial sums of this split: rows in sorted order, outputs of this block.
+  const int lane = tid % 32, warp = tid / 32, gid = lane >> 2, tig = lane & 3;
+  float* part = args.partial + (int64_t)blockIdx.y * args.m * args.out_cols;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int64_t o = out_block * kTile + warp * 16 + nt * 8 + tig * 2;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mt * 16 + gid + half * 8;
+        if (r >= rows_here) continue;
+        float* dst = part + (row0 + r) * args.out_cols + o;
+        if (o < args.out_cols) dst[0] = acc[mt][nt][half * 2];
+        if (o + 1 < args.out_cols) dst[1] = acc[mt][nt][half * 2 + 1];
+      }
+    }
+}
+
+// out[perm[s], o] = sum over splits of partial[split, s, o] (fixed order) + bias, cast to the output type.
+template <typename T>
+__global__ void reduce_splits_kernel(const float* __restrict__ partial, int splits, int64_t m, int64_t out_cols,
+                                     const int64_t* __restrict__ perm, const T* __restrict__ bias,
+                                     int64_t bias_rows, const int64_t* __restrict__ row_delta, int only_group,
+                                     T* __restrict__ out) {
+  const int64_t total = m * out_cols;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t s = i / out_cols, o = i % out_cols;
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += partial[sp * total + i];
+    const int64_t row = perm != nullptr ? perm[s] : s;
+    if (bias != nullptr) {
+      const int64_t br = bias_rows == 1 ? 0 : (row_delta != nullptr ? row_delta[row] + 1 : only_group);
+      v += static_cast<float>(bias[br * out_cols + o]);
+    }
+    out[row * out_cols + o] = static_cast<T>(v);
+  }
+}
+
+// How a problem is cut into CTAs: rows per CTA (16 * mt), row chunks, and the split of the reduction.
+struct LaunchPlan {
+  int mt;
+  int64_t chunks, out_blocks;
+  int red_tiles, tiles_per_split, splits;
+};
+// Split the reduction until about four CTAs per SM are in flight, keeping >= 4 tiles per split so the
+// pipeline has something to overlap.
+inline LaunchPlan plan_launch(int64_t m, int64_t out_cols, int64_t red, int sms) {
+  LaunchPlan p;
+  p.mt = m <= 16 ? 1 : (m <= 32 ? 2 : 4);
+  p.chunks = (m + 16 * p.mt - 1) / (16 * p.mt);
+  p.out_blocks = (out_cols + kTile - 1) / kTile;
+  p.red_tiles = (int)((red + kTile - 1) / kTile);
+  const int64_t ctas = p.out_blocks * p.chunks;
+  const int64_t want = (4 * (int64_t)sms + ctas - 1) / ctas;
+  const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(want, std::max(1, p.red_tiles / 4)));
+  p.tiles_per_split = (int)((p.red_tiles + splits0 - 1) / splits0);
+  p.splits = (p.red_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  return p;
+}
+
+}  // namespace fused
+}  // namespace cuda
+}  // namespace xorgemm

@@ -1,0 +1,203 @@
+// The fused decode-XOR-GEMM kernel's exact source (csrc/cuda/xor_gemm_kernel.cuh), run on the CPU under
+// cuda_emulation.h, against a float64 reference: forward and backward, bf16 and fp16, every row-tile size,
+// ragged N and K, split-K, one staged fine-tune and a per-row mix of fine-tunes and base rows, biases.
+// Deltas flip sign and exponent bits too, so a wrongly decoded or skipped tile changes the result by far
+// more than the tolerance. Ends with "N passed, N failed".
+#include "cuda_emulation.h"
+// clang-format off: the emulation must come first
+#include "cuda/xor_gemm_kernel.cuh"
+// clang-format on
+
+#include <stdio.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+
+#include "format/delta_section.h"
+
+using namespace xorgemm;
+namespace fused = xorgemm::cuda::fused;
+
+static int passed = 0, failed = 0;
+
+static void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++passed;
+  } else {
+    ++failed;
+    fprintf(stderr, "FAILED: %s\n", what.c_str());
+  }
+}
+
+// 16-byte aligned byte buffer (sections are cp.async'ed in 16-byte units).
+struct Aligned {
+  std::vector<uint4> store;
+  size_t size = 0;
+  explicit Aligned(const std::vector<uint8_t>& bytes) : store((bytes.size() + 15) / 16), size(bytes.size()) {
+    memcpy(store.data(), bytes.data(), bytes.size());
+  }
+  const uint8_t* data() const { return reinterpret_cast<const uint8_t*>(store.data()); }
+};
+
+struct Case {
+  int64_t n, k, m;
+  bool bf16, trans;
+  int n_delta;     // fine-tunes
+  bool grouped;    // per-row ids (with base rows); else every row uses the single fine-tune
+  int bias_rows;   // 0: none, 1: [N], else [n_delta + 1, N] (forward only)
+  int sms;         // what plan_launch is told, to get split-K
+  int kind0;       // fine-tune d is of kind (kind0 + d) % 3
+  std::string what;
+};
+
+template <typename T>
+static void run(const Case& c) {
+  std::mt19937 rng(1234 + (uint32_t)(c.n * 7 + c.k * 3 + c.m));
+  std::normal_distribution<float> normal(0.f, 0.05f);
+  std::uniform_real_distribution<double> u(0, 1);
+  const auto to_bits = [&](float f) { return T(f).bits; };
+  const auto to_float = [&](uint16_t b) { T t; t.bits = b; return (float)t; };
+
+  const int64_t n = c.n, k = c.k, m = c.m;
+  std::vector<uint16_t> base(n * k);
+  for (auto& w : base) w = to_bits(normal(rng));
+  // Fine-tune d: kind (kind0 + d) % 3 = dense low-mantissa noise everywhere / 3% of elements with any bits flipped
+  // (sign and exponent included) / only the first tile row changed, densely (zero tiles elsewhere).
+  std::vector<std::vector<uint16_t>> weights{base};
+  std::vector<Aligned> sections;
+  std::vector<std::vector<int64_t>> offsets;
+  const format::TileGrid grid{(uint64_t)n, (uint64_t)k, 64, 64, 2};
+  for (int d = 0; d < c.n_delta; ++d) {
+    std::vector<uint16_t> ft = base;
+    for (int64_t i = 0; i < n * k; ++i) {
+      const int kind = (c.kind0 + d) % 3;
+      if (kind == 0) ft[i] ^= (uint16_t)(rng() & 0x7f);
+      if (kind == 1 && u(rng) < 0.03) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;  // keep finite: no exponent 255
+      if (kind == 2 && i / k < 64) ft[i] ^= (uint16_t)(rng() & 0x3ff);
+    }
+    const auto section = format::encode_section(reinterpret_cast<const uint8_t*>(base.data()),
+                                                reinterpret_cast<const uint8_t*>(ft.data()), grid);
+    const auto off = format::validate_section(section.data(), section.size(), grid);
+    sections.emplace_back(section);
+    offsets.emplace_back(off.begin(), off.end());
+    weights.push_back(ft);
+  }
+
+  const int64_t red = c.trans ? n : k, out_cols = c.trans ? k : n;
+  std::vector<uint16_t> a(m * red);
+  for (auto& v : a) v = to_bits(normal(rng) * 20);
+  std::vector<int64_t> ids(m, c.n_delta - 1);
+  if (c.grouped) {
+    // Ids -1 (base) to n_delta - 2 in runs of three, shuffled: the last fine-tune gets no rows.
+    for (int64_t i = 0; i < m; ++i) ids[i] = (int64_t)((i / 3) % c.n_delta) - 1;
+    std::shuffle(ids.begin(), ids.end(), rng);
+  }
+  std::vector<int64_t> perm(m);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return ids[x] < ids[y]; });
+  std::vector<int32_t> seg(c.n_delta + 2, 0);
+  for (int64_t i = 0; i < m; ++i) ++seg[ids[i] + 2];
+  for (int g = 1; g < (int)seg.size(); ++g) seg[g] += seg[g - 1];
+
+  std::vector<uint16_t> bias;
+  if (c.bias_rows) {
+    bias.resize((size_t)c.bias_rows * out_cols);
+    for (auto& v : bias) v = to_bits(normal(rng) * 10);
+  }
+
+  const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
+  fused::FusedArgs args{};
+  args.a = a.data();
+  args.lda = red;
+  args.base = base.data();
+  args.n = n;
+  args.k = k;
+  args.m = m;
+  args.n_groups = c.n_delta + 1;
+  for (int d = 0; d < c.n_delta; ++d) {
+    args.sections[d] = sections[d].data();
+    args.offsets[d] = offsets[d].data();
+  }
+  if (c.grouped) {
+    args.perm = perm.data();
+    args.seg = seg.data();
+    args.only_group = -1;
+  } else {
+    args.only_group = c.n_delta;
+    args.staged = c.n_delta == 1;
+  }
+  std::vector<float> partial((size_t)plan.splits * m * out_cols, NAN);
+  args.partial = partial.data();
+  args.out_cols = out_cols;
+  args.red_tiles = plan.red_tiles;
+  args.tiles_per_split = plan.tiles_per_split;
+
+  const dim3 grid3{(unsigned)plan.out_blocks, (unsigned)plan.splits, (unsigned)plan.chunks};
+  constexpr bool kBf16 = std::is_same_v<T, emulate::bf16>;
+  const auto go = [&](auto kernel) { emulate::launch(grid3, [&] { kernel(args); }); };
+  switch (plan.mt * 2 + c.trans) {
+    case 2: go(fused::fused_xor_gemm_kernel<kBf16, 1, false>); break;
+    case 3: go(fused::fused_xor_gemm_kernel<kBf16, 1, true>); break;
+    case 4: go(fused::fused_xor_gemm_kernel<kBf16, 2, false>); break;
+    case 5: go(fused::fused_xor_gemm_kernel<kBf16, 2, true>); break;
+    case 8: go(fused::fused_xor_gemm_kernel<kBf16, 4, false>); break;
+    default: go(fused::fused_xor_gemm_kernel<kBf16, 4, true>); break;
+  }
+  std::vector<T> out(m * out_cols);
+  for (auto& v : out) v.bits = 0xffff;  // NaN: every element must be written
+  emulate::launch_serial([&] {
+    fused::reduce_splits_kernel<T>(partial.data(), plan.splits, m, out_cols, c.grouped ? perm.data() : nullptr,
+                                   c.bias_rows ? reinterpret_cast<const T*>(bias.data()) : nullptr, c.bias_rows,
+                                   c.grouped ? ids.data() : nullptr, args.only_group, out.data());
+  });
+
+  // float64 reference on the fine-tuned weights, row by row.
+  double err2 = 0, ref2 = 0;
+  bool finite = true;
+  for (int64_t i = 0; i < m; ++i) {
+    const std::vector<uint16_t>& w = weights[ids[i] + 1];
+    for (int64_t o = 0; o < out_cols; ++o) {
+      double want = 0;
+      for (int64_t r = 0; r < red; ++r)
+        want += (double)to_float(a[i * red + r]) * to_float(c.trans ? w[r * k + o] : w[o * k + r]);
+      if (c.bias_rows) want += to_float(bias[(c.bias_rows == 1 ? 0 : ids[i] + 1) * out_cols + o]);
+      const double got = (float)out[i * out_cols + o];
+      finite = finite && std::isfinite(got);
+      err2 += (got - want) * (got - want);
+      ref2 += want * want;
+    }
+  }
+  const double rel = std::sqrt(err2 / ref2);
+  char buf[64];
+  snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d)", rel, plan.mt, plan.splits);
+  check(finite && rel < 8e-3, c.what + buf);
+}
+
+int main() {
+  const std::vector<Case> cases = {
+      {136, 200, 5, true, false, 1, false, 1, 132, 0, "forward, bf16, staged byteplane delta, ragged N and K, M=5"},
+      {136, 200, 5, true, false, 1, false, 0, 132, 1, "forward, bf16, staged sparse delta (exceptions)"},
+      {136, 200, 5, false, false, 1, false, 1, 132, 2, "forward, fp16, staged delta with zero tiles"},
+      {128, 520, 20, true, false, 1, false, 1, 4, 1, "forward, bf16, split-K, M=20 (two 16-row slices)"},
+      {200, 264, 50, true, false, 1, false, 0, 132, 2, "forward, bf16, M=50 (four slices)"},
+      {72, 136, 100, false, false, 1, false, 1, 132, 0, "forward, fp16, M=100 (two row chunks)"},
+      {136, 200, 37, true, false, 3, true, 4, 132, 0, "forward, bf16, three fine-tunes + base rows, per-row bias"},
+      {200, 584, 12, true, false, 4, true, 1, 4, 1, "forward, bf16, four fine-tunes (one without rows), split-K"},
+      {136, 200, 9, true, true, 1, false, 0, 132, 1, "backward, bf16, staged sparse delta"},
+      {520, 136, 20, false, true, 1, false, 0, 4, 0, "backward, fp16, split-K"},
+      {200, 136, 45, true, true, 3, true, 0, 132, 2, "backward, bf16, three fine-tunes + base rows"},
+      {64, 64, 4, true, false, 2, true, 1, 132, 1, "forward, bf16, one tile, grouped"},
+  };
+  for (const Case& c : cases) {
+    if (c.bf16) {
+      run<emulate::bf16>(c);
+    } else {
+      run<emulate::fp16>(c);
+    }
+  }
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
