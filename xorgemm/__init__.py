@@ -13,12 +13,22 @@ from xorgemm.delta import PackReport, VerifyReport, pack, save_state_dict, unpac
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, XorgemmError
 from xorgemm.format import DeltaFile, DeltaTensor, load_delta
 from xorgemm.nn import XorLinear
-from xorgemm.patch import PatchReport, patch_model, select, use
+from xorgemm.patch import (
+    MemoryReport,
+    PatchReport,
+    add_finetune,
+    memory_report,
+    patch_model,
+    remove_finetune,
+    select,
+    use,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "pack", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor", "PackReport",
     "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear",
-    "patch_model", "use", "select", "PatchReport",
+    "patch_model", "use", "select", "PatchReport", "add_finetune", "remove_finetune", "memory_report",
+    "MemoryReport",
 ]

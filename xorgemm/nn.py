@@ -162,6 +162,27 @@ class XorLinear(nn.Module):
             fb = bias.apply(None if self.bias is None else self.bias.detach().cpu())
         self._add_slot(name, section, offsets, fb)
 
+    def add_unchanged(self, name: str, bias: torch.Tensor | None = None):
+        """Adds fine-tune `name` that leaves this weight as the base (an all-zero delta: a tile table, no
+        payload), optionally with its own bias."""
+        self._check_name(name)
+        self._add_slot(name, None, None, bias)
+
+    def remove_delta(self, name: str):
+        """Drops fine-tune `name` and frees its resident delta; the base is untouched. Per-row ids index
+        `finetunes`, so the fine-tunes after it move down by one."""
+        if name not in self.deltas:
+            raise InputError(f"unknown fine-tune {name!r}; this XorLinear has {self.finetunes}")
+        del self.deltas[name]
+        self.finetunes.remove(name)
+        if self.active == name:
+            self.active = None
+
+    def resident_bytes(self, name: str) -> int:
+        """Bytes fine-tune `name` keeps resident here: its delta section, tile offsets and bias."""
+        slot = self.deltas[name]
+        return sum(t.numel() * t.element_size() for t in (slot.section, slot.offsets, slot.bias) if t is not None)
+
     def _add_slot(self, name, section, offsets, bias):
         dev = self.base_weight.device
         if bias is not None:
@@ -224,18 +245,33 @@ class XorLinear(nn.Module):
     # --- forward
 
     def _row_ids(self, finetune, x) -> torch.Tensor | None:
-        """Per-row fine-tune indices into `finetunes` (int64, -1 = base) for x's rows; None unless given ids."""
-        if isinstance(finetune, torch.Tensor):
-            ids = finetune.to(device=x.device, dtype=torch.long)
-            lead = x.shape[:-1]
-            if ids.shape != lead[: ids.dim()]:
-                raise InputError(f"fine-tune ids of shape {tuple(ids.shape)} do not prefix the input's rows "
-                                 f"{tuple(lead)}")
-            if ids.numel() and (ids.min() < -1 or ids.max() >= len(self.finetunes)):
-                raise InputError(f"fine-tune ids must be in -1..{len(self.finetunes) - 1} (-1 is the base), got "
-                                 f"{ids.min().item()}..{ids.max().item()}")
-            return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead).reshape(-1)
-        return None
+        """Per-row fine-tune indices into `finetunes` (int64, -1 = base) for x's rows; None unless given ids.
+        Ids on the CPU are range-checked there and copied once per ids tensor; ids already on the GPU are
+        checked on the GPU without waiting for it (a bad id trips a device-side assert, which is fatal to
+        the CUDA context: pass CPU ids to get a Python error instead)."""
+        if not isinstance(finetune, torch.Tensor):
+            return None
+        lead = x.shape[:-1]
+        if finetune.shape != lead[: finetune.dim()]:
+            raise InputError(f"fine-tune ids of shape {tuple(finetune.shape)} do not prefix the input's rows "
+                             f"{tuple(lead)}")
+        n = len(self.finetunes)
+        if finetune.device == x.device and finetune.device.type != "cpu":
+            ids = finetune.to(torch.long)
+            if ids.numel():
+                torch._assert_async(((ids >= -1) & (ids < n)).all(), "xorgemm: fine-tune ids out of range")
+        else:
+            cached = getattr(self, "_ids_cache", None)
+            key = (finetune, finetune._version, x.device, n)
+            if cached is not None and cached[0][0] is finetune and cached[0][1:] == key[1:]:
+                ids = cached[1]
+            else:
+                if finetune.numel() and (finetune.min() < -1 or finetune.max() >= n):
+                    raise InputError(f"fine-tune ids must be in -1..{n - 1} (-1 is the base), got "
+                                     f"{finetune.min().item()}..{finetune.max().item()}")
+                ids = finetune.to(device=x.device, dtype=torch.long)
+                self._ids_cache = (key, ids)
+        return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead).reshape(-1)
 
     def forward(self, x: torch.Tensor, finetune: str | torch.Tensor | None = None) -> torch.Tensor:
         if finetune is None:

@@ -57,6 +57,24 @@ class _Overrides:
     def value(self, tensor_name, finetune):
         return self.tuned[tensor_name].get(finetune, self.base[tensor_name])
 
+    def pop(self, tensor_name, finetune):
+        """Removes and returns one fine-tune's copy of a tensor (None if it has none)."""
+        value = self.tuned.get(tensor_name, {}).pop(finetune, None)
+        if tensor_name in self.tuned and not self.tuned[tensor_name]:
+            del self.tuned[tensor_name], self.base[tensor_name]
+        return value
+
+    def drop(self, finetune):
+        for tensor_name in list(self.tuned):
+            self.pop(tensor_name, finetune)
+
+    def bytes_per_finetune(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for values in self.tuned.values():
+            for f, v in values.items():
+                out[f] = out.get(f, 0) + v.numel() * v.element_size()
+        return out
+
 
 def _tensor_ref(model: nn.Module, name: str) -> torch.Tensor:
     owner, _, attr = name.rpartition(".")
@@ -67,70 +85,221 @@ def _tensor_ref(model: nn.Module, name: str) -> torch.Tensor:
     return t
 
 
+def _init(model: nn.Module):
+    if not hasattr(model, "xorgemm_finetunes"):
+        model.xorgemm_finetunes = []
+        model.xorgemm_overrides = _Overrides()
+        model.xorgemm_report = PatchReport([])
+        model.xorgemm_keep_dense = set()  # nn.Linear modules a fine-tune stores whole: served densely
+        model.xorgemm_active = None
+
+
+def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors by their original names: an XorLinear's base weight is its `<name>.weight`, its
+    resident deltas are not base tensors. Call with the base selected (dense copies put back)."""
+    state = dict(model.state_dict(keep_vars=True))
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, XorLinear):
+            prefix = f"{mod_name}." if mod_name else ""
+            for k in [k for k in state if k.startswith(prefix + "deltas.") or k == prefix + "base_weight"]:
+                del state[k]
+            state[prefix + "weight"] = mod.base_weight
+    return state
+
+
+def _check_bases(model: nn.Module, d: DeltaFile, state: dict):
+    """Refuses a delta made for another base before anything is touched: every tensor it derives from the
+    base must be the model's own, by shape, dtype and content hash."""
+    for tname, t in d.tensors.items():
+        if t.kind == "whole":
+            if tname not in state:
+                raise InputError(f"{d.path}: tensor '{tname}' is new in the fine-tune; the model has nowhere to put it")
+            continue
+        if tname not in state:
+            raise BaseMismatchError(f"{d.path}: tensor '{tname}': the model has no such tensor; this delta was made "
+                                    "for another model")
+        t.check_base(state[tname].detach().cpu())
+
+
 def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Module:
     """Patches `model` (in place) to serve the fine-tunes in `deltas` ({name: path or DeltaFile}, or one path,
-    named "finetune"). Returns the model; `model.xorgemm_report` says what was replaced."""
+    named "finetune"). Returns the model; `model.xorgemm_report` says what was replaced. With `device`, the
+    model moves there first, so the resident deltas are made on it (on a GPU, nvCOMP decompresses them
+    there). More fine-tunes can be added and removed later: `add_finetune`, `remove_finetune`."""
     if isinstance(deltas, (str, Path, DeltaFile)):
         deltas = {"finetune": deltas}
     files = {name: d if isinstance(d, DeltaFile) else load_delta(d) for name, d in deltas.items()}
-    names = list(files)
-    if device is not None:  # first, so resident deltas are made on the device (nvCOMP decompresses on a GPU)
+    if device is not None:
         model.to(device)
-    state = dict(model.state_dict(keep_vars=True))
-    # Refuse deltas for another base before touching anything: every tensor a delta derives from the base
-    # must be the model's own, by shape, dtype and content hash.
-    for d in files.values():
-        for tname, t in d.tensors.items():
-            if t.kind == "whole":
-                if tname not in state:
-                    raise InputError(f"{d.path}: tensor '{tname}' is new in the fine-tune; the model has nowhere "
-                                     "to put it")
-                continue
-            if tname not in state:
-                raise BaseMismatchError(f"{d.path}: tensor '{tname}': the model has no such tensor; this delta was "
-                                        "made for another model")
-            t.check_base(state[tname].detach().cpu())
-    report = PatchReport(names)
-    overrides = _Overrides()
-    covered = set()
-    for mod_name, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear:
-            if isinstance(mod, nn.Linear):
-                report.skipped[mod_name] = f"{type(mod).__name__} is used by its parent directly, not called"
-            continue
+    _init(model)
+    select(model, None)
+    state = _base_state(model)
+    for d in files.values():  # every base checked before anything is touched
+        _check_bases(model, d, state)
+    # A Linear some fine-tune stores whole (reshaped) stays nn.Linear, served by dense copies for all.
+    for mod_name, mod in model.named_modules():
         wname = f"{mod_name}.weight" if mod_name else "weight"
-        bname = f"{mod_name}.bias" if mod_name else "bias"
-        kinds = [files[f].tensors[wname].kind for f in names if wname in files[f].tensors]
-        if not any(k == "xor" for k in kinds):
-            continue
-        if "whole" in kinds:
-            report.skipped[mod_name] = "a fine-tune stores its weight whole (reshaped)"
-            continue
-        layer = XorLinear(mod.weight, mod.bias, tile=next(files[f].tensors[wname].tile for f in names
-                                                           if wname in files[f].tensors
-                                                           and files[f].tensors[wname].kind == "xor"))
-        for f in names:
-            d = files[f]
-            if wname in d.tensors:
-                # The base was checked by hash for every tensor above: no second pass over it here.
-                layer.add_delta_from_file(f, d.tensors[wname], d.tensors.get(bname), check_base=False)
-            else:  # this fine-tune does not list the tensor: it keeps the base
-                layer.add_delta(f, mod.weight.detach(), None)
-        _set_submodule(model, mod_name, layer)
-        report.replaced.append(mod_name)
-        covered.update({wname, bname})
-    for f in names:
-        for tname, t in files[f].tensors.items():
-            if tname in covered or t.kind == "same":
-                continue
-            ref = state[tname]
-            overrides.add(tname, f, ref, t.apply(None if t.kind == "whole" else ref.detach().cpu()).to(ref.device))
-            report.dense.setdefault(tname, []).append(f)
-    model.xorgemm_finetunes = names
-    model.xorgemm_overrides = overrides
-    model.xorgemm_report = report
+        if type(mod) is nn.Linear and any(wname in d.tensors and d.tensors[wname].kind == "whole"
+                                          for d in files.values()):
+            model.xorgemm_keep_dense.add(mod_name)
+            model.xorgemm_report.skipped[mod_name] = "a fine-tune stores its weight whole (reshaped)"
+    for name, d in files.items():
+        add_finetune(model, name, d, check_base=False, _select=False)
     select(model, active)
     return model
+
+
+def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True, _select: bool = True) -> nn.Module:
+    """Adds fine-tune `name` (a delta path or DeltaFile) to a model, patched already or not, at run time: its
+    delta tiles become resident beside the others on the model's device; the base is never touched. An
+    nn.Linear it changes first becomes an XorLinear (the fine-tunes already there keep its base weight)."""
+    d = delta if isinstance(delta, DeltaFile) else load_delta(delta)
+    _init(model)
+    names = model.xorgemm_finetunes
+    if not isinstance(name, str) or not name:
+        raise InputError(f"fine-tune name {name!r} must be a non-empty string")
+    if name in names:
+        raise InputError(f"fine-tune {name!r} is already served by this model; remove_finetune it first")
+    previous = model.xorgemm_active if _select else None
+    if _select:
+        select(model, None)  # base values in place before layers are built from the model's tensors
+    if check_base:
+        _check_bases(model, d, _base_state(model))
+    ov, report = model.xorgemm_overrides, model.xorgemm_report
+    covered = set()
+    for mod_name, mod in list(model.named_modules()):
+        wname = f"{mod_name}.weight" if mod_name else "weight"
+        bname = f"{mod_name}.bias" if mod_name else "bias"
+        t = d.tensors.get(wname)
+        if isinstance(mod, XorLinear):
+            if t is None:
+                bias = d.tensors.get(bname)
+                mod.add_unchanged(name, None if bias is None or bias.kind == "same" else
+                                  bias.apply(None if mod.bias is None else mod.bias.detach().cpu()))
+            elif t.kind == "whole":
+                raise InputError(f"{d.path}: tensor '{wname}' is stored whole ({t.reason}), but {mod_name} is already "
+                                 "served by an XorLinear; such a fine-tune can only be patched in with the others")
+            else:
+                mod.add_delta_from_file(name, t, d.tensors.get(bname), check_base=False)
+            covered.update({wname, bname})
+        elif type(mod) is nn.Linear:
+            if t is None or t.kind != "xor" or mod_name in model.xorgemm_keep_dense:
+                continue
+            layer = XorLinear(mod.weight, mod.bias, tile=t.tile)
+            for prev in names:  # they leave this weight alone; a bias they changed moves into the layer
+                layer.add_unchanged(prev, ov.pop(bname, prev))
+            report.dense.pop(bname, None)
+            layer.add_delta_from_file(name, t, d.tensors.get(bname), check_base=False)
+            _set_submodule(model, mod_name, layer)
+            report.replaced.append(mod_name)
+            covered.update({wname, bname})
+        elif isinstance(mod, nn.Linear) and t is not None and t.kind == "xor":
+            report.skipped[mod_name] = f"{type(mod).__name__} is used by its parent directly, not called"
+    state = _base_state(model)
+    for tname, t in d.tensors.items():
+        if tname in covered or t.kind == "same":
+            continue
+        ref = state[tname]
+        ov.add(tname, name, ref, t.apply(None if t.kind == "whole" else ref.detach().cpu()).to(ref.device))
+        report.dense.setdefault(tname, []).append(name)
+    names.append(name)
+    report.finetunes = list(names)
+    if _select:
+        select(model, previous)
+    return model
+
+
+def remove_finetune(model: nn.Module, name: str) -> nn.Module:
+    """Drops fine-tune `name` from a patched model and frees what it kept resident; the base and the other
+    fine-tunes are untouched. Per-row ids index `model.xorgemm_finetunes`: later ones move down by one."""
+    names = getattr(model, "xorgemm_finetunes", None)
+    if names is None:
+        raise InputError("this model was not patched by xorgemm.patch_model")
+    if name not in names:
+        raise InputError(f"unknown fine-tune {name!r}; this model has {names}")
+    previous = model.xorgemm_active
+    select(model, None)
+    for mod in model.modules():
+        if isinstance(mod, XorLinear) and name in mod.deltas:
+            mod.remove_delta(name)
+    model.xorgemm_overrides.drop(name)
+    report = model.xorgemm_report
+    for tname in list(report.dense):
+        report.dense[tname] = [f for f in report.dense[tname] if f != name]
+        if not report.dense[tname]:
+            del report.dense[tname]
+    names.remove(name)
+    report.finetunes = list(names)
+    select(model, previous if isinstance(previous, str) and previous != name else None)
+    return model
+
+
+@dataclass
+class MemoryReport:
+    """What a patched model keeps resident, per fine-tune, and how many more of that size would fit."""
+
+    device: str
+    base_bytes: int
+    finetune_bytes: dict[str, int]
+    free_bytes: int | None  # free memory on the device now (None if unknown)
+
+    @property
+    def mean_finetune_bytes(self) -> float:
+        return sum(self.finetune_bytes.values()) / max(1, len(self.finetune_bytes))
+
+    @property
+    def more_that_fit(self) -> int | None:
+        """Fine-tunes of the current mean size that fit in the free memory (None if unknown or no fine-tune)."""
+        if self.free_bytes is None or not self.finetune_bytes or self.mean_finetune_bytes == 0:
+            return None
+        return int(self.free_bytes // self.mean_finetune_bytes)
+
+    def __str__(self):
+        lines = [f"base model: {self.base_bytes:,} B on {self.device}"]
+        for n, b in self.finetune_bytes.items():
+            lines.append(f"  {n}: {b:,} B resident ({100 * b / max(1, self.base_bytes):.2f}% of the base)")
+        if self.free_bytes is not None:
+            more = self.more_that_fit
+            lines.append(f"free on {self.device}: {self.free_bytes:,} B"
+                         + (f", room for about {more:,} more fine-tunes of the mean size" if more is not None else ""))
+        return "\n".join(lines)
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Bytes each fine-tune keeps resident in a patched model (delta sections, tile offsets, biases, dense
+    copies of other changed tensors), the base's bytes, and the device's free memory."""
+    names = getattr(model, "xorgemm_finetunes", None)
+    if names is None:
+        raise InputError("this model was not patched by xorgemm.patch_model")
+    per = dict.fromkeys(names, 0)
+    seen = set()  # tensors already counted: the deltas' here, shared base tensors once
+    for mod in model.modules():
+        if isinstance(mod, XorLinear):
+            for n in mod.finetunes:
+                per[n] += mod.resident_bytes(n)
+                seen.update(id(t) for t in mod.deltas[n].buffers())
+    base_bytes = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            base_bytes += t.numel() * t.element_size()
+    for n, b in model.xorgemm_overrides.bytes_per_finetune().items():
+        per[n] += b
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    return MemoryReport(str(device), base_bytes, per, _free_bytes(device))
 
 
 def _set_submodule(model, name, new):
