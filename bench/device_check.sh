@@ -35,8 +35,9 @@ fi
 python3 -c "import xorgemm._native as n; assert n.CUDA is not None, 'no _C_cuda'" || exit 1
 
 step "CUDA and CPU-reference tests"
-python3 -m pytest -q -p no:cacheprovider -x --durations=5 tests/test_cuda.py tests/test_cuda_xor_linear.py \
-  tests/test_xor_linear.py tests/test_codec.py tests/test_resident.py > "$OUT/pytest.log" 2>&1 || status=1
+python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py tests/test_cuda_xor_linear.py \
+  tests/test_cuda_grouped.py tests/test_xor_linear.py tests/test_codec.py tests/test_resident.py \
+  > "$OUT/pytest.log" 2>&1 || status=1
 grep -E "passed|failed|Error" "$OUT/pytest.log" | tail -n 8
 
 step "compute-sanitizer memcheck, small case"
@@ -45,10 +46,15 @@ compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:
   > "$OUT/memcheck.log" 2>&1 || status=1
 tail -n 5 "$OUT/memcheck.log"
 
-step "benchmarks"
+step "benchmark: one fine-tune"
 python3 bench/gemm.py --device cuda --shapes 4096x4096 14336x4096 --m 1 16 256 2048 --dtypes bf16 \
   --kinds sparse dense --out "$OUT/gemm_cuda" > "$OUT/bench.log" 2>&1 || status=1
 tail -n 20 "$OUT/bench.log"
+
+step "benchmark: many fine-tunes per batch"
+python3 bench/gemm.py --device cuda --multi --shapes 4096x4096 14336x4096 --d 16 --dists distinct zipf skewed \
+  --multi-kinds small seed --model --out "$OUT/gemm_multi_cuda" > "$OUT/bench_multi.log" 2>&1 || status=1
+tail -n 30 "$OUT/bench_multi.log"
 
 step "done (status $status)"
 exit $status

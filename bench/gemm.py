@@ -10,7 +10,8 @@ and checks xorgemm against F.linear in float64 (normwise relative error: fp32 < 
     python bench/gemm.py                         # CPU defaults (smaller shapes)
     python bench/gemm.py --device cuda           # Llama-class shapes on a GPU
     python bench/gemm.py --shapes 4096x4096 --m 256 --dtypes fp32 --kinds sparse --plot
-Writes bench/results/gemm_<device>.json and .md (and .png with --plot).
+    python bench/gemm.py --device cuda --multi [--model]   # many fine-tunes per batch (bench/gemm_multi.py)
+Writes bench/results/gemm_<device>.json and .md (and .png with --plot); --multi writes gemm_multi_cuda.*.
 """
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gemm_multi import KINDS_MULTI, bench_model, bench_multi, markdown_multi  # noqa: E402
 
 import xorgemm  # noqa: E402
 from xorgemm import XorLinear  # noqa: E402
 from xorgemm.format.gpu_decompress import nvcomp_available  # noqa: E402
-from xorgemm.testing import perturb  # noqa: E402
+from xorgemm.testing import ROW_DISTRIBUTIONS, perturb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
@@ -89,9 +93,9 @@ def rel_err(got, want) -> float:
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def copy_bandwidth(timer) -> float:
-    """Device-to-device copy bandwidth in GB/s, bytes read plus written, on a 1 GiB buffer."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(timer, device="cuda") -> float:
+    """Copy bandwidth in GB/s (device to device on a GPU), bytes read plus written, on a 1 GiB buffer."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     ms = timer(lambda i: b.copy_(a))
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
@@ -279,6 +283,37 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def main_multi(a, argv):
+    """--multi: the grouped kernel on a GPU. On the CPU (--device cpu) it only dry-runs the same code on the
+    CPU op, for checking the script; its numbers say nothing about the GPU kernel."""
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
+    timer = Timer(a.device, a.reps or 30, 5)
+    copy_gbs = copy_bandwidth(timer, a.device)
+    gpu = a.device == "cuda"
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if gpu else "CPU (dry run)", "cuda": torch.version.cuda,
+            "driver": driver_version() if gpu else "n/a", "copy_gbs": copy_gbs,
+            "command": "python bench/gemm.py" + "".join(f" {v}" for v in argv)}
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (a.shapes or ["4096x4096", "14336x4096"])]
+    dtype = (a.dtypes or ["bf16"])[0]
+    ms_of = (lambda d: a.m) if a.m else (lambda d: sorted({d, 4 * d, 256}))
+    rows = bench_multi(shapes, a.d, a.dists, a.multi_kinds, dtype, DTYPES, timer, rotation if gpu else (lambda b: 1),
+                       copy_gbs, ms_of, a.device)
+    model_rows = (bench_model(16, 8, 2048 if gpu else 256, [0.0, 0.5, 0.75, 1.0], DTYPES[dtype], timer, 16, a.device)
+                  if a.model else [])
+    table = markdown_multi(rows, model_rows, meta)
+    print(table)
+    out = Path(a.out or ROOT / "bench" / "results" / f"gemm_multi_{a.device}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "model_rows": model_rows},
+                                                   indent=2) + "\n")
+    out.with_suffix(".md").write_text(f"# xorgemm multi-fine-tune benchmark ({a.device})\n\n{table}")
+    bad = [r for r in rows if not r["correct"]]
+    if bad:
+        raise SystemExit(f"{len(bad)} rows failed the correctness check")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -291,7 +326,16 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/gemm_<device>)")
     p.add_argument("--plot", action="store_true", help="also write a PNG (matplotlib)")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's CPU summary table")
+    p.add_argument("--multi", action="store_true", help="many fine-tunes per batch (GPU): see bench/gemm_multi.py")
+    p.add_argument("--d", type=int, nargs="+", default=[1, 4, 16, 64], help="--multi: fine-tunes per batch")
+    p.add_argument("--dists", nargs="+", choices=ROW_DISTRIBUTIONS, default=list(ROW_DISTRIBUTIONS),
+                   help="--multi: how rows spread over fine-tunes")
+    p.add_argument("--multi-kinds", nargs="+", choices=KINDS_MULTI, default=["small", "dense"],
+                   help="--multi: delta kinds")
+    p.add_argument("--model", action="store_true", help="--multi: also the model-level run over frozen shares")
     a = p.parse_args(argv)
+    if a.multi:
+        return main_multi(a, argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")
     d = DEFAULTS[a.device]

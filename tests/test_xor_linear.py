@@ -9,7 +9,7 @@ from xorgemm import XorLinear
 from xorgemm._native import C
 from xorgemm.format.layout import grid_of, tensor_bytes
 from xorgemm.ops import xor_linear
-from xorgemm.testing import DELTA_KINDS, perturb
+from xorgemm.testing import DELTA_KINDS, ROW_DISTRIBUTIONS, perturb, row_finetunes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Normwise relative error bounds against float64: fp32 as the issue asks; fp16/bf16 within their rounding
@@ -129,6 +129,39 @@ def test_groups_with_no_rows_and_all_rows_on_one():
     assert torch.allclose(all_b, layer(x, finetune="b"), atol=1e-6)
     assert torch.allclose(all_b, F.linear(x, layer.materialize("b")), atol=1e-5)
     assert torch.allclose(layer(x, finetune=torch.full((6,), -1)), F.linear(x, base), atol=1e-5)
+
+
+@pytest.mark.parametrize("dist", ROW_DISTRIBUTIONS)
+@pytest.mark.parametrize("d", [1, 4, 16])
+def test_row_distributions_match_per_finetune_references(dist, d):
+    """The CPU op (the GPU kernels' reference) on the multi-tenant benchmark's row distributions."""
+    g = torch.Generator().manual_seed(d)
+    base = torch.randn(96, 80, generator=g)
+    layer = XorLinear(base)
+    fts = [perturb(base, DELTA_KINDS[i % 4], seed=i, magnitude=1e-2) for i in range(d)]
+    for i, f in enumerate(fts):
+        layer.add_delta(f"f{i}", f)
+    for m in (d, 4 * d):
+        ids = row_finetunes(dist, m, d, seed=m)
+        x = torch.randn(m, 80, generator=g)
+        y = layer(x, finetune=ids)
+        for f in range(d):
+            rows = (ids == f).nonzero().reshape(-1)
+            if len(rows):
+                assert rel_err(y[rows], x[rows].double() @ fts[f].double().T) < 1e-5
+
+
+def test_row_distributions_are_what_they_say():
+    assert row_finetunes("distinct", 16, 16).tolist() == list(range(16))
+    assert set(row_finetunes("identical", 9, 4).tolist()) == {3}
+    skewed = row_finetunes("skewed", 1000, 16)
+    assert (skewed == 0).float().mean() > 0.85
+    zipf = row_finetunes("zipf", 2000, 16).bincount(minlength=16)
+    assert zipf[0] > zipf[1] > zipf[4] and zipf.sum() == 2000
+    u = row_finetunes("uniform", 1600, 16).bincount(minlength=16)
+    assert u.min() > 50
+    with pytest.raises(ValueError, match="unknown row distribution"):
+        row_finetunes("bursty", 4, 2)
 
 
 def test_materialize_and_introspection():

@@ -15,6 +15,28 @@ import torch
 import torch.nn as nn
 
 DELTA_KINDS = ("sparse", "structured", "partial", "dense")
+ROW_DISTRIBUTIONS = ("distinct", "uniform", "zipf", "skewed", "identical")
+
+
+def row_finetunes(dist: str, m: int, d: int, *, seed: int = 0) -> torch.Tensor:
+    """Fine-tune ids (int64, 0..d-1) for a batch of m rows over d fine-tunes, spread as the multi-tenant
+    benchmark spreads them: distinct (row i on fine-tune i % d: one row each when m == d), uniform,
+    zipf (P(f) ~ 1/(f+1)^1.5, Punica's skew), skewed (90% of rows on fine-tune 0) or identical (every row
+    on the last fine-tune)."""
+    g = torch.Generator().manual_seed(seed)
+    if dist == "distinct":
+        return torch.arange(m) % d
+    if dist == "uniform":
+        return torch.randint(0, d, (m,), generator=g)
+    if dist == "zipf":
+        p = 1.0 / torch.arange(1, d + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(p / p.sum(), m, replacement=True, generator=g)
+    if dist == "skewed":
+        other = torch.randint(0, d, (m,), generator=g)
+        return torch.where(torch.rand(m, generator=g) < 0.9, torch.zeros_like(other), other)
+    if dist == "identical":
+        return torch.full((m,), d - 1, dtype=torch.long)
+    raise ValueError(f"unknown row distribution {dist!r}; one of {ROW_DISTRIBUTIONS}")
 
 
 def perturb(t: torch.Tensor, kind: str = "sparse", *, frac: float = 0.03, magnitude: float = 1e-2,

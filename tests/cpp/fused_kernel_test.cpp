@@ -51,7 +51,28 @@ struct Case {
   int sms;         // what plan_launch is told, to get split-K
   int kind0;       // fine-tune d is of kind (kind0 + d) % 3
   std::string what;
+  std::string dist = "";  // grouped: how rows spread over fine-tunes (see row_ids); "" = runs of three + base
+
 };
+
+// The multi-tenant benchmark's distributions of M rows over D fine-tunes: distinct (row i on i % D),
+// uniform, Zipf(1.5), skewed (90% on one) and identical (all on the last).
+static std::vector<int64_t> row_ids(const std::string& dist, int64_t m, int d, std::mt19937& rng) {
+  std::vector<int64_t> ids(m);
+  std::vector<double> zipf(d);
+  for (int i = 0; i < d; ++i) zipf[i] = 1.0 / std::pow(i + 1.0, 1.5);
+  std::discrete_distribution<int> z(zipf.begin(), zipf.end());
+  std::uniform_int_distribution<int> uni(0, d - 1);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (int64_t i = 0; i < m; ++i) {
+    if (dist == "distinct") ids[i] = i % d;
+    if (dist == "uniform") ids[i] = uni(rng);
+    if (dist == "zipf") ids[i] = z(rng);
+    if (dist == "skewed") ids[i] = u(rng) < 0.9 ? 0 : uni(rng);
+    if (dist == "identical") ids[i] = d - 1;
+  }
+  return ids;
+}
 
 template <typename T>
 static void run(const Case& c) {
@@ -90,7 +111,9 @@ static void run(const Case& c) {
   std::vector<uint16_t> a(m * red);
   for (auto& v : a) v = to_bits(normal(rng) * 20);
   std::vector<int64_t> ids(m, c.n_delta - 1);
-  if (c.grouped) {
+  if (c.grouped && !c.dist.empty()) {
+    ids = row_ids(c.dist, m, c.n_delta, rng);
+  } else if (c.grouped) {
     // Ids -1 (base) to n_delta - 2 in runs of three, shuffled: the last fine-tune gets no rows.
     for (int64_t i = 0; i < m; ++i) ids[i] = (int64_t)((i / 3) % c.n_delta) - 1;
     std::shuffle(ids.begin(), ids.end(), rng);
@@ -191,7 +214,15 @@ int main() {
       {200, 136, 45, true, true, 3, true, 0, 132, 2, "backward, bf16, three fine-tunes + base rows"},
       {64, 64, 4, true, false, 2, true, 1, 132, 1, "forward, bf16, one tile, grouped"},
   };
-  for (const Case& c : cases) {
+  std::vector<Case> all = cases;
+  for (const char* dist : {"distinct", "uniform", "zipf", "skewed", "identical"})
+    for (int d : {1, 4, 16})
+      for (int64_t m : {(int64_t)d, (int64_t)4 * d})
+        all.push_back({136, 200, m, true, false, d, true, 1, 132, d % 3,
+                       std::string("grouped ") + dist + ", D=" + std::to_string(d) + ", M=" + std::to_string(m)});
+  for (Case& c : all)
+    if (c.what.rfind("grouped ", 0) == 0) c.dist = c.what.substr(8, c.what.find(',') - 8);
+  for (const Case& c : all) {
     if (c.bf16) {
       run<emulate::bf16>(c);
     } else {

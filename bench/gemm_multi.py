@@ -1,0 +1,191 @@
+"""Many fine-tunes in one batch (`python bench/gemm.py --multi`): the grouped XOR GEMM against the same run's
+baselines, on a GPU.
+
+For D fine-tunes of one base weight (N x K), M rows spread over them (distinct / uniform / zipf / skewed /
+identical, see xorgemm.testing.row_finetunes), it times, median of many runs after warm-up, with every weight
+kept in enough copies to cycle through three L2s' worth:
+  dense    D cuBLAS GEMMs, one per fine-tune with rows, on D materialized fine-tuned weights
+  single   D calls of the single-fine-tune fused kernel (XorLinear with that fine-tune), one per fine-tune
+  grouped  one XorLinear call with per-row fine-tune ids: one launch, each base tile read once
+and reports grouped's effective bandwidth over base + the active fine-tunes' resident deltas + activations
+against the same run's device-to-device copy bandwidth, and checks grouped against float64.
+
+Delta kinds: small (3% of elements changed by ~1e-4: resident ~3%), seed (the seed notebook's 3% change,
+resident ~6%), dense (every element, 1% noise). D > 16 reuses 16 distinct deltas as separate resident
+copies (the same bytes moved, less setup). `--model` adds a model-level run: a stack of layers where a share
+of the layers is frozen in every fine-tune, served by one patched stack against D dense stacks.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from xorgemm import XorLinear
+from xorgemm.testing import ROW_DISTRIBUTIONS, row_finetunes
+
+KINDS_MULTI = ("small", "seed", "dense")
+DISTINCT_DELTAS = 16
+
+
+def finetune(base: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """A fine-tuned copy of `base` (on its device; fast enough for Llama-sized weights)."""
+    g = torch.Generator(device=base.device).manual_seed(seed)
+    w = base.float()
+    if kind == "dense":
+        return (w + torch.randn(w.shape, generator=g, device=w.device) * 1e-2 * w.abs().mean()).to(base.dtype)
+    mask = torch.rand(w.shape, generator=g, device=w.device) < 0.03
+    if kind == "small":
+        step = torch.randn(w.shape, generator=g, device=w.device) * 1e-4
+    else:  # "seed": relative 1e-3 changes, as xorgemm.testing.perturb(kind="sparse") makes them
+        step = torch.randn(w.shape, generator=g, device=w.device) * 1e-3 * w.abs().mean() * 50
+    return torch.where(mask, w + step, w).to(base.dtype)
+
+
+class Case:
+    """D fine-tunes of one base weight, resident `rot` times over."""
+
+    def __init__(self, n, k, d, kind, dtype, rot_of, device):
+        g = torch.Generator(device=device).manual_seed(n + k + d)
+        self.base = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
+        distinct = [finetune(self.base, kind, seed=i) for i in range(min(d, DISTINCT_DELTAS))]
+        self.fts = [distinct[i % len(distinct)] for i in range(d)]
+        proto = XorLinear(self.base.cpu())
+        for i, f in enumerate(distinct):
+            proto.add_delta(f"f{i}", f.cpu())
+        weight_bytes = self.base.numel() * self.base.element_size()
+        delta_bytes = [proto.delta_bytes(f"f{i % len(distinct)}") for i in range(d)]
+        self.rot = rot_of(weight_bytes + sum(delta_bytes))
+        self.grouped, self.single = [], []
+        for _ in range(self.rot):
+            layer = XorLinear(self.base.clone())
+            for i in range(d):  # copies of the validated sections: no re-encoding per copy
+                slot = proto.deltas[f"f{i % len(distinct)}"]
+                layer._add_slot(f"g{i}", slot.section.clone(), slot.offsets.clone(), None)
+            layer.to(device)
+            self.grouped.append(layer)
+            self.single.append(layer)  # the same resident state, one fine-tune per call
+        self.dense = [[f.clone() for f in self.fts] for _ in range(self.rot)]
+        self.weight_bytes, self.delta_bytes = weight_bytes, delta_bytes
+
+
+def bench_multi(shapes, ds, dists, kinds, dtype_name, dtypes, timer, rot_of, copy_gbs, ms_of, device="cuda"):
+    rows = []
+    for n, k in shapes:
+        for d in ds:
+            for kind in kinds:
+                print(f"multi {n}x{k} D={d} {kind} ...", file=sys.stderr, flush=True)
+                c = Case(n, k, d, kind, dtypes[dtype_name], rot_of, device)
+                for dist in dists:
+                    for m in ms_of(d):
+                        rows.append(one_row(c, n, k, d, kind, dist, m, dtypes[dtype_name], dtype_name, timer,
+                                            copy_gbs, device))
+                del c
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, device):
+    ids = row_finetunes(dist, m, d, seed=m)
+    x = torch.randn(m, k, device=device).to(dtype)
+    ids_d = ids.to(device)
+    active = sorted(set(ids.tolist()))
+    rows_of = {f: (ids == f).nonzero().reshape(-1).to(device) for f in active}
+    xs = {f: x.index_select(0, r) for f, r in rows_of.items()}  # gathered outside the timing: favors baselines
+    names = [f"g{i}" for i in range(d)]
+    with torch.no_grad():
+        dense_ms = timer(lambda i: [F.linear(xs[f], c.dense[i][f]) for f in active], c.rot)
+        single_ms = timer(lambda i: [c.single[i](xs[f], finetune=names[f]) for f in active], c.rot)
+        grouped_ms = timer(lambda i: c.grouped[i](x, finetune=ids_d), c.rot)
+        y = c.grouped[0](x, finetune=ids_d)
+    err = max(((y[rows_of[f]].double() - xs[f].double() @ c.fts[f].double().T).norm()
+               / (xs[f].double() @ c.fts[f].double().T).norm()).item() for f in active)
+    moved = c.weight_bytes + sum(c.delta_bytes[f] for f in active) + x.numel() * x.element_size() * (1 + n / k)
+    gbs = moved / (grouped_ms * 1e-3) / 1e9
+    return {"n": n, "k": k, "d": d, "kind": kind, "dist": dist, "m": m, "dtype": dtype_name,
+            "active": len(active), "weight_bytes": c.weight_bytes,
+            "resident_delta_frac": statistics.mean(c.delta_bytes) / c.weight_bytes,
+            "dense_ms": dense_ms, "single_ms": single_ms, "grouped_ms": grouped_ms,
+            "grouped_gbs": gbs, "copy_frac": gbs / copy_gbs, "rel_err": err, "correct": err < 1e-2}
+
+
+def run_patched_stack(stack, x, ids):
+    for layer in stack:
+        x = layer(x, finetune=ids)
+    return x
+
+
+def run_dense_stacks(dense, xs):
+    out = []
+    for weights, h in zip(dense, xs):
+        for w in weights:
+            h = F.linear(h, w)
+        out.append(h)
+    return out
+
+
+def bench_model(d, layers, width, frozen_shares, dtype, timer, m, device="cuda"):
+    """A stack of `layers` square Linear layers; in every fine-tune a share of them is frozen (equal to the
+    base). One patched stack serving D fine-tunes, one row each, against D dense stacks."""
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    bases = [(torch.randn(width, width, generator=g, device=device) * 0.02).to(dtype) for _ in range(layers)]
+    for share in frozen_shares:
+        frozen = set(range(int(round(share * layers))))
+        stack = []
+        dense = [[] for _ in range(d)]
+        for li, b in enumerate(bases):
+            layer = XorLinear(b)
+            for f in range(d):
+                if li in frozen:
+                    layer.add_unchanged(f"f{f}")
+                    dense[f].append(b)
+                else:
+                    w = finetune(b, "small", seed=1000 * li + f)
+                    layer.add_delta(f"f{f}", w)
+                    dense[f].append(w)
+            stack.append(layer)
+        ids = row_finetunes("distinct", m, d).to(device)
+        x = torch.randn(m, width, device=device).to(dtype)
+        rows_of = [(ids == f).nonzero().reshape(-1) for f in range(d)]
+        xs = [x.index_select(0, r) for r in rows_of]
+
+        with torch.no_grad():
+            t_dense = timer(lambda i, dense=dense, xs=xs: run_dense_stacks(dense, xs))
+            t_patched = timer(lambda i, stack=stack, x=x, ids=ids: run_patched_stack(stack, x, ids))
+        rows.append({"d": d, "layers": layers, "width": width, "frozen_share": share, "m": m,
+                     "dense_ms": t_dense, "xorgemm_ms": t_patched, "speedup": t_dense / t_patched})
+    return rows
+
+
+def markdown_multi(rows, model_rows, meta) -> str:
+    out = [f"Device: {meta['device']}; torch {meta['torch']}; CUDA {meta['cuda']}; driver {meta['driver']}; "
+           f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; {meta['date']}; `{meta['command']}`.", "",
+           "Median milliseconds. `dense`: one cuBLAS GEMM per fine-tune with rows, on materialized weights; "
+           "`single`: one single-fine-tune fused call per fine-tune; `grouped`: one call for the whole batch. "
+           "`x dense` is dense over grouped (higher is better). `GB/s` counts the base, the active fine-tunes' "
+           "resident deltas and the activations; `% copy` is that over the copy bandwidth.", "",
+           "| N x K | D | delta | resident | rows | M | active | dense ms | single ms | grouped ms | x dense | "
+           "x single | GB/s | % copy | correct |",
+           "|---" * 15 + "|"]
+    for r in rows:
+        out.append(f"| {r['n']}x{r['k']} | {r['d']} | {r['kind']} | {100 * r['resident_delta_frac']:.1f}% | "
+                   f"{r['dist']} | {r['m']} | {r['active']} | {r['dense_ms']:.3f} | {r['single_ms']:.3f} | "
+                   f"{r['grouped_ms']:.3f} | {r['dense_ms'] / r['grouped_ms']:.1f}x | "
+                   f"{r['single_ms'] / r['grouped_ms']:.1f}x | {r['grouped_gbs']:.0f} | {100 * r['copy_frac']:.0f}% | "
+                   f"{'yes' if r['correct'] else 'NO'} |")
+    if model_rows:
+        out += ["", "Model level: a stack of layers, D fine-tunes one row each, a share of the layers frozen in "
+                "every fine-tune (those cost the base alone).", "",
+                "| D | layers x width | frozen share | dense ms (D stacks) | xorgemm ms (one stack) | speedup |",
+                "|---|---|---|---|---|---|"]
+        for r in model_rows:
+            out.append(f"| {r['d']} | {r['layers']} x {r['width']} | {100 * r['frozen_share']:.0f}% | "
+                       f"{r['dense_ms']:.3f} | {r['xorgemm_ms']:.3f} | {r['speedup']:.1f}x |")
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["KINDS_MULTI", "ROW_DISTRIBUTIONS", "bench_multi", "bench_model", "markdown_multi"]
