@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.14.1
 FUZZ_SECONDS ?= 60
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
+export TORCH_CUDA_ARCH_LIST ?= 8.0+PTX;9.0a
 
 PY     := $(VENV)/bin/python
 NATIVE := $(wildcard csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)

@@ -3,7 +3,7 @@
 xorgemm._C       C++ (always): tile codecs, delta sections, the xorgemm ops and their CPU kernels.
 xorgemm._C_cuda  CUDA (when nvcc and a CUDA build of torch are present): GPU kernels over the same shared
                  codec headers. XORGEMM_FORCE_CPU=1 skips it; TORCH_CUDA_ARCH_LIST picks the targets
-                 (default "8.0;9.0a").
+                 (default "8.0+PTX;9.0a": cubins for sm_80 and sm_90a, PTX for newer GPUs to JIT).
 """
 import os
 import shutil
@@ -72,7 +72,7 @@ ext_modules = [
 ]
 
 if _want_cuda():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     ext_modules.append(
         CUDAExtension(
             "xorgemm._C_cuda",
