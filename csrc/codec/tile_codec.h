@@ -24,6 +24,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define XG_HD __host__ __device__ __forceinline__
@@ -53,6 +54,28 @@ struct TileEntry {
 static_assert(sizeof(TileEntry) == 8, "TileEntry is an 8-byte on-disk record");
 
 XG_HD uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
+
+// Aligned 16- and 32-bit accesses into byte buffers: a plain load on the GPU, memcpy on the host (where
+// reading a uint8_t array through another type is undefined behaviour; compilers emit the same load).
+XG_HD uint32_t load_u16(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint16_t*>(p);
+#else
+  uint16_t v;
+  memcpy(&v, p, 2);
+  return v;
+#endif
+}
+XG_HD void xor_u32(void* p, uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint32_t*>(p) ^= v;
+#else
+  uint32_t x;
+  memcpy(&x, p, 4);
+  x ^= v;
+  memcpy(p, &x, 4);
+#endif
+}
 
 // Bytes the tile occupies in the stream, padding included.
 XG_HD uint64_t tile_payload_bytes(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
@@ -116,14 +139,42 @@ XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t 
 // out with `stride` words per row (a padded shared-memory tile holding the base), so no separate delta
 // buffer exists: dst[r * stride + c] ^= word (r * w + c), for a tile `w` words wide. Phase 1 XORs each
 // word's low part (word-major: a thread gathers word i from every low plane, reads coalesced across
-// threads); phase 2 XORs the exceptions' high bytes. A CUDA block needs a __syncthreads() between the two
+// threads; 16-bit words go two at a time, one 32-bit xor each, when rows have an even width, which needs
+// the payload and dst 4-byte aligned); phase 2 XORs the exceptions' high bytes. A CUDA block needs a __syncthreads() between the two
 // phases (a word's low and high parts may belong to different threads) and none inside a phase: words are
 // distinct within a phase (exception positions strictly increase in a validated section).
 template <typename Word>
 XG_HD void xor_tile_low_strided(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
                                 uint32_t stride, uint32_t tid, uint32_t nthreads) {
   const uint32_t k = e.codec == kZero ? 0 : e.low_bytes;
-  if (k == 0 || tid >= elems) return;
+  if (k == 0) return;
+  if constexpr (sizeof(Word) == 2) {
+    if (w % 2 == 0 && stride % 2 == 0) {
+      // 16-bit words in pairs: both halves of a 32-bit destination word are in the same row, so one
+      // 32-bit xor patches two elements (the planes are read two bytes at a time, at even offsets).
+      const uint32_t w2 = w / 2, stride2 = stride / 2, pairs = elems / 2;
+      if (tid >= pairs) return;
+      uint32_t r = tid / w2, c = tid % w2;
+      const uint32_t dr = nthreads / w2, dc = nthreads % w2;
+      for (uint32_t p = tid; p < pairs; p += nthreads) {
+        const uint32_t lo = load_u16(payload + 2 * p);
+        uint32_t v = (lo & 0xffu) | ((lo >> 8) << 16);
+        if (k == 2) {
+          const uint32_t hi = load_u16(payload + elems + 2 * p);
+          v |= ((hi & 0xffu) << 8) | ((hi >> 8) << 24);
+        }
+        xor_u32(dst + 2 * (r * stride2 + c), v);
+        r += dr;
+        c += dc;
+        if (c >= w2) {
+          c -= w2;
+          ++r;
+        }
+      }
+      return;
+    }
+  }
+  if (tid >= elems) return;
   // Walk (row, col) incrementally: one division per thread, not one per word.
   uint32_t r = tid / w, c = tid % w;
   const uint32_t dr = nthreads / w, dc = nthreads % w;

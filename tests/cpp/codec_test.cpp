@@ -203,7 +203,8 @@ static void test_payload_size_formula() {
 
 // The fused kernel's decode: XOR every tile straight into a padded copy of its base tile (stride 72
 // words, as in shared memory) with 128 cooperating workers, phase by phase. Ragged edge tiles, every
-// codec, 2- and 4-byte words: the result must be the fine-tuned tile and the padding must stay untouched.
+// codec, 2- and 4-byte words (16-bit ones in pairs when rows are even, one by one when odd): the result
+// must be the fine-tuned tile and the padding must stay untouched.
 template <typename Word>
 static bool strided_xor_matches(const TileGrid& g, const Encoded& x) {
   constexpr uint32_t kStride = 72, kWorkers = 128;
@@ -238,7 +239,8 @@ static void test_strided_xor_decode() {
   } cases[] = {{0.0, 0, 0, "untouched (zero tiles)"}, {0.03, 2, 0.5, "sparse"}, {1.0, 1, 0.05, "byteplane"},
                {1.0, 4, 1.0, "raw"}};
   for (const Case& k : cases) {
-    for (TileGrid g : {TileGrid{100, 70, 64, 64, 2}, TileGrid{64, 128, 64, 64, 2}, TileGrid{130, 70, 64, 64, 4}}) {
+    for (TileGrid g : {TileGrid{100, 70, 64, 64, 2}, TileGrid{64, 128, 64, 64, 2}, TileGrid{100, 69, 64, 64, 2},
+                        TileGrid{130, 70, 64, 64, 4}}) {
       const Encoded x = encoded(g, k.density, k.low, k.high, 21);
       const bool ok = g.elem_bytes == 2 ? strided_xor_matches<uint16_t>(g, x) : strided_xor_matches<uint32_t>(g, x);
       check(ok, std::string("strided XOR decode, ") + k.what + ", " + std::to_string(g.rows) + "x" +
