@@ -96,10 +96,15 @@ def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, devic
     rows_of = {f: (ids == f).nonzero().reshape(-1).to(device) for f in active}
     xs = {f: x.index_select(0, r) for f, r in rows_of.items()}  # gathered outside the timing: favors baselines
     names = [f"g{i}" for i in range(d)]
+    gpu = device == "cuda"
+    timing = {}
     with torch.no_grad():
-        dense_ms = timer(lambda i: [F.linear(xs[f], c.dense[i][f]) for f in active], c.rot)
-        single_ms = timer(lambda i: [c.single[i](xs[f], finetune=names[f]) for f in active], c.rot)
-        grouped_ms = timer(lambda i: c.grouped[i](x, finetune=ids_d), c.rot)
+        dense_ms = timer(lambda i: [F.linear(xs[f], c.dense[i][f]) for f in active], c.rot, graph=gpu)
+        timing["dense"] = timer.last
+        single_ms = timer(lambda i: [c.single[i](xs[f], finetune=names[f]) for f in active], c.rot, graph=gpu)
+        timing["single"] = timer.last
+        grouped_ms = timer(lambda i: c.grouped[i](x, finetune=ids_d), c.rot, graph=gpu)
+        timing["grouped"] = timer.last
         y = c.grouped[0](x, finetune=ids_d)
     err = max(((y[rows_of[f]].double() - xs[f].double() @ c.fts[f].double().T).norm()
                / (xs[f].double() @ c.fts[f].double().T).norm()).item() for f in active)
@@ -109,7 +114,8 @@ def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, devic
             "active": len(active), "weight_bytes": c.weight_bytes,
             "resident_delta_frac": statistics.mean(c.delta_bytes) / c.weight_bytes,
             "dense_ms": dense_ms, "single_ms": single_ms, "grouped_ms": grouped_ms,
-            "grouped_gbs": gbs, "copy_frac": gbs / copy_gbs, "rel_err": err, "correct": err < 1e-2}
+            "grouped_gbs": gbs, "copy_frac": gbs / copy_gbs, "rel_err": err, "correct": err < 1e-2,
+            "timing": timing}
 
 
 def run_patched_stack(stack, x, ids):
@@ -153,9 +159,10 @@ def bench_model(d, layers, width, frozen_shares, dtype, timer, m, device="cuda")
         rows_of = [(ids == f).nonzero().reshape(-1) for f in range(d)]
         xs = [x.index_select(0, r) for r in rows_of]
 
+        gpu = device == "cuda"
         with torch.no_grad():
-            t_dense = timer(lambda i, dense=dense, xs=xs: run_dense_stacks(dense, xs))
-            t_patched = timer(lambda i, stack=stack, x=x, ids=ids: run_patched_stack(stack, x, ids))
+            t_dense = timer(lambda i, dense=dense, xs=xs: run_dense_stacks(dense, xs), graph=gpu)
+            t_patched = timer(lambda i, stack=stack, x=x, ids=ids: run_patched_stack(stack, x, ids), graph=gpu)
         rows.append({"d": d, "layers": layers, "width": width, "frozen_share": share, "m": m,
                      "dense_ms": t_dense, "xorgemm_ms": t_patched, "speedup": t_dense / t_patched})
     return rows
@@ -164,7 +171,9 @@ def bench_model(d, layers, width, frozen_shares, dtype, timer, m, device="cuda")
 def markdown_multi(rows, model_rows, meta) -> str:
     out = [f"Device: {meta['device']}; torch {meta['torch']}; CUDA {meta['cuda']}; driver {meta['driver']}; "
            f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; {meta['date']}; `{meta['command']}`.", "",
-           "Median milliseconds. `dense`: one cuBLAS GEMM per fine-tune with rows, on materialized weights; "
+           "Median milliseconds of CUDA-graph replays (the GPU's time, no Python launch overhead; `(e)` marks "
+           "a method that could not be captured and was timed eagerly). "
+           "`dense`: one cuBLAS GEMM per fine-tune with rows, on materialized weights; "
            "`single`: one single-fine-tune fused call per fine-tune; `grouped`: one call for the whole batch. "
            "`x dense` is dense over grouped (higher is better). `GB/s` counts the base, the active fine-tunes' "
            "resident deltas and the activations; `% copy` is that over the copy bandwidth.", "",
@@ -172,9 +181,12 @@ def markdown_multi(rows, model_rows, meta) -> str:
            "x single | GB/s | % copy | correct |",
            "|---" * 15 + "|"]
     for r in rows:
+        def ms(key, r=r):
+            return f"{r[key + '_ms']:.3f}" + (" (e)" if r["timing"][key] == "eager" else "")
+
         out.append(f"| {r['n']}x{r['k']} | {r['d']} | {r['kind']} | {100 * r['resident_delta_frac']:.1f}% | "
-                   f"{r['dist']} | {r['m']} | {r['active']} | {r['dense_ms']:.3f} | {r['single_ms']:.3f} | "
-                   f"{r['grouped_ms']:.3f} | {r['dense_ms'] / r['grouped_ms']:.1f}x | "
+                   f"{r['dist']} | {r['m']} | {r['active']} | {ms('dense')} | {ms('single')} | "
+                   f"{ms('grouped')} | {r['dense_ms'] / r['grouped_ms']:.1f}x | "
                    f"{r['single_ms'] / r['grouped_ms']:.1f}x | {r['grouped_gbs']:.0f} | {100 * r['copy_frac']:.0f}% | "
                    f"{'yes' if r['correct'] else 'NO'} |")
     if model_rows:
