@@ -137,3 +137,19 @@ def test_bad_additions_change_nothing(zoo, tmp_path):
         xorgemm.remove_finetune(model, "nope")
     with pytest.raises(xorgemm.InputError, match="not patched"):
         xorgemm.remove_finetune(Net(), "up")
+
+
+def test_base_is_hashed_once_per_model(zoo, monkeypatch):
+    base, _, paths = zoo
+    import xorgemm.patch as patch
+
+    calls = []
+    real = patch.digest
+    monkeypatch.setattr(patch, "digest", lambda t: calls.append(t.shape) or real(t))
+    model = xorgemm.patch_model(copy.deepcopy(base), {"up": paths["up"]})
+    first = len(calls)
+    assert first > 0
+    xorgemm.add_finetune(model, "all", paths["all"])
+    xorgemm.add_finetune(model, "bias_only", paths["bias_only"])
+    # Only tensors no earlier delta listed get hashed now (pack lists every tensor: none here).
+    assert len(calls) == first

@@ -145,7 +145,7 @@ class XorLinear(nn.Module):
         `check_base=False` skips the base hash for a caller that has already checked it (patch_model)."""
         self._check_name(name)
         w = self.base_weight
-        weight.check_base(w.cpu(), hash_check=check_base)
+        weight.check_base(w, hash_check=check_base)  # digest() copies to the CPU only when it hashes
         if weight.kind == "xor":
             if weight.tile != self.tile:
                 raise InputError(f"{weight.file.path}: tensor '{weight.name}' is tiled {weight.tile}, this XorLinear "

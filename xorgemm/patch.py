@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from xorgemm.errors import BaseMismatchError, InputError
-from xorgemm.format.container import DeltaFile, load_delta
+from xorgemm.format.container import DeltaFile, digest, load_delta
 from xorgemm.nn import XorLinear
 
 
@@ -109,7 +109,11 @@ def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _check_bases(model: nn.Module, d: DeltaFile, state: dict):
     """Refuses a delta made for another base before anything is touched: every tensor it derives from the
-    base must be the model's own, by shape, dtype and content hash."""
+    base must be the model's own, by shape, dtype and content hash. Each base tensor is hashed once per
+    model (the base is frozen while served), so adding a fine-tune later does not hash the model again."""
+    hashes = getattr(model, "xorgemm_base_digests", None)
+    if hashes is None:
+        model.xorgemm_base_digests = hashes = {}
     for tname, t in d.tensors.items():
         if t.kind == "whole":
             if tname not in state:
@@ -118,7 +122,11 @@ def _check_bases(model: nn.Module, d: DeltaFile, state: dict):
         if tname not in state:
             raise BaseMismatchError(f"{d.path}: tensor '{tname}': the model has no such tensor; this delta was made "
                                     "for another model")
-        t.check_base(state[tname].detach().cpu())
+        base = state[tname].detach()
+        key = (tname, base.data_ptr(), base._version)
+        if key not in hashes and base.dtype == t.dtype and tuple(base.shape) == t.shape:
+            hashes[key] = digest(base)
+        t.check_base(base, base_digest=hashes.get(key))
 
 
 def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Module:

@@ -227,8 +227,9 @@ class DeltaTensor:
         entry = np.dtype([("n_exc", "<u4"), ("codec", "u1"), ("low_bytes", "u1"), ("reserved", "<u2")])
         return np.frombuffer(sec.numpy()[: self.grid.num_tiles * 8], dtype=entry).copy()
 
-    def check_base(self, base: torch.Tensor, *, hash_check: bool = True):
-        """Refuses a base tensor this delta was not made from (dtype, shape, then content hash)."""
+    def check_base(self, base: torch.Tensor, *, hash_check: bool = True, base_digest: str | None = None):
+        """Refuses a base tensor this delta was not made from (dtype, shape, then content hash; `base_digest`
+        is the base's digest() when the caller has it already)."""
         if self.kind == "whole":
             return
         if base is None:
@@ -237,10 +238,12 @@ class DeltaTensor:
             raise BaseMismatchError(
                 f"{self._where()}: base is {dtype_name_safe(base.dtype)} {list(base.shape)}, the delta was made "
                 f"against {dtype_name(self.dtype)} {list(self.shape)}")
-        if hash_check and digest(base) != self.base_hash:
-            raise BaseMismatchError(
-                f"{self._where()}: base bytes do not match the base this delta was made from (hash "
-                f"{digest(base)} != {self.base_hash})")
+        if hash_check:
+            got = base_digest if base_digest is not None else digest(base)
+            if got != self.base_hash:
+                raise BaseMismatchError(
+                    f"{self._where()}: base bytes do not match the base this delta was made from (hash "
+                    f"{got} != {self.base_hash})")
 
     def apply(self, base: torch.Tensor | None, *, verify: bool = True) -> torch.Tensor:
         """The fine-tuned tensor, bit for bit, on the base's device (a CUDA base is patched by a GPU kernel);
