@@ -140,9 +140,10 @@ XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t 
 // buffer exists: dst[r * stride + c] ^= word (r * w + c), for a tile `w` words wide. Phase 1 XORs each
 // word's low part (word-major: a thread gathers word i from every low plane, reads coalesced across
 // threads; 16-bit words go two at a time, one 32-bit xor each, when rows have an even width, which needs
-// the payload and dst 4-byte aligned); phase 2 XORs the exceptions' high bytes. A CUDA block needs a __syncthreads() between the two
-// phases (a word's low and high parts may belong to different threads) and none inside a phase: words are
-// distinct within a phase (exception positions strictly increase in a validated section).
+// the payload and dst 4-byte aligned); phase 2 XORs the exceptions' high bytes. A CUDA block needs a
+// __syncthreads() between the two phases (a word's low and high parts may belong to different threads)
+// and none inside a phase: words are distinct within a phase (exception positions strictly increase in a
+// validated section).
 template <typename Word>
 XG_HD void xor_tile_low_strided(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
                                 uint32_t stride, uint32_t tid, uint32_t nthreads) {

@@ -59,7 +59,7 @@ void launch_by_rows(int mt, const FusedArgs& args, dim3 grid, cudaStream_t strea
 }  // namespace
 
 bool fused_supported(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections, int64_t tile_rows,
-                     int64_t tile_cols, bool transposed) {
+                     int64_t tile_cols) {
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   if (base.scalar_type() != at::kBFloat16 && base.scalar_type() != at::kHalf) return false;
   if (tile_rows != kTile || tile_cols != kTile || (int64_t)sections.size() > kMaxDeltasPerLaunch) return false;
@@ -67,7 +67,6 @@ bool fused_supported(const at::Tensor& a2, const at::Tensor& base, at::TensorLis
   if (base.size(1) % 8 != 0 || a2.size(1) % 8 != 0 || !aligned(base) || !aligned(a2)) return false;
   for (const at::Tensor& s : sections)
     if (!aligned(s)) return false;
-  (void)transposed;
   return true;
 }
 
@@ -110,8 +109,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
     args.staged = n_delta == 1;
   }
 
-  const LaunchPlan plan = plan_launch(m, out_cols, red, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const LaunchPlan plan = plan_launch(m, out_cols, red, sms);
   const int mt = plan.mt, splits = plan.splits;
   args.tiles_per_split = plan.tiles_per_split;
   args.red_tiles = plan.red_tiles;
@@ -122,7 +121,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
 
   const dim3 grid((unsigned)plan.out_blocks, (unsigned)splits, (unsigned)plan.chunks);
   if (bf16) {
-    transposed ? launch_by_rows<true, true>(mt, args, grid, stream) : launch_by_rows<true, false>(mt, args, grid, stream);
+    transposed ? launch_by_rows<true, true>(mt, args, grid, stream)
+               : launch_by_rows<true, false>(mt, args, grid, stream);
   } else {
     transposed ? launch_by_rows<false, true>(mt, args, grid, stream)
                : launch_by_rows<false, false>(mt, args, grid, stream);

@@ -12,7 +12,7 @@ constexpr int kMaxDeltasPerLaunch = 64;
 // Whether the fused kernel serves this problem: bf16/fp16, 64x64 tiles, rows of the weight and of the
 // activations a multiple of 8 elements, 16-byte aligned buffers, at most kMaxDeltasPerLaunch fine-tunes.
 bool fused_supported(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections, int64_t tile_rows,
-                     int64_t tile_cols, bool transposed);
+                     int64_t tile_cols);
 
 // Forward (transposed = false): a2 = x [M, K] -> y [M, N] = x W'^T + bias.
 // Backward (transposed = true): a2 = grad_y [M, N] -> grad_x [M, K] = grad_y W' (no bias).

@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <string.h>
+
 #include <algorithm>
 
 #include "codec/tile_codec.h"
@@ -105,10 +107,34 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Typed loads from byte or 16-bit buffers: plain loads on the GPU; memcpy in the CPU emulation, where
+// reading an array through another type is undefined behaviour.
+#if defined(XORGEMM_EMULATE)
+template <typename T>
+inline T load_as(const void* p) {
+  T v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+inline void store_as(void* p, const T& v) {
+  memcpy(p, &v, sizeof v);
+}
+#else
+template <typename T>
+__device__ __forceinline__ T load_as(const void* p) {
+  return *reinterpret_cast<const T*>(p);
+}
+template <typename T>
+__device__ __forceinline__ void store_as(void* p, const T& v) {
+  *reinterpret_cast<T*>(p) = v;
+}
+#endif
+
+__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return load_as<uint32_t>(p); }
 
 __device__ __forceinline__ TileEntry load_entry(const uint8_t* section, int64_t t) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(section + t * sizeof(TileEntry));
+  const uint2 raw = load_as<uint2>(section + t * sizeof(TileEntry));
   TileEntry e;
   e.n_exc = raw.x;
   e.codec = (uint8_t)(raw.y & 0xff);
@@ -268,9 +294,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
           uint16_t* dst = tile;
           const uint8_t* payload = payload_of(s);
           if (!args.staged) {  // other segments still need the plain base tile: patch a copy
-            const uint4* src4 = reinterpret_cast<const uint4*>(tile);
-            uint4* dst4 = reinterpret_cast<uint4*>(patch);
-            for (int i = tid; i < kTileSmem / 16; i += kThreads) dst4[i] = src4[i];
+            for (int i = tid; i < kTileSmem / 16; i += kThreads)
+              store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));
             __syncthreads();
             dst = patch;
             payload = args.sections[d] + args.offsets[d][t];

@@ -62,7 +62,8 @@ void check_inputs(const char* what, const at::Tensor& a, const at::Tensor& base,
                     s.numel() >= n_tiles * 8,
                 "xorgemm: section ", d, " must be a contiguous 1-D uint8 tensor on ", base.device(),
                 " holding at least its tile table");
-    TORCH_CHECK(o.device() == base.device() && o.scalar_type() == at::kLong && o.is_contiguous() && o.numel() == n_tiles,
+    TORCH_CHECK(o.device() == base.device() && o.scalar_type() == at::kLong && o.is_contiguous() &&
+                    o.numel() == n_tiles,
                 "xorgemm: tile_offsets ", d, " must hold one int64 per tile (", n_tiles, ") on ", base.device());
   }
   if (row_delta.has_value()) {
@@ -178,8 +179,8 @@ at::Tensor blocks_grad_input(const at::Tensor& g2, const at::Tensor& base, at::T
 }
 
 bool use_fused(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections, bool grouped,
-               int64_t tile_rows, int64_t tile_cols, bool transposed) {
-  const bool supported = fused_supported(a2, base, sections, tile_rows, tile_cols, transposed);
+               int64_t tile_rows, int64_t tile_cols) {
+  const bool supported = fused_supported(a2, base, sections, tile_rows, tile_cols);
   switch (forced_path()) {
     case Path::kFused:
       TORCH_CHECK(supported, "xorgemm: XORGEMM_CUDA_PATH=fused, but the fused kernel needs bf16/fp16, 64x64 tiles, ",
@@ -215,7 +216,7 @@ at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::Tens
     out = bias.has_value() ? at::addmm(bias->reshape({-1, N})[0], x2, base.t()) : at::mm(x2, base.t());
   } else if (M == 0) {
     out = at::empty({0, N}, x2.options());
-  } else if (use_fused(x2, base, sections, row_delta.has_value(), tile_rows, tile_cols, false)) {
+  } else if (use_fused(x2, base, sections, row_delta.has_value(), tile_rows, tile_cols)) {
     out = fused_xor_linear(x2, base, sections, tile_offsets, row_delta, bias, false);
   } else {
     out = blocks_forward(x2, base, sections, tile_offsets, row_delta, bias, tile_rows, tile_cols);
@@ -240,7 +241,7 @@ at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
     out = at::mm(g2, base);
   } else if (M == 0) {
     out = at::empty({0, K}, g2.options());
-  } else if (use_fused(g2, base, sections, row_delta.has_value(), tile_rows, tile_cols, true)) {
+  } else if (use_fused(g2, base, sections, row_delta.has_value(), tile_rows, tile_cols)) {
     out = fused_xor_linear(g2, base, sections, tile_offsets, row_delta, std::nullopt, true);
   } else {
     out = blocks_grad_input(g2, base, sections, tile_offsets, row_delta, tile_rows, tile_cols);

@@ -180,7 +180,8 @@ static void test_block_apply_and_bounds() {
   for (uint64_t r = 64; r < 200; ++r)
     same &= memcmp(block.data() + ((r - 64) * 64) * 4, ft.data() + (r * 150 + 64) * 4, 64 * 4) == 0;
   check(same, "block apply equals the full apply on that block");
-  check(!throws([&] { format::check_section_bounds(s.data(), s.size(), offsets.data(), g); }), "bounds of a valid section");
+  check(!throws([&] { format::check_section_bounds(s.data(), s.size(), offsets.data(), g); }),
+        "bounds of a valid section");
   auto bad = offsets;
   bad[3] = s.size() - 8;
   check(throws([&] { format::check_section_bounds(s.data(), s.size(), bad.data(), g); }), "payload past the end");
@@ -218,7 +219,8 @@ static bool strided_xor_matches(const TileGrid& g, const Encoded& x) {
       for (uint32_t c = 0; c < w; ++c) dst[r * kStride + c] = base[(r0 + r) * g.cols + c0 + c];
     const codec::TileEntry e = entry(x.section, t);
     const uint8_t* p = x.section.data() + x.offsets[t];
-    for (uint32_t i = 0; i < kWorkers; ++i) codec::xor_tile_low_strided<Word>(p, e, elems, w, dst.data(), kStride, i, kWorkers);
+    for (uint32_t i = 0; i < kWorkers; ++i)
+      codec::xor_tile_low_strided<Word>(p, e, elems, w, dst.data(), kStride, i, kWorkers);
     for (uint32_t i = 0; i < kWorkers; ++i)
       codec::xor_tile_exceptions_strided<Word>(p, e, elems, w, dst.data(), kStride, i, kWorkers);
     for (uint32_t r = 0; r < g.tile_rows; ++r)
