@@ -1,23 +1,14 @@
 // The fused decode-XOR-GEMM's device code (see xor_gemm.cu for the design). Kept apart from the host side
-// so that tests/cpp/fused_kernel_test.cpp can compile this exact source for the CPU, under the emulation
+// so that tests/cpp/kernel_emulation_test.cpp can compile this exact source for the CPU, under the emulation
 // of tests/cpp/cuda_emulation.h (XORGEMM_EMULATE: threads and barriers, deferred cp.async, warp MMA).
 #pragma once
 
 #include <stdint.h>
 
-#include <string.h>
-
 #include <algorithm>
 
 #include "codec/tile_codec.h"
-
-#if defined(XORGEMM_EMULATE)
-#define XG_DYNAMIC_SMEM(name) unsigned char* name = emulate::dynamic_smem()
-#define XG_GRID_CONSTANT
-#else
-#define XG_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#define XG_GRID_CONSTANT __grid_constant__
-#endif
+#include "cuda/emulatable.cuh"
 
 namespace xorgemm {
 namespace cuda {
@@ -107,30 +98,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-// Typed loads from byte or 16-bit buffers: plain loads on the GPU; memcpy in the CPU emulation, where
-// reading an array through another type is undefined behaviour.
-#if defined(XORGEMM_EMULATE)
-template <typename T>
-inline T load_as(const void* p) {
-  T v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename T>
-inline void store_as(void* p, const T& v) {
-  memcpy(p, &v, sizeof v);
-}
-#else
-template <typename T>
-__device__ __forceinline__ T load_as(const void* p) {
-  return *reinterpret_cast<const T*>(p);
-}
-template <typename T>
-__device__ __forceinline__ void store_as(void* p, const T& v) {
-  *reinterpret_cast<T*>(p) = v;
-}
-#endif
-
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return load_as<uint32_t>(p); }
 
 __device__ __forceinline__ TileEntry load_entry(const uint8_t* section, int64_t t) {

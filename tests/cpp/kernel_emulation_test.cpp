@@ -1,10 +1,15 @@
-// The fused decode-XOR-GEMM kernel's exact source (csrc/cuda/xor_gemm_kernel.cuh), run on the CPU under
-// cuda_emulation.h, against a float64 reference: forward and backward, bf16 and fp16, every row-tile size,
-// ragged N and K, split-K, one staged fine-tune and a per-row mix of fine-tunes and base rows, biases.
-// Deltas flip sign and exponent bits too, so a wrongly decoded or skipped tile changes the result by far
-// more than the tolerance. Ends with "N passed, N failed".
+// The CUDA kernels' exact source, run on the CPU under cuda_emulation.h:
+// - the fused decode-XOR-GEMM (csrc/cuda/xor_gemm_kernel.cuh) against a float64 reference: forward and
+//   backward, bf16 and fp16, every row-tile size, ragged N and K, split-K, one staged fine-tune and per-row
+//   mixes of fine-tunes and base rows over the multi-tenant benchmark's row distributions, biases. Deltas
+//   flip sign and exponent bits too, so a wrongly decoded or skipped tile changes the result by far more
+//   than the tolerance;
+// - the apply kernel (csrc/cuda/apply_delta_kernel.cuh), whole tensors and blocks of grid rows (the
+//   patched-block path), every word size and tile shape: bit-exact fine-tuned bytes.
+// Ends with "N passed, N failed".
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
+#include "cuda/apply_delta_kernel.cuh"
 #include "cuda/xor_gemm_kernel.cuh"
 // clang-format on
 
@@ -199,7 +204,43 @@ static void run(const Case& c) {
   check(finite && rel < 8e-3, c.what + buf);
 }
 
+// The apply kernel over grid rows [gr0, gr1) (all of them: the whole tensor) must give exactly the
+// fine-tuned rows, with `out` holding just those rows.
+template <typename Word>
+static void run_apply(const format::TileGrid& g, double density, uint64_t gr0, uint64_t gr1) {
+  std::mt19937 rng((uint32_t)(g.rows * 31 + g.cols + gr0));
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<uint8_t> base(g.tensor_bytes()), ft;
+  for (auto& b : base) b = (uint8_t)rng();
+  ft = base;
+  for (uint64_t i = 0; i < g.rows * g.cols; ++i)
+    if (u(rng) < density) ft[i * sizeof(Word) + rng() % sizeof(Word)] ^= (uint8_t)(rng() | 1);
+  const Aligned section(format::encode_section(base.data(), ft.data(), g));
+  const auto off = format::validate_section(section.data(), section.size, g);
+  const std::vector<int64_t> offsets(off.begin(), off.end());
+  const uint64_t row0 = gr0 * g.tile_rows, row1 = std::min<uint64_t>(gr1 * g.tile_rows, g.rows);
+  std::vector<Word> out((row1 - row0) * g.cols, (Word)0x5a);
+  const dim3 grid{(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1};
+  emulate::launch(grid, [&] {
+    cuda::apply_section_kernel<Word>(section.data(), offsets.data(), reinterpret_cast<const Word*>(base.data()),
+                                     out.data(), (int64_t)g.rows, (int64_t)g.cols, (int)g.tile_rows,
+                                     (int)g.tile_cols, (int64_t)(gr0 * g.grid_cols()));
+  });
+  const bool same = !memcmp(out.data(), ft.data() + row0 * g.cols * sizeof(Word), out.size() * sizeof(Word));
+  check(same, "apply kernel, " + std::to_string(g.rows) + "x" + std::to_string(g.cols) + " tiles " +
+                  std::to_string(g.tile_rows) + "x" + std::to_string(g.tile_cols) + " eb=" +
+                  std::to_string(sizeof(Word)) + " density " + std::to_string(density) + ", grid rows " +
+                  std::to_string(gr0) + ".." + std::to_string(gr1));
+}
+
 int main() {
+  for (double density : {0.0, 0.02, 1.0}) {
+    run_apply<uint16_t>({200, 136, 64, 64, 2}, density, 0, 4);
+    run_apply<uint16_t>({200, 136, 64, 64, 2}, density, 1, 4);  // the last, ragged grid row included
+    run_apply<uint32_t>({100, 70, 32, 48, 4}, density, 1, 3);
+    run_apply<uint8_t>({33, 65, 16, 16, 1}, density, 0, 3);
+    run_apply<unsigned long long>({20, 9, 8, 8, 8}, density, 2, 3);
+  }
   const std::vector<Case> cases = {
       {136, 200, 5, true, false, 1, false, 1, 132, 0, "forward, bf16, staged byteplane delta, ragged N and K, M=5"},
       {136, 200, 5, true, false, 1, false, 0, 132, 1, "forward, bf16, staged sparse delta (exceptions)"},
