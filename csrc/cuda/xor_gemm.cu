@@ -27,6 +27,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <mutex>
+#include <vector>
+
 #include "cuda/xor_gemm.h"
 #include "cuda/xor_gemm_kernel.cuh"
 
@@ -40,10 +43,20 @@ static_assert(fused::kMaxDeltas == kMaxDeltasPerLaunch, "one limit on fine-tunes
 template <bool kBf16, int MT, bool kTrans>
 void launch_fused(const FusedArgs& args, dim3 grid, cudaStream_t stream) {
   auto kernel = fused_xor_gemm_kernel<kBf16, MT, kTrans>;
-  const int smem = smem_bytes(MT, args.staged);
-  // Opting in to more than 48 KiB of dynamic shared memory is per function; cheap to repeat.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(MT, true)));
-  kernel<<<grid, kThreads, smem, stream>>>(args);
+  // Opting in to more than 48 KiB of dynamic shared memory is per function and device, once: not on every
+  // launch, so that launches can be captured in CUDA graphs.
+  static std::mutex mu;
+  static std::vector<bool> opted;
+  {
+    const int dev = c10::cuda::current_device();
+    std::lock_guard<std::mutex> lock(mu);
+    if ((int)opted.size() <= dev) opted.resize(dev + 1, false);
+    if (!opted[dev]) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(MT, true)));
+      opted[dev] = true;
+    }
+  }
+  kernel<<<grid, kThreads, smem_bytes(MT, args.staged), stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
