@@ -21,7 +21,11 @@ constexpr int kTile = 64;                    // delta tile = output block = redu
 constexpr int kStride = kTile + 8;           // shared-memory row in elements: 144 bytes, conflict-free
 constexpr int kThreads = 128;                // four warps
 constexpr int kStages = 3;                   // cp.async pipeline depth
-constexpr int kPayloadCap = kTile * kTile * 4;  // largest valid payload of a 16-bit tile: every word an exception
+// Payload bytes a stage holds: a raw 16-bit tile, the largest payload the encoder writes (it picks the
+// smallest codec). A valid but larger payload (up to 4 bytes a word, every word an exception) is decoded
+// from global memory instead. Sized to the raw tile, three stages of a 16-row CTA take 58 KiB, so three
+// CTAs fit an H100 SM (four times 4 bytes a word would allow two).
+constexpr int kPayloadCap = kTile * kTile * 2;
 constexpr int kTileSmem = kTile * kStride * 2;
 
 struct FusedArgs {
@@ -213,12 +217,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         const int d = args.only_group - 1;
         const int64_t t = gr * grid_cols + gc;
         const TileEntry e = load_entry(args.sections[d], t);
-        if (e.codec != codec::kZero) {  // zero tiles: no payload loads at all
-          const uint32_t h = (uint32_t)min64(kTile, args.n - n0), w = (uint32_t)min64(kTile, args.k - k0);
-          const int chunks = (int)(codec::tile_payload_bytes(e, h * w, 2) / 16);
+        const uint32_t h = (uint32_t)min64(kTile, args.n - n0), w = (uint32_t)min64(kTile, args.k - k0);
+        const uint64_t bytes = codec::tile_payload_bytes(e, h * w, 2);  // 0 for zero tiles: no loads at all
+        if (bytes <= (uint64_t)kPayloadCap) {
           const uint8_t* src = args.sections[d] + args.offsets[d][t];
           unsigned char* dst = payload_of(s);
-          for (int c = tid; c < chunks; c += kThreads) cp_async16(dst + c * 16, src + c * 16, true);
+          for (int c = tid; c < (int)(bytes / 16); c += kThreads) cp_async16(dst + c * 16, src + c * 16, true);
         }
       }
     }
@@ -259,7 +263,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         const TileEntry e = load_entry(args.sections[d], t);
         if (e.codec != codec::kZero) {
           uint16_t* dst = tile;
-          const uint8_t* payload = payload_of(s);
+          const uint8_t* payload = codec::tile_payload_bytes(e, h * w, 2) <= (uint64_t)kPayloadCap
+                                       ? payload_of(s)
+                                       : args.sections[d] + args.offsets[d][t];  // too big to stage
           if (!args.staged) {  // other segments still need the plain base tile: patch a copy
             for (int i = tid; i < kTileSmem / 16; i += kThreads)
               store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));

@@ -21,6 +21,7 @@
 #include <random>
 #include <string>
 
+#include "codec/tile_encoder.h"
 #include "format/delta_section.h"
 
 using namespace xorgemm;
@@ -54,11 +55,39 @@ struct Case {
   bool grouped;    // per-row ids (with base rows); else every row uses the single fine-tune
   int bias_rows;   // 0: none, 1: [N], else [n_delta + 1, N] (forward only)
   int sms;         // what plan_launch is told, to get split-K
-  int kind0;       // fine-tune d is of kind (kind0 + d) % 3
+  int kind0;       // fine-tune d is of kind (kind0 + d) % 3; kind0 3: every word, both bytes
   std::string what;
   std::string dist = "";  // grouped: how rows spread over fine-tunes (see row_ids); "" = runs of three + base
+  bool big_payload = false;  // encode tile 0 as byteplane with every word an exception: too big to stage
 
 };
+
+// A valid section whose tile 0 is byteplane (1 low byte) with exceptions for every word whose high byte
+// changed: up to 4 bytes a word, more than a stage holds (the encoder would pick raw). Other tiles as
+// encode_section writes them.
+static std::vector<uint8_t> section_with_big_tile(const uint16_t* base, const uint16_t* ft,
+                                                  const format::TileGrid& g) {
+  std::vector<uint8_t> table(format::table_bytes(g), 0), payload;
+  std::vector<uint64_t> scratch;
+  for (uint64_t t = 0; t < g.num_tiles(); ++t) {
+    const uint32_t h = g.tile_height(t), w = g.tile_width(t);
+    std::vector<uint16_t> words;
+    for (uint32_t r = 0; r < h; ++r)
+      for (uint32_t c = 0; c < w; ++c) {
+        const uint64_t i = (g.tile_row0(t) + r) * g.cols + g.tile_col0(t) + c;
+        words.push_back(base[i] ^ ft[i]);
+      }
+    codec::TileEntry e = codec::choose_tile_codec(words.data(), h * w, 2);
+    if (t == 0) {
+      e = {0, codec::kBytePlane, 1, 0};
+      for (uint16_t x : words) e.n_exc += x >> 8 != 0;
+    }
+    memcpy(table.data() + t * 8, &e, 8);
+    codec::encode_tile(words.data(), h * w, 2, e, payload, scratch);
+  }
+  table.insert(table.end(), payload.begin(), payload.end());
+  return table;
+}
 
 // The multi-tenant benchmark's distributions of M rows over D fine-tunes: distinct (row i on i % D),
 // uniform, Zipf(1.5), skewed (90% on one) and identical (all on the last).
@@ -99,13 +128,22 @@ static void run(const Case& c) {
   for (int d = 0; d < c.n_delta; ++d) {
     std::vector<uint16_t> ft = base;
     for (int64_t i = 0; i < n * k; ++i) {
-      const int kind = (c.kind0 + d) % 3;
+      const int kind = c.kind0 == 3 ? 3 : (c.kind0 + d) % 3;
       if (kind == 0) ft[i] ^= (uint16_t)(rng() & 0x7f);
       if (kind == 1 && u(rng) < 0.03) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;  // keep finite: no exponent 255
       if (kind == 2 && i / k < 64) ft[i] ^= (uint16_t)(rng() & 0x3ff);
+      if (kind == 3) ft[i] ^= (uint16_t)(rng() & 0x3fff);  // both bytes, exponent's top bit kept: finite
     }
-    const auto section = format::encode_section(reinterpret_cast<const uint8_t*>(base.data()),
-                                                reinterpret_cast<const uint8_t*>(ft.data()), grid);
+    const auto section = c.big_payload && d == 0
+                             ? section_with_big_tile(base.data(), ft.data(), grid)
+                             : format::encode_section(reinterpret_cast<const uint8_t*>(base.data()),
+                                                      reinterpret_cast<const uint8_t*>(ft.data()), grid);
+    if (c.big_payload && d == 0) {
+      codec::TileEntry e0;
+      memcpy(&e0, section.data(), 8);
+      check(codec::tile_payload_bytes(e0, 64 * 64, 2) > (uint64_t)fused::kPayloadCap,
+            c.what + ": tile 0's payload is larger than a stage holds");
+    }
     const auto off = format::validate_section(section.data(), section.size(), grid);
     sections.emplace_back(section);
     offsets.emplace_back(off.begin(), off.end());
@@ -255,7 +293,13 @@ int main() {
       {200, 136, 45, true, true, 3, true, 0, 132, 2, "backward, bf16, three fine-tunes + base rows"},
       {64, 64, 4, true, false, 2, true, 1, 132, 1, "forward, bf16, one tile, grouped"},
   };
+  Case big{128, 200, 6, true, false, 1, false, 1, 132, 3, "forward, bf16, staged, a tile too big to stage"};
+  big.big_payload = true;
+  Case big_bwd{128, 200, 6, false, true, 1, false, 0, 132, 3, "backward, fp16, staged, a tile too big to stage"};
+  big_bwd.big_payload = true;
   std::vector<Case> all = cases;
+  all.push_back(big);
+  all.push_back(big_bwd);
   for (const char* dist : {"distinct", "uniform", "zipf", "skewed", "identical"})
     for (int d : {1, 4, 16})
       for (int64_t m : {(int64_t)d, (int64_t)4 * d})
