@@ -62,5 +62,9 @@ def xor_linear(x, base, sections, tile_offsets, row_delta=None, bias=None, *, ti
     """Differentiable xor_linear; see csrc/ops.cpp for the arguments."""
     if base.requires_grad:
         raise RuntimeError("xorgemm: the base weight of an XorLinear is frozen; set requires_grad=False")
+    if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        # Inference: no graph to record, so the op directly (the autograd.Function costs microseconds a call).
+        return _ops.xor_linear(x, base, list(sections), list(tile_offsets), row_delta, bias, int(tile[0]),
+                               int(tile[1]))
     return XorLinearFunction.apply(x, bias, base, tuple(sections), tuple(tile_offsets), row_delta, int(tile[0]),
                                    int(tile[1]))
