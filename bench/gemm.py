@@ -348,8 +348,7 @@ def main_multi(a, argv):
     ms_of = (lambda d: a.m) if a.m else (lambda d: sorted({d, 4 * d, 256}))
     rows = bench_multi(shapes, a.d, a.dists, a.multi_kinds, dtype, DTYPES, timer, rotation if gpu else (lambda b: 1),
                        copy_gbs, ms_of, a.device)
-    model_rows = (bench_model(16, 8, 2048 if gpu else 256, [0.0, 0.5, 0.75, 1.0], DTYPES[dtype], timer, 16, a.device)
-                  if a.model else [])
+    model_rows = bench_model(16, 2, 2048 if gpu else 128, DTYPES[dtype], timer, 16, a.device) if a.model else []
     table = markdown_multi(rows, model_rows, meta)
     print(table)
     out = Path(a.out or ROOT / "bench" / "results" / f"gemm_multi_{a.device}")

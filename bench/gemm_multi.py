@@ -12,8 +12,9 @@ against the same run's device-to-device copy bandwidth, and checks grouped again
 
 Delta kinds: small (3% of elements changed by ~1e-4: resident ~3%), seed (the seed notebook's 3% change,
 resident ~6%), dense (every element, 1% noise). D > 16 reuses 16 distinct deltas as separate resident
-copies (the same bytes moved, less setup). `--model` adds a model-level run: a stack of layers where a share
-of the layers is frozen in every fine-tune, served by one patched stack against D dense stacks.
+copies (the same bytes moved, less setup). `--model` adds a model-level run: a decoder-shaped stack whose
+fine-tunes leave nothing / attention / the MLP / everything frozen, served by one patched stack against D
+dense stacks.
 """
 from __future__ import annotations
 
@@ -118,54 +119,64 @@ def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, devic
             "timing": timing}
 
 
-def run_patched_stack(stack, x, ids):
-    for layer in stack:
-        x = layer(x, finetune=ids)
-    return x
+PROJECTIONS = ("q", "k", "v", "o", "up", "down")
+# Which projections every fine-tune leaves frozen, from none to all: the model-level run's x axis.
+FROZEN_SETS = (("nothing", ()), ("attention", ("q", "k", "v", "o")), ("MLP", ("up", "down")),
+               ("everything", PROJECTIONS))
 
 
-def run_dense_stacks(dense, xs):
-    out = []
-    for weights, h in zip(dense, xs):
-        for w in weights:
-            h = F.linear(h, w)
-        out.append(h)
-    return out
+def block_forward(layers, h, ids):
+    """One decoder block's projections for single-token rows (attention over one token is its value)."""
+    q, k, v, o, up, down = (layers[p] for p in PROJECTIONS)
+    q(h, ids), k(h, ids)  # computed for their cost: with one token and no cache they do not change y
+    h = h + o(v(h, ids), ids)
+    return h + down(torch.relu(up(h, ids)), ids)
 
 
-def bench_model(d, layers, width, frozen_shares, dtype, timer, m, device="cuda"):
-    """A stack of `layers` square Linear layers; in every fine-tune a share of them is frozen (equal to the
-    base). One patched stack serving D fine-tunes, one row each, against D dense stacks."""
+def bench_model(d, blocks, width, dtype, timer, m, device="cuda"):
+    """A decoder-shaped stack (q, k, v, o: width x width; up: 4 width x width; down: width x 4 width per
+    block) serving D fine-tunes, one row each, with a growing set of projections frozen in every fine-tune:
+    one patched stack (grouped calls) against D dense stacks (one cuBLAS GEMM per projection per fine-tune)."""
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
-    bases = [(torch.randn(width, width, generator=g, device=device) * 0.02).to(dtype) for _ in range(layers)]
-    for share in frozen_shares:
-        frozen = set(range(int(round(share * layers))))
-        stack = []
-        dense = [[] for _ in range(d)]
-        for li, b in enumerate(bases):
-            layer = XorLinear(b)
+    shape = {"q": (width, width), "k": (width, width), "v": (width, width), "o": (width, width),
+             "up": (4 * width, width), "down": (width, 4 * width)}
+    bases = [{p: (torch.randn(*shape[p], generator=g, device=device) * 0.02).to(dtype) for p in PROJECTIONS}
+             for _ in range(blocks)]
+    ids = row_finetunes("distinct", m, d).to(device)
+    x = torch.randn(m, width, device=device).to(dtype)
+    rows_of = [(ids == f).nonzero().reshape(-1) for f in range(d)]
+    xs = [x.index_select(0, r) for r in rows_of]
+    for label, frozen in FROZEN_SETS:
+        patched, dense = [], [[] for _ in range(d)]
+        for bi, b in enumerate(bases):
+            layers = {}
+            for p in PROJECTIONS:
+                layer = XorLinear(b[p])
+                for f in range(d):
+                    if p in frozen:
+                        layer.add_unchanged(f"f{f}")
+                    else:
+                        layer.add_delta(f"f{f}", finetune(b[p], "small", seed=1000 * bi + 10 * f + len(p)))
+                layers[p] = layer
+            patched.append({p: (lambda h, i, layer=layers[p]: layer(h, finetune=i)) for p in PROJECTIONS})
             for f in range(d):
-                if li in frozen:
-                    layer.add_unchanged(f"f{f}")
-                    dense[f].append(b)
-                else:
-                    w = finetune(b, "small", seed=1000 * li + f)
-                    layer.add_delta(f"f{f}", w)
-                    dense[f].append(w)
-            stack.append(layer)
-        ids = row_finetunes("distinct", m, d).to(device)
-        x = torch.randn(m, width, device=device).to(dtype)
-        rows_of = [(ids == f).nonzero().reshape(-1) for f in range(d)]
-        xs = [x.index_select(0, r) for r in rows_of]
-
+                w = {p: layers[p].materialize(f"f{f}").to(device) for p in PROJECTIONS}
+                dense[f].append({p: (lambda h, i, w=w[p]: F.linear(h, w)) for p in PROJECTIONS})
+        frozen_bytes = sum(shape[p][0] * shape[p][1] for p in frozen) / sum(a * b for a, b in shape.values())
         gpu = device == "cuda"
         with torch.no_grad():
-            t_dense = timer(lambda i, dense=dense, xs=xs: run_dense_stacks(dense, xs), graph=gpu)
-            t_patched = timer(lambda i, stack=stack, x=x, ids=ids: run_patched_stack(stack, x, ids), graph=gpu)
-        rows.append({"d": d, "layers": layers, "width": width, "frozen_share": share, "m": m,
-                     "dense_ms": t_dense, "xorgemm_ms": t_patched, "speedup": t_dense / t_patched})
+            t_dense = timer(lambda i, dense=dense: [run_stack(s, h, None) for s, h in zip(dense, xs)], graph=gpu)
+            t_patched = timer(lambda i, patched=patched: run_stack(patched, x, ids), graph=gpu)
+        rows.append({"d": d, "blocks": blocks, "width": width, "frozen": label, "frozen_share": frozen_bytes,
+                     "m": m, "dense_ms": t_dense, "xorgemm_ms": t_patched, "speedup": t_dense / t_patched})
     return rows
+
+
+def run_stack(blocks, h, ids):
+    for layers in blocks:
+        h = block_forward(layers, h, ids)
+    return h
 
 
 def markdown_multi(rows, model_rows, meta) -> str:
@@ -190,12 +201,13 @@ def markdown_multi(rows, model_rows, meta) -> str:
                    f"{r['single_ms'] / r['grouped_ms']:.1f}x | {r['grouped_gbs']:.0f} | {100 * r['copy_frac']:.0f}% | "
                    f"{'yes' if r['correct'] else 'NO'} |")
     if model_rows:
-        out += ["", "Model level: a stack of layers, D fine-tunes one row each, a share of the layers frozen in "
-                "every fine-tune (those cost the base alone).", "",
-                "| D | layers x width | frozen share | dense ms (D stacks) | xorgemm ms (one stack) | speedup |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "Model level: a decoder-shaped stack (q, k, v, o, up, down per block), D fine-tunes one row "
+                "each, some projections frozen in every fine-tune (those cost the base alone).", "",
+                "| D | blocks x width | frozen in every fine-tune | frozen share of weights | dense ms (D stacks) | "
+                "xorgemm ms (one stack) | speedup |",
+                "|---|---|---|---|---|---|---|"]
         for r in model_rows:
-            out.append(f"| {r['d']} | {r['layers']} x {r['width']} | {100 * r['frozen_share']:.0f}% | "
+            out.append(f"| {r['d']} | {r['blocks']} x {r['width']} | {r['frozen']} | {100 * r['frozen_share']:.0f}% | "
                        f"{r['dense_ms']:.3f} | {r['xorgemm_ms']:.3f} | {r['speedup']:.1f}x |")
     return "\n".join(out) + "\n"
 
