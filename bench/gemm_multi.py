@@ -159,8 +159,9 @@ def bench_model(d, blocks, width, dtype, timer, m, device="cuda"):
                         layer.add_delta(f"f{f}", finetune(b[p], "small", seed=1000 * bi + 10 * f + len(p)))
                 layers[p] = layer
             patched.append({p: (lambda h, i, layer=layers[p]: layer(h, finetune=i)) for p in PROJECTIONS})
-            for f in range(d):
-                w = {p: layers[p].materialize(f"f{f}").to(device) for p in PROJECTIONS}
+            for f in range(d):  # D separate dense models: frozen projections are copies of the base, not shared
+                w = {p: b[p].clone() if p in frozen else layers[p].materialize(f"f{f}").to(device)
+                     for p in PROJECTIONS}
                 dense[f].append({p: (lambda h, i, w=w[p]: F.linear(h, w)) for p in PROJECTIONS})
         frozen_bytes = sum(shape[p][0] * shape[p][1] for p in frozen) / sum(a * b for a, b in shape.values())
         gpu = device == "cuda"
