@@ -9,22 +9,12 @@
 #include <vector>
 
 #include "codec/tile_encoder.h"
+#include "check.h"
 #include "format/delta_section.h"
 
 using namespace xorgemm;
 using format::FormatError;
 using format::TileGrid;
-
-static int passed = 0, failed = 0;
-
-static void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
 
 static bool throws(const std::function<void()>& f) {
   try {
@@ -259,6 +249,5 @@ int main() {
   test_payload_size_formula();
   test_block_apply_and_bounds();
   test_strided_xor_decode();
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return report();
 }

@@ -22,21 +22,11 @@
 #include <string>
 
 #include "codec/tile_encoder.h"
+#include "check.h"
 #include "format/delta_section.h"
 
 using namespace xorgemm;
 namespace fused = xorgemm::cuda::fused;
-
-static int passed = 0, failed = 0;
-
-static void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++passed;
-  } else {
-    ++failed;
-    fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
 
 // 16-byte aligned byte buffer (sections are cp.async'ed in 16-byte units).
 struct Aligned {
@@ -314,6 +304,5 @@ int main() {
       run<emulate::fp16>(c);
     }
   }
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return report();
 }
