@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "format/delta_section.h"
+#include "op_args.h"
 
 namespace xorgemm {
 namespace {
@@ -132,15 +133,7 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   const Problem p = make_problem(M, base, sections.vec(), tile_offsets.vec(), row_delta, tile_rows, tile_cols);
-  if (bias.has_value()) {  // checked before any work
-    const at::Tensor& bv = *bias;
-    TORCH_CHECK(bv.scalar_type() == x.scalar_type() && bv.device().is_cpu(), "xorgemm: bias must be a ",
-                x.scalar_type(), " CPU tensor");
-    TORCH_CHECK((bv.dim() == 1 && bv.size(0) == N) ||
-                    (bv.dim() == 2 && bv.size(0) == (int64_t)sections.size() + 1 && bv.size(1) == N),
-                "xorgemm: bias must be [", N, "] or, one row per delta plus the base, [", sections.size() + 1, ", ",
-                N, "]; got ", bv.sizes());
-  }
+  check_bias(bias, x.scalar_type(), x.device(), N, sections.size());  // before any work
   at::Tensor out = at::empty({M, N}, x.options());
   for (size_t gi = 0; gi < p.group_rows.size(); ++gi) {
     const auto& rows = p.group_rows[gi];
@@ -170,9 +163,7 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
       out.add_(bv.index_select(0, ids.reshape({-1})));
     }
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(N);
-  return out.reshape(shape);
+  return out.reshape(rows_shape(x.sizes(), N));
 }
 
 at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
@@ -202,9 +193,7 @@ at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
     });
     put_rows(out, rows, xg);
   }
-  std::vector<int64_t> shape(grad_y.sizes().begin(), grad_y.sizes().end() - 1);
-  shape.push_back(K);
-  return out.reshape(shape);
+  return out.reshape(rows_shape(grad_y.sizes(), K));
 }
 
 }  // namespace

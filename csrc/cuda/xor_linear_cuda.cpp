@@ -21,6 +21,7 @@
 
 #include "cuda/apply_delta.h"
 #include "cuda/xor_gemm.h"
+#include "op_args.h"
 
 namespace xorgemm {
 namespace cuda {
@@ -194,22 +195,16 @@ bool use_fused(const at::Tensor& a2, const at::Tensor& base, at::TensorList sect
 
 at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,
                            at::TensorList tile_offsets, const std::optional<at::Tensor>& row_delta,
-                           const std::optional<at::Tensor>& bias, int64_t tile_rows, int64_t tile_cols) {
+                           const std::optional<at::Tensor>& bias_in, int64_t tile_rows, int64_t tile_cols) {
   TORCH_CHECK(x.dim() >= 1 && base.dim() == 2 && x.size(-1) == base.size(1), "xorgemm: x has ", x.size(-1),
               " input features but the weight has ", base.dim() == 2 ? base.size(1) : -1);
   const int64_t N = base.size(0), K = base.size(1);
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   check_inputs("x", x2, base, sections, tile_offsets, row_delta, M, tile_rows, tile_cols);
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.device() == base.device() && b.is_contiguous(),
-                "xorgemm: bias must be a contiguous ", x.scalar_type(), " tensor on ", base.device());
-    TORCH_CHECK((b.dim() == 1 && b.size(0) == N) ||
-                    (b.dim() == 2 && b.size(0) == (int64_t)sections.size() + 1 && b.size(1) == N),
-                "xorgemm: bias must be [", N, "] or, one row per delta plus the base, [", sections.size() + 1, ", ", N,
-                "]; got ", b.sizes());
-  }
+  check_bias(bias_in, x.scalar_type(), base.device(), N, sections.size());
+  // The fused kernel reads the bias by pointer; it is small, so a strided one is simply copied.
+  const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(base.device());
   at::Tensor out;
   if (!row_delta.has_value() && sections.empty()) {  // the plain base: cuBLAS as it is
@@ -221,9 +216,7 @@ at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::Tens
   } else {
     out = blocks_forward(x2, base, sections, tile_offsets, row_delta, bias, tile_rows, tile_cols);
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(N);
-  return out.reshape(shape);
+  return out.reshape(rows_shape(x.sizes(), N));
 }
 
 at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
@@ -246,9 +239,7 @@ at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
   } else {
     out = blocks_grad_input(g2, base, sections, tile_offsets, row_delta, tile_rows, tile_cols);
   }
-  std::vector<int64_t> shape(grad_y.sizes().begin(), grad_y.sizes().end() - 1);
-  shape.push_back(K);
-  return out.reshape(shape);
+  return out.reshape(rows_shape(grad_y.sizes(), K));
 }
 
 }  // namespace
