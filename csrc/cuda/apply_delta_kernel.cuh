@@ -24,7 +24,8 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
   const int h = (int)(rows - r0 < tile_rows ? rows - r0 : tile_rows);
   const int w = (int)(cols - c0 < tile_cols ? cols - c0 : tile_cols);
   const uint32_t elems = (uint32_t)h * w;
-  const TileEntry e = load_as<TileEntry>(section + t * sizeof(TileEntry));
+  TileEntry e;  // memcpy: a section may start at any byte (a span of a decompressed stream)
+  memcpy(&e, section + t * sizeof(TileEntry), sizeof e);
   if (e.codec != codec::kZero) {
     const uint8_t* payload = section + offsets[t];
     codec::decode_tile_low<Word>(payload, e, elems, tile, threadIdx.x, blockDim.x);
