@@ -16,7 +16,6 @@ Writes bench/results/gemm_<device>.json and .md (and .png with --plot); --multi 
 from __future__ import annotations
 
 import argparse
-import bisect
 import datetime
 import json
 import os
@@ -40,7 +39,7 @@ from gemm_multi import KINDS_MULTI, bench_model, bench_multi, markdown_multi  # 
 
 import xorgemm  # noqa: E402
 from xorgemm import XorLinear  # noqa: E402
-from xorgemm.format.gpu_decompress import nvcomp_available  # noqa: E402
+from xorgemm.format.gpu_decompress import GpuZstdBatch, nvcomp_available  # noqa: E402
 from xorgemm.testing import ROW_DISTRIBUTIONS, perturb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,42 +154,20 @@ class UnfusedNvcomp:
     the apply kernel XORs it onto the base into a full fine-tuned weight, cuBLAS multiplies."""
 
     def __init__(self, delta_tensor, base_d):
-        from nvidia import nvcomp
-
         from xorgemm._native import CUDA
 
-        f = delta_tensor.file
-        off, length = delta_tensor.span
-        first = bisect.bisect_right(f._raw_starts, off) - 1
-        last = bisect.bisect_right(f._raw_starts, off + length - 1) - 1
-        frames = [f._mm[f._payload_off + int(c[0]): f._payload_off + int(c[0]) + int(c[1])]
-                  for c in f.chunks[first:last + 1]]
-        raw = [int(c[2]) for c in f.chunks[first:last + 1]]
-        comp_off = [0]
-        for fr in frames[:-1]:
-            comp_off.append(comp_off[-1] + -(-len(fr) // 16) * 16)
-        host = torch.zeros(comp_off[-1] + len(frames[-1]) + 16, dtype=torch.uint8)
-        for o, fr in zip(comp_off, frames):
-            host[o:o + len(fr)] = torch.frombuffer(bytearray(fr), dtype=torch.uint8)
-        self.comp = host.cuda()
-        self.raw = torch.empty(sum(raw), dtype=torch.uint8, device="cuda")
-        raw_off = [sum(raw[:i]) for i in range(len(raw))]
-        s = torch.cuda.current_stream().cuda_stream
-        self.codec = nvcomp.Codec(algorithm="Zstd", bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=s)
-        self.src = nvcomp.as_arrays(self.comp, comp_off, [len(fr) for fr in frames], cuda_stream=s)
-        self.dst = nvcomp.as_arrays(self.raw, raw_off, raw, cuda_stream=s)
-        self.config = self.codec.decompression_config(self.src)  # parsed once: decode itself never syncs
-        self.start = off - int(f._raw_starts[first])
-        self.length = length
-        self.offsets = delta_tensor.resident("cpu")[1].cuda()
+        frames, sizes, self.start = delta_tensor.file.span_frames(*delta_tensor.span)
+        self.batch = GpuZstdBatch(frames, sizes, base_d.device, delta_tensor.name)
+        self.length = delta_tensor.span[1]
+        self.offsets = delta_tensor.resident("cpu")[1].to(base_d.device)
         self.grid = delta_tensor.grid
         self.base = base_d
         self.out = torch.empty_like(base_d)
         self.CUDA = CUDA
 
     def __call__(self, x):
-        self.codec.decode(self.src, out=self.dst, decompression_config=self.config)
-        section = self.raw[self.start:self.start + self.length]
+        raw = self.batch.decode(check=False)  # no waiting on the GPU inside the timed call
+        section = raw[self.start:self.start + self.length]
         self.CUDA.apply_section(section, self.offsets, self.base.view(-1).view(torch.uint8),
                                 self.out.view(-1).view(torch.uint8), *self.grid.args)
         return F.linear(x, self.out)

@@ -30,7 +30,7 @@ import zstandard
 
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, where
-from xorgemm.format.gpu_decompress import decompress_on_gpu, decompressor_for
+from xorgemm.format.gpu_decompress import GpuZstdBatch, decompressor_for
 from xorgemm.format.layout import (
     CODEC_NAMES,
     DTYPES,
@@ -509,8 +509,7 @@ class DeltaFile:
         """Bytes [offset, offset+length) of the decoded stream, decompressing only the chunks they touch."""
         if length == 0:
             return torch.empty(0, dtype=torch.uint8)
-        first = bisect.bisect_right(self._raw_starts, offset) - 1
-        last = bisect.bisect_right(self._raw_starts, offset + length - 1) - 1
+        first, last = self._chunk_range(offset, length)
         out = torch.empty(length, dtype=torch.uint8)
         dst = out.numpy()
         for i in range(first, last + 1):
@@ -525,16 +524,26 @@ class DeltaFile:
         """read_span, decompressed on a GPU by nvCOMP (gpu_decompress.py): the result lives on `device`."""
         if length == 0:
             return torch.empty(0, dtype=torch.uint8, device=device)
-        first = bisect.bisect_right(self._raw_starts, offset) - 1
-        last = bisect.bisect_right(self._raw_starts, offset + length - 1) - 1
+        frames, sizes, start = self.span_frames(offset, length)
+        raw = GpuZstdBatch(frames, sizes, device, where(self.path, tensor)).decode()
+        return raw[start:start + length].clone()  # its own allocation: aligned, and the rest is freed
+
+    def span_frames(self, offset: int, length: int) -> tuple[list, list[int], int]:
+        """The compressed chunks (zstd frames, views of the file) covering stream bytes [offset, offset+length),
+        their decompressed sizes, and where the span starts in their concatenated output. Unchecked: for a
+        decoder that checks sizes itself (nvCOMP's); read_span checks the XXH3 sums."""
+        first, last = self._chunk_range(offset, length)
         frames, sizes = [], []
         for i in range(first, last + 1):
             off, n, raw_len, _ = (int(v) for v in self.chunks[i])
             frames.append(self._mm[self._payload_off + off: self._payload_off + off + n])
             sizes.append(raw_len)
-        raw = decompress_on_gpu(frames, sizes, device, where(self.path, tensor))
-        start = offset - int(self._raw_starts[first])
-        return raw[start:start + length].clone()  # its own allocation: aligned, and the rest is freed
+        return frames, sizes, offset - int(self._raw_starts[first])
+
+    def _chunk_range(self, offset: int, length: int) -> tuple[int, int]:
+        """First and last chunk holding stream bytes [offset, offset+length), length > 0."""
+        return (bisect.bisect_right(self._raw_starts, offset) - 1,
+                bisect.bisect_right(self._raw_starts, offset + length - 1) - 1)
 
     def compressed_share(self, name) -> float:
         """On-disk bytes attributable to a tensor: its share of every chunk its span touches."""
@@ -543,8 +552,7 @@ class DeltaFile:
         if n == 0:
             return 0.0
         total = 0.0
-        first = bisect.bisect_right(self._raw_starts, off) - 1
-        last = bisect.bisect_right(self._raw_starts, off + n - 1) - 1
+        first, last = self._chunk_range(off, n)
         for i in range(first, last + 1):
             lo, hi = int(self._raw_starts[i]), int(self._raw_starts[i + 1])
             total += self.chunks[i, 1] * (min(hi, off + n) - max(lo, off)) / (hi - lo)
