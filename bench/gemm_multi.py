@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xorgemm import XorLinear
-from xorgemm.testing import ROW_DISTRIBUTIONS, row_finetunes
+from xorgemm.testing import row_finetunes
 
 KINDS_MULTI = ("small", "seed", "dense")
 DISTINCT_DELTAS = 16
@@ -58,15 +58,13 @@ class Case:
         weight_bytes = self.base.numel() * self.base.element_size()
         delta_bytes = [proto.delta_bytes(f"f{i % len(distinct)}") for i in range(d)]
         self.rot = rot_of(weight_bytes + sum(delta_bytes))
-        self.grouped, self.single = [], []
+        self.layers = []  # each serves the grouped call and, one fine-tune at a time, the single calls
         for _ in range(self.rot):
             layer = XorLinear(self.base.clone())
             for i in range(d):  # copies of the validated sections: no re-encoding per copy
                 slot = proto.deltas[f"f{i % len(distinct)}"]
                 layer._add_slot(f"g{i}", slot.section.clone(), slot.offsets.clone(), None)
-            layer.to(device)
-            self.grouped.append(layer)
-            self.single.append(layer)  # the same resident state, one fine-tune per call
+            self.layers.append(layer.to(device))
         self.dense = [[f.clone() for f in self.fts] for _ in range(self.rot)]
         self.weight_bytes, self.delta_bytes = weight_bytes, delta_bytes
 
@@ -101,11 +99,11 @@ def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, devic
     with torch.no_grad():
         dense_ms = timer(lambda i: [F.linear(xs[f], c.dense[i][f]) for f in active], c.rot, graph=gpu)
         timing["dense"] = timer.last
-        single_ms = timer(lambda i: [c.single[i](xs[f], finetune=names[f]) for f in active], c.rot, graph=gpu)
+        single_ms = timer(lambda i: [c.layers[i](xs[f], finetune=names[f]) for f in active], c.rot, graph=gpu)
         timing["single"] = timer.last
-        grouped_ms = timer(lambda i: c.grouped[i](x, finetune=ids_d), c.rot, graph=gpu)
+        grouped_ms = timer(lambda i: c.layers[i](x, finetune=ids_d), c.rot, graph=gpu)
         timing["grouped"] = timer.last
-        y = c.grouped[0](x, finetune=ids_d)
+        y = c.layers[0](x, finetune=ids_d)
     err = max(((y[rows_of[f]].double() - xs[f].double() @ c.fts[f].double().T).norm()
                / (xs[f].double() @ c.fts[f].double().T).norm()).item() for f in active)
     moved = c.weight_bytes + sum(c.delta_bytes[f] for f in active) + x.numel() * x.element_size() * (1 + n / k)
@@ -211,5 +209,3 @@ def markdown_multi(rows, model_rows, meta) -> str:
                        f"{r['dense_ms']:.3f} | {r['xorgemm_ms']:.3f} | {r['speedup']:.1f}x |")
     return "\n".join(out) + "\n"
 
-
-__all__ = ["KINDS_MULTI", "ROW_DISTRIBUTIONS", "bench_multi", "bench_model", "markdown_multi"]

@@ -14,6 +14,7 @@ for every XorLinear of a model at once (see patch.py).
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -322,6 +323,9 @@ class XorLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+@functools.cache
 def _has_kernel(device_type: str) -> bool:
+    """Whether the op has a kernel for this device type (fixed once the extensions are loaded: cached, as
+    forward asks on every call)."""
     key = {"cuda": "CUDA", "meta": "Meta"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("xorgemm::xor_linear", key)
