@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import xorgemm
 from xorgemm import XorLinear
 from xorgemm.nn import _has_kernel
 from xorgemm.testing import DELTA_KINDS, perturb
@@ -131,3 +132,35 @@ def test_small_paths(monkeypatch, path):
     weights = [base] + fts
     for r in range(7):
         assert rel_err(y[r], x[r].double() @ weights[ids[r] + 1].double().T) < 1e-2
+
+
+def test_bad_inputs_are_clear_errors(monkeypatch):
+    """The CUDA op's argument checks: every one names what is wrong, none reaches a kernel."""
+    base = torch.randn(128, 64).bfloat16()
+    layer = XorLinear(base.cuda())
+    layer.add_delta("ft", perturb(base, "dense").cuda())
+    slot = layer.deltas["ft"]
+    x = torch.randn(3, 64).bfloat16().cuda()
+    op = torch.ops.xorgemm.xor_linear
+    with pytest.raises(xorgemm.InputError, match="input is on cpu"):
+        layer(x.cpu(), finetune="ft")
+    with pytest.raises(RuntimeError, match="xorgemm: x is Float but the weight is BFloat16"):
+        op(x.float(), layer.base_weight, [slot.section], [slot.offsets], None, None, 64, 64)
+    with pytest.raises(RuntimeError, match="section 0 must be"):
+        op(x, layer.base_weight, [slot.section.cpu()], [slot.offsets], None, None, 64, 64)
+    with pytest.raises(RuntimeError, match="one int64 per tile"):
+        op(x, layer.base_weight, [slot.section], [slot.offsets[:-1]], None, None, 64, 64)
+    with pytest.raises(RuntimeError, match="row_delta must be an int64 tensor on"):
+        op(x, layer.base_weight, [slot.section], [slot.offsets], torch.zeros(3, dtype=torch.long), None, 64, 64)
+    with pytest.raises(RuntimeError, match="need a row_delta"):
+        op(x, layer.base_weight, [slot.section] * 2, [slot.offsets] * 2, None, None, 64, 64)
+    with pytest.raises(RuntimeError, match=r"bias must be \[128\]"):
+        op(x, layer.base_weight, [slot.section], [slot.offsets], None, torch.zeros(64).bfloat16().cuda(), 64, 64)
+    monkeypatch.setenv("XORGEMM_CUDA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="XORGEMM_CUDA_PATH must be fused, blocks or auto"):
+        layer(x, finetune="ft")
+    monkeypatch.setenv("XORGEMM_CUDA_PATH", "fused")
+    fp32 = XorLinear(base.float().cuda())
+    fp32.add_delta("ft", perturb(base.float(), "dense").cuda())
+    with pytest.raises(RuntimeError, match="the fused kernel needs bf16/fp16"):
+        fp32(x.float(), finetune="ft")

@@ -153,3 +153,24 @@ def test_base_is_hashed_once_per_model(zoo, monkeypatch):
     xorgemm.add_finetune(model, "bias_only", paths["bias_only"])
     # Only tensors no earlier delta listed get hashed now (pack lists every tensor: none here).
     assert len(calls) == first
+
+
+def test_bank_bad_inputs_are_clear_errors(zoo, tmp_path):
+    base, fts, paths = zoo
+    model = xorgemm.patch_model(copy.deepcopy(base), {"up": paths["up"]})
+    with pytest.raises(xorgemm.InputError, match="non-empty string"):
+        xorgemm.add_finetune(model, "", paths["all"])
+    # A fine-tune that stores up.weight whole (another shape) cannot join a layer already an XorLinear.
+    reshaped = {k: v.clone() for k, v in state_dict_of(base).items()}
+    reshaped["up.weight"] = torch.randn(64, 128)
+    path = tmp_path / "reshaped.xor.safetensors"
+    xorgemm.pack(state_dict_of(base), reshaped, path)
+    with pytest.raises(xorgemm.InputError, match="stored whole .*already served by an XorLinear"):
+        xorgemm.add_finetune(model, "reshaped", path)
+    assert model.xorgemm_finetunes == ["up"] and model.up.finetunes == ["up"] and model.down.__class__ is nn.Linear
+    with pytest.raises(xorgemm.InputError, match="not patched"):
+        xorgemm.memory_report(Net())
+    with pytest.raises(xorgemm.InputError, match="unknown fine-tune"):
+        model.up.remove_delta("nope")
+    with pytest.raises(xorgemm.InputError, match="already in this XorLinear"):
+        model.up.add_unchanged("up")

@@ -173,6 +173,12 @@ def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True,
         select(model, None)  # base values in place before layers are built from the model's tensors
     if check_base:
         _check_bases(model, d, _base_state(model))
+    for mod_name, mod in model.named_modules():  # refused before any layer changes
+        wname = f"{mod_name}.weight" if mod_name else "weight"
+        t = d.tensors.get(wname)
+        if isinstance(mod, XorLinear) and t is not None and t.kind == "whole":
+            raise InputError(f"{d.path}: tensor '{wname}' is stored whole ({t.reason}), but {mod_name} is already "
+                             "served by an XorLinear; such a fine-tune can only be patched in with the others")
     ov, report = model.xorgemm_overrides, model.xorgemm_report
     covered = set()
     for mod_name, mod in list(model.named_modules()):
@@ -184,9 +190,6 @@ def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True,
                 bias = d.tensors.get(bname)
                 mod.add_unchanged(name, None if bias is None or bias.kind == "same" else
                                   bias.apply(None if mod.bias is None else mod.bias.detach().cpu()))
-            elif t.kind == "whole":
-                raise InputError(f"{d.path}: tensor '{wname}' is stored whole ({t.reason}), but {mod_name} is already "
-                                 "served by an XorLinear; such a fine-tune can only be patched in with the others")
             else:
                 mod.add_delta_from_file(name, t, d.tensors.get(bname), check_base=False)
             covered.update({wname, bname})
