@@ -1,20 +1,20 @@
 # Two commands on a fresh machine (Python 3.10+, a C++ compiler; nvcc for the CUDA extension):
 #   make demo    build everything, then pack/verify the seed scenario and a real MiniLM fine-tune
 #   make test    build everything, then pytest, the native unit tests and a bounded fuzzing run
-# The virtual environment is .venv; TORCH selects the torch build (a CUDA 13.0 build by default).
+# Both build the same .venv once (one editable install with the test and demo extras); editing any file
+# under csrc/ rebuilds it. TORCH selects the torch build (a CUDA 13.0 build by default).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.14.1
 FUZZ_SECONDS ?= 60
-export TORCH_CUDA_ARCH_LIST ?= 8.0+PTX;9.0a
 
 PY     := $(VENV)/bin/python
-NATIVE := $(wildcard csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
+NATIVE := $(shell find csrc -type f)
 
 .PHONY: demo test pytest native fuzz bench clean
 
-demo: $(VENV)/.demo
-	$(PY) -m xorgemm.demo
+demo: $(VENV)/.built
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: pytest native fuzz
 
@@ -38,7 +38,7 @@ fuzz: $(NATIVE) tests/cpp/fuzz_delta_section.cpp CMakeLists.txt
 	elif [ "$$XORGEMM_REQUIRE_FUZZ" = 1 ]; then echo "fuzz: clang++ not found (apt-get install clang)"; exit 1; \
 	else echo "fuzz: skipped, clang++ not found (apt-get install clang)"; fi
 
-bench: $(VENV)/.demo
+bench: $(VENV)/.built
 	$(PY) -m pip install -q -e '.[bench]' --no-build-isolation
 	$(PY) bench/pack.py
 	$(PY) bench/gemm.py --plot
@@ -50,11 +50,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.built: $(VENV)/.torch setup.py pyproject.toml $(NATIVE)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
-	touch $@
-
-$(VENV)/.demo: $(VENV)/.built
-	$(PY) -m pip install -q -e '.[demo]' --no-build-isolation
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,demo]'
 	touch $@
 
 clean:

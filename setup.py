@@ -1,8 +1,8 @@
 """Builds xorgemm's native extensions.
 
-xorgemm._C       C++ (always): tile codecs, delta sections, the xorgemm ops and their CPU kernels.
-xorgemm._C_cuda  CUDA (when nvcc and a CUDA build of torch are present): GPU kernels over the same shared
-                 codec headers. XORGEMM_FORCE_CPU=1 skips it; TORCH_CUDA_ARCH_LIST picks the targets
+xorgemm._C       C++ (always): tile codecs, delta sections, the xorgemm op schemas and their CPU kernels.
+xorgemm._C_cuda  CUDA (when nvcc and a CUDA build of torch are present): the ops' CUDA kernels over the same
+                 shared codec headers. XORGEMM_FORCE_CPU=1 skips it; TORCH_CUDA_ARCH_LIST picks the targets
                  (default "8.0+PTX;9.0a": cubins for sm_80 and sm_90a, PTX for newer GPUs to JIT).
 """
 import os
@@ -64,7 +64,7 @@ cxx_flags = ["-O3", "-std=c++20"]
 ext_modules = [
     CppExtension(
         "xorgemm._C",
-        sources=[f"{CSRC}/python/module.cpp", f"{CSRC}/ops.cpp", f"{CSRC}/cpu/xor_gemm.cpp",
+        sources=[f"{CSRC}/python/module.cpp", f"{CSRC}/ops.cpp", f"{CSRC}/cpu/xor_linear_cpu.cpp",
                  f"{CSRC}/format/delta_section.cpp"],
         include_dirs=[str(ROOT / CSRC)],
         extra_compile_args={"cxx": cxx_flags},
@@ -76,8 +76,8 @@ if _want_cuda():
     ext_modules.append(
         CUDAExtension(
             "xorgemm._C_cuda",
-            sources=[f"{CSRC}/cuda/module.cpp", f"{CSRC}/cuda/apply_delta.cu", f"{CSRC}/cuda/xor_gemm.cu",
-                     f"{CSRC}/cuda/xor_linear_cuda.cpp"],
+            sources=[f"{CSRC}/cuda/xor_linear_cuda.cpp", f"{CSRC}/cuda/apply_section.cu",
+                     f"{CSRC}/cuda/fused_gemm.cu", f"{CSRC}/format/delta_section.cpp"],
             include_dirs=[str(ROOT / CSRC)] + _cuda_include_dirs(),
             extra_compile_args={
                 "cxx": cxx_flags,

@@ -10,39 +10,41 @@ and checks xorgemm against F.linear in float64 (normwise relative error: fp32 < 
     python bench/gemm.py                         # CPU defaults (smaller shapes)
     python bench/gemm.py --device cuda           # Llama-class shapes on a GPU
     python bench/gemm.py --shapes 4096x4096 --m 256 --dtypes fp32 --kinds sparse --plot
-    python bench/gemm.py --device cuda --multi [--model]   # many fine-tunes per batch (bench/gemm_multi.py)
-Writes bench/results/gemm_<device>.json and .md (and .png with --plot); --multi writes gemm_multi_cuda.*.
+    python bench/gemm.py --multi ARGS            # the same as python bench/gemm_multi.py ARGS (many fine-tunes)
+Writes bench/results/gemm_<device>.json and .md (and .png with --plot); --update-readme also rewrites the README's
+summary table.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (
+    RESULTS,
+    ROOT,
+    Timer,
+    command_line,
+    copy_bandwidth,
+    cpu_name,
+    driver_version,
+    parse_shapes,
+    rel_err,
+    replace_region,
+    rotation,
+    timestamp,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import xorgemm
+from xorgemm import XorLinear
+from xorgemm.resident.gpu_decompress import GpuZstdBatch, nvcomp_available
+from xorgemm.testing import FLOAT_DTYPES, perturb
 
-from gemm_multi import KINDS_MULTI, bench_model, bench_multi, markdown_multi  # noqa: E402
-
-import xorgemm  # noqa: E402
-from xorgemm import XorLinear  # noqa: E402
-from xorgemm.format.gpu_decompress import GpuZstdBatch, nvcomp_available  # noqa: E402
-from xorgemm.testing import ROW_DISTRIBUTIONS, perturb  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 DEFAULTS = {
     "cpu": {"shapes": ["4096x4096", "1024x4096"], "m": [1, 16, 256], "dtypes": ["fp32", "bf16"]},
@@ -62,121 +64,30 @@ def make_finetune(base, kind, seed):
     return perturb(base, kind, frac=0.03, magnitude=1e-3, seed=seed)
 
 
-class Timer:
-    """Median milliseconds of a callable. On a GPU, `graph=True` captures the calls in a CUDA graph and times
-    its replays: the GPU's time alone, without Python's launch overhead, as a serving engine that replays
-    graphs sees it; a callable that cannot be captured (nvCOMP's decoder) falls back to eager timing and
-    `self.last` says which was used."""
-
-    def __init__(self, device, reps, warmup):
-        self.device, self.reps, self.warmup = device, reps, warmup
-        self.last = "eager"
-
-    def __call__(self, fn, rotate: int = 1, graph: bool = False) -> float:
-        """Median milliseconds of fn(i), i cycling through range(rotate): callers keep `rotate` copies of
-        their weights so that, on a GPU, L2 does not serve them from the previous run."""
-        for i in range(self.warmup):
-            fn(i % rotate)
-        if self.device == "cuda" and graph:
-            try:
-                ms = self._graph(fn, rotate)
-                self.last = "graph"
-                return ms
-            except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
-                torch.cuda.synchronize()
-        self.last = "eager"
-        times = []
-        if self.device == "cuda":
-            for i in range(self.reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(i % rotate)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for i in range(self.reps):
-                t = time.perf_counter()
-                fn(i % rotate)
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-
-    def _graph(self, fn, rotate) -> float:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
-            for i in range(rotate):
-                fn(i)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(rotate):  # one replay runs every copy once: L2 rotation kept
-                fn(i)
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / rotate)
-        return statistics.median(times)
-
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
-def copy_bandwidth(timer, device="cuda") -> float:
-    """Copy bandwidth in GB/s (device to device on a GPU), bytes read plus written, on a 1 GiB buffer."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    ms = timer(lambda i: b.copy_(a))
-    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
-
-
-def driver_version() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return "unknown"
-
-
-def rotation(weight_bytes: int) -> int:
-    """Copies of the weights to cycle through so that each timed run reads them from HBM, not L2."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, -(-3 * l2 // weight_bytes))
-
-
 class UnfusedNvcomp:
     """The unfused GPU baseline: nvCOMP decompresses the whole delta (its zstd chunks resident on the GPU),
     the apply kernel XORs it onto the base into a full fine-tuned weight, cuBLAS multiplies."""
 
     def __init__(self, delta_tensor, base_d):
-        from xorgemm._native import CUDA
-
         frames, sizes, self.start = delta_tensor.file.span_frames(*delta_tensor.span)
         self.batch = GpuZstdBatch(frames, sizes, base_d.device, delta_tensor.name)
         self.length = delta_tensor.span[1]
-        self.offsets = delta_tensor.resident("cpu")[1].to(base_d.device)
-        self.grid = delta_tensor.grid
+        self.offsets = delta_tensor.section()[1].to(base_d.device)
+        self.tile = delta_tensor.tile
         self.base = base_d
         self.out = torch.empty_like(base_d)
-        self.CUDA = CUDA
 
     def __call__(self, x):
         raw = self.batch.decode(check=False)  # no waiting on the GPU inside the timed call
         section = raw[self.start:self.start + self.length]
-        self.CUDA.apply_section(section, self.offsets, self.base.view(-1).view(torch.uint8),
-                                self.out.view(-1).view(torch.uint8), *self.grid.args)
+        torch.ops.xorgemm.apply_section(section, self.offsets, self.base, self.out, *self.tile)
         return F.linear(x, self.out)
 
 
 def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs):
     """Rows for one weight shape, dtype and delta kind, at every token count in `ms`."""
     n, k = shape
-    dtype = DTYPES[dtype_name]
+    dtype = FLOAT_DTYPES[dtype_name]
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
     ft = make_finetune(base, kind, seed=1)
@@ -184,13 +95,13 @@ def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs):
     xorgemm.pack({"w": base}, {"w": ft}, path)
     delta = xorgemm.load_delta(path)
     weight_bytes = base.numel() * base.element_size()
-    rot = rotation(weight_bytes) if device == "cuda" else 1
+    rot = rotation(weight_bytes, device)
     bases = [base.to(device) for _ in range(rot)]
     fts = [ft.to(device) for _ in range(rot)]
     layers = []
     for b in bases:
         layer = XorLinear(b)
-        layer.add_delta_from_file("ft", delta["w"])
+        layer.add_finetune_from_file("ft", delta["w"])
         layer.active = "ft"
         layers.append(layer)
     if device == "cuda" and nvcomp_available():
@@ -279,15 +190,6 @@ def summary(rows) -> str:
     return "\n".join(out) + "\n"
 
 
-def update_readme(text: str):
-    readme = ROOT / "README.md"
-    pattern = r"(<!-- gemm-summary:begin -->\n).*?(<!-- gemm-summary:end -->)"
-    new, n = re.subn(pattern, lambda m: m.group(1) + text + m.group(2), readme.read_text(), flags=re.S)
-    if n != 1:
-        raise SystemExit(f"{readme}: no <!-- gemm-summary:begin/end --> markers to replace")
-    readme.write_text(new)
-
-
 def plot(rows, path):
     import matplotlib
 
@@ -308,75 +210,34 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main_multi(a, argv):
-    """--multi: the grouped kernel on a GPU. On the CPU (--device cpu) it only dry-runs the same code on the
-    CPU op, for checking the script; its numbers say nothing about the GPU kernel."""
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU here")
-    timer = Timer(a.device, a.reps or 30, 5)
-    copy_gbs = copy_bandwidth(timer, a.device)
-    gpu = a.device == "cuda"
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if gpu else "CPU (dry run)", "cuda": torch.version.cuda,
-            "driver": driver_version() if gpu else "n/a", "copy_gbs": copy_gbs,
-            "command": "python bench/gemm.py" + "".join(f" {v}" for v in argv)}
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (a.shapes or ["4096x4096", "14336x4096"])]
-    dtype = (a.dtypes or ["bf16"])[0]
-    ms_of = (lambda d: a.m) if a.m else (lambda d: sorted({d, 4 * d, 256}))
-    rows = bench_multi(shapes, a.d, a.dists, a.multi_kinds, dtype, DTYPES, timer, rotation if gpu else (lambda b: 1),
-                       copy_gbs, ms_of, a.device)
-    model_rows = bench_model(16, 2, 2048 if gpu else 128, DTYPES[dtype], timer, 16, a.device) if a.model else []
-    table = markdown_multi(rows, model_rows, meta)
-    print(table)
-    out = Path(a.out or ROOT / "bench" / "results" / f"gemm_multi_{a.device}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "model_rows": model_rows},
-                                                   indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# xorgemm multi-fine-tune benchmark ({a.device})\n\n{table}")
-    bad = [r for r in rows if not r["correct"]]
-    if bad:
-        raise SystemExit(f"{len(bad)} rows failed the correctness check")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--multi" in argv:
+        import gemm_multi
+
+        return gemm_multi.main([v for v in argv if v != "--multi"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shapes", nargs="+", help="N x K weight shapes, e.g. 4096x4096 (default: per device)")
     p.add_argument("--m", type=int, nargs="+", help="token counts (default: per device)")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: per device")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(FLOAT_DTYPES), help="default: per device")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS)
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 15 CPU, 50 GPU)")
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/gemm_<device>)")
     p.add_argument("--plot", action="store_true", help="also write a PNG (matplotlib)")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's CPU summary table")
-    p.add_argument("--multi", action="store_true", help="many fine-tunes per batch (GPU): see bench/gemm_multi.py")
-    p.add_argument("--d", type=int, nargs="+", default=[1, 4, 16, 64], help="--multi: fine-tunes per batch")
-    p.add_argument("--dists", nargs="+", choices=ROW_DISTRIBUTIONS, default=list(ROW_DISTRIBUTIONS),
-                   help="--multi: how rows spread over fine-tunes")
-    p.add_argument("--multi-kinds", nargs="+", choices=KINDS_MULTI, default=["small", "dense"],
-                   help="--multi: delta kinds")
-    p.add_argument("--model", action="store_true", help="--multi: also the model-level run over frozen shares")
+    p.add_argument("--multi", action="store_true",
+                   help="run bench/gemm_multi.py (many fine-tunes per batch) with the other arguments instead")
     a = p.parse_args(argv)
-    if a.multi:
-        return main_multi(a, argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")
     d = DEFAULTS[a.device]
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (a.shapes or d["shapes"])]
+    shapes = parse_shapes(a.shapes or d["shapes"])
     timer = Timer(a.device, a.reps or (15 if a.device == "cpu" else 50), 2 if a.device == "cpu" else 10)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "device": (torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "CPU")
-            + (f", {torch.get_num_threads()} threads" if a.device == "cpu" else ""),
-            "command": "python bench/gemm.py" + "".join(f" {v}" for v in argv if v != "--update-readme")}
-    if a.device == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    meta["device"] = line.split(":", 1)[1].strip() + f", {torch.get_num_threads()} threads"
-                    break
-        except OSError:
-            pass
+    meta = {"date": timestamp(), "torch": torch.__version__,
+            "device": (torch.cuda.get_device_name() if a.device == "cuda"
+                       else f"{cpu_name()}, {torch.get_num_threads()} threads"),
+            "command": command_line("bench/gemm.py", argv, drop=("--update-readme",))}
     copy_gbs = None
     if a.device == "cuda":
         copy_gbs = copy_bandwidth(timer)
@@ -398,14 +259,13 @@ def main(argv=None):
                     rows += bench_case(shape, a.m or d["m"], dtype, kind, a.device, timer, work, copy_gbs)
     table = markdown(rows, meta)
     print(table)
-    out = Path(a.out or ROOT / "bench" / "results" / f"gemm_{a.device}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# xorgemm GEMM benchmark ({a.device})\n\n{table}")
+    out = write_results(a.out or RESULTS / f"gemm_{a.device}", f"xorgemm GEMM benchmark ({a.device})", table,
+                        meta=meta, rows=rows)
     if a.plot:
         plot(rows, out.with_suffix(".png"))
     if a.update_readme:
-        update_readme(summary(rows) + f"\n{meta['device']}, {meta['date'][:10]}, `{meta['command']}`.\n")
+        replace_region(ROOT / "README.md", "gemm-summary",
+                       summary(rows) + f"\n{meta['device']}, {meta['date'][:10]}, `{meta['command']}`.\n")
     bad = [r for r in rows if r.get("correct") is False]
     if bad:
         raise SystemExit(f"{len(bad)} rows failed the correctness check")

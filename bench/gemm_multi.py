@@ -1,5 +1,4 @@
-"""Many fine-tunes in one batch (`python bench/gemm.py --multi`): the grouped XOR GEMM against the same run's
-baselines, on a GPU.
+"""Many fine-tunes in one batch: the grouped XOR GEMM against the same run's baselines, on a GPU.
 
 For D fine-tunes of one base weight (N x K), M rows spread over them (distinct / uniform / zipf / skewed /
 identical, see xorgemm.testing.row_finetunes), it times, median of many runs after warm-up, with every weight
@@ -15,19 +14,36 @@ resident ~6%), dense (every element, 1% noise). D > 16 reuses 16 distinct deltas
 copies (the same bytes moved, less setup). `--model` adds a model-level run: a decoder-shaped stack whose
 fine-tunes leave nothing / attention / the MLP / everything frozen, served by one patched stack against D
 dense stacks.
+
+    python bench/gemm_multi.py --device cuda                     # D = 1, 4, 16, 64; small and dense deltas
+    python bench/gemm_multi.py --device cuda --shapes 4096x4096 --d 16 --dists zipf --kinds small seed --model
+    python bench/gemm_multi.py --device cpu --shapes 512x512 --d 4 --m 8   # dry run of the script on the CPU op
+Writes bench/results/gemm_multi_<device>.json and .md. (`python bench/gemm.py --multi ...` runs this too.)
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from common import (
+    RESULTS,
+    Timer,
+    command_line,
+    copy_bandwidth,
+    driver_version,
+    parse_shapes,
+    rotation,
+    timestamp,
+    write_results,
+)
 
 from xorgemm import XorLinear
-from xorgemm.testing import row_finetunes
+from xorgemm.testing import FLOAT_DTYPES, ROW_DISTRIBUTIONS, row_finetunes
 
-KINDS_MULTI = ("small", "seed", "dense")
+KINDS = ("small", "seed", "dense")
 DISTINCT_DELTAS = 16
 
 
@@ -47,48 +63,51 @@ def finetune(base: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
 class Case:
     """D fine-tunes of one base weight, resident `rot` times over."""
 
-    def __init__(self, n, k, d, kind, dtype, rot_of, device):
+    def __init__(self, n, k, d, kind, dtype_name, device):
+        self.n, self.k, self.d, self.kind, self.dtype_name, self.device = n, k, d, kind, dtype_name, device
+        self.dtype = FLOAT_DTYPES[dtype_name]
         g = torch.Generator(device=device).manual_seed(n + k + d)
-        self.base = (torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype)
+        self.base = (torch.randn(n, k, generator=g, device=device) * 0.02).to(self.dtype)
         distinct = [finetune(self.base, kind, seed=i) for i in range(min(d, DISTINCT_DELTAS))]
         self.fts = [distinct[i % len(distinct)] for i in range(d)]
         proto = XorLinear(self.base.cpu())
         for i, f in enumerate(distinct):
-            proto.add_delta(f"f{i}", f.cpu())
+            proto.add_finetune(f"f{i}", f.cpu())
         weight_bytes = self.base.numel() * self.base.element_size()
         delta_bytes = [proto.delta_bytes(f"f{i % len(distinct)}") for i in range(d)]
-        self.rot = rot_of(weight_bytes + sum(delta_bytes))
+        self.rot = rotation(weight_bytes + sum(delta_bytes), device)
         self.layers = []  # each serves the grouped call and, one fine-tune at a time, the single calls
         for _ in range(self.rot):
             layer = XorLinear(self.base.clone())
-            for i in range(d):  # copies of the validated sections: no re-encoding per copy
-                slot = proto.deltas[f"f{i % len(distinct)}"]
-                layer._add_slot(f"g{i}", slot.section.clone(), slot.offsets.clone(), None)
+            for i in range(d):  # copies of the encoded sections: no re-encoding per copy
+                layer.add_finetune_section(f"g{i}", proto.deltas[f"f{i % len(distinct)}"].section.clone())
             self.layers.append(layer.to(device))
         self.dense = [[f.clone() for f in self.fts] for _ in range(self.rot)]
         self.weight_bytes, self.delta_bytes = weight_bytes, delta_bytes
 
 
-def bench_multi(shapes, ds, dists, kinds, dtype_name, dtypes, timer, rot_of, copy_gbs, ms_of, device="cuda"):
+def bench_multi(shapes, ds, dists, kinds, dtype_name, ms, timer, copy_gbs):
+    """Rows for every shape, D, delta kind, row distribution and token count M (`ms`, or D, 4 D and 256 for
+    each D when None), on the timer's device."""
     rows = []
     for n, k in shapes:
         for d in ds:
             for kind in kinds:
                 print(f"multi {n}x{k} D={d} {kind} ...", file=sys.stderr, flush=True)
-                c = Case(n, k, d, kind, dtypes[dtype_name], rot_of, device)
+                c = Case(n, k, d, kind, dtype_name, timer.device)
                 for dist in dists:
-                    for m in ms_of(d):
-                        rows.append(one_row(c, n, k, d, kind, dist, m, dtypes[dtype_name], dtype_name, timer,
-                                            copy_gbs, device))
+                    for m in ms or sorted({d, 4 * d, 256}):
+                        rows.append(one_row(c, dist, m, timer, copy_gbs))
                 del c
-                if device == "cuda":
+                if timer.device == "cuda":
                     torch.cuda.empty_cache()
     return rows
 
 
-def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, device):
+def one_row(c, dist, m, timer, copy_gbs):
+    n, k, d, device = c.n, c.k, c.d, c.device
     ids = row_finetunes(dist, m, d, seed=m)
-    x = torch.randn(m, k, device=device).to(dtype)
+    x = torch.randn(m, k, device=device).to(c.dtype)
     ids_d = ids.to(device)
     active = sorted(set(ids.tolist()))
     rows_of = {f: (ids == f).nonzero().reshape(-1).to(device) for f in active}
@@ -108,7 +127,7 @@ def one_row(c, n, k, d, kind, dist, m, dtype, dtype_name, timer, copy_gbs, devic
                / (xs[f].double() @ c.fts[f].double().T).norm()).item() for f in active)
     moved = c.weight_bytes + sum(c.delta_bytes[f] for f in active) + x.numel() * x.element_size() * (1 + n / k)
     gbs = moved / (grouped_ms * 1e-3) / 1e9
-    return {"n": n, "k": k, "d": d, "kind": kind, "dist": dist, "m": m, "dtype": dtype_name,
+    return {"n": n, "k": k, "d": d, "kind": c.kind, "dist": dist, "m": m, "dtype": c.dtype_name,
             "active": len(active), "weight_bytes": c.weight_bytes,
             "resident_delta_frac": statistics.mean(c.delta_bytes) / c.weight_bytes,
             "dense_ms": dense_ms, "single_ms": single_ms, "grouped_ms": grouped_ms,
@@ -130,10 +149,12 @@ def block_forward(layers, h, ids):
     return h + down(torch.relu(up(h, ids)), ids)
 
 
-def bench_model(d, blocks, width, dtype, timer, m, device="cuda"):
+def bench_model(d, blocks, width, dtype, timer, m):
     """A decoder-shaped stack (q, k, v, o: width x width; up: 4 width x width; down: width x 4 width per
     block) serving D fine-tunes, one row each, with a growing set of projections frozen in every fine-tune:
-    one patched stack (grouped calls) against D dense stacks (one cuBLAS GEMM per projection per fine-tune)."""
+    one patched stack (grouped calls) against D dense stacks (one cuBLAS GEMM per projection per fine-tune),
+    on the timer's device."""
+    device = timer.device
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     shape = {"q": (width, width), "k": (width, width), "v": (width, width), "o": (width, width),
@@ -154,7 +175,7 @@ def bench_model(d, blocks, width, dtype, timer, m, device="cuda"):
                     if p in frozen:
                         layer.add_unchanged(f"f{f}")
                     else:
-                        layer.add_delta(f"f{f}", finetune(b[p], "small", seed=1000 * bi + 10 * f + len(p)))
+                        layer.add_finetune(f"f{f}", finetune(b[p], "small", seed=1000 * bi + 10 * f + len(p)))
                 layers[p] = layer
             patched.append({p: (lambda h, i, layer=layers[p]: layer(h, finetune=i)) for p in PROJECTIONS})
             for f in range(d):  # D separate dense models: frozen projections are copies of the base, not shared
@@ -177,7 +198,7 @@ def run_stack(blocks, h, ids):
     return h
 
 
-def markdown_multi(rows, model_rows, meta) -> str:
+def markdown(rows, model_rows, meta) -> str:
     out = [f"Device: {meta['device']}; torch {meta['torch']}; CUDA {meta['cuda']}; driver {meta['driver']}; "
            f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; {meta['date']}; `{meta['command']}`.", "",
            "Median milliseconds of CUDA-graph replays (the GPU's time, no Python launch overhead; `(e)` marks "
@@ -209,3 +230,46 @@ def markdown_multi(rows, model_rows, meta) -> str:
                        f"{r['dense_ms']:.3f} | {r['xorgemm_ms']:.3f} | {r['speedup']:.1f}x |")
     return "\n".join(out) + "\n"
 
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu only dry-runs the same code on the CPU op, for checking the script: its numbers say "
+                        "nothing about the GPU kernel")
+    p.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096"], help="N x K weight shapes")
+    p.add_argument("--d", type=int, nargs="+", default=[1, 4, 16, 64], help="fine-tunes per batch")
+    p.add_argument("--m", type=int, nargs="+", help="token counts (default: D, 4 D and 256 for each D)")
+    p.add_argument("--dists", nargs="+", choices=ROW_DISTRIBUTIONS, default=list(ROW_DISTRIBUTIONS),
+                   help="how rows spread over fine-tunes")
+    p.add_argument("--kinds", "--multi-kinds", dest="kinds", nargs="+", choices=KINDS, default=["small", "dense"],
+                   help="delta kinds")
+    p.add_argument("--dtype", "--dtypes", dest="dtype", choices=sorted(FLOAT_DTYPES), default="bf16")
+    p.add_argument("--model", action="store_true", help="also the model-level run over frozen shares")
+    p.add_argument("--reps", type=int, default=30, help="timed runs per measurement")
+    p.add_argument("--out", default=None,
+                   help="results path without suffix (default bench/results/gemm_multi_<device>)")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
+    timer = Timer(a.device, a.reps, 5)
+    copy_gbs = copy_bandwidth(timer, a.device)
+    gpu = a.device == "cuda"
+    meta = {"date": timestamp(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if gpu else "CPU (dry run)", "cuda": torch.version.cuda,
+            "driver": driver_version() if gpu else "n/a", "copy_gbs": copy_gbs,
+            "command": command_line("bench/gemm_multi.py", argv)}
+    rows = bench_multi(parse_shapes(a.shapes), a.d, a.dists, a.kinds, a.dtype, a.m, timer, copy_gbs)
+    model_rows = bench_model(16, 2, 2048 if gpu else 128, FLOAT_DTYPES[a.dtype], timer, 16) if a.model else []
+    table = markdown(rows, model_rows, meta)
+    print(table)
+    write_results(a.out or RESULTS / f"gemm_multi_{a.device}", f"xorgemm multi-fine-tune benchmark ({a.device})",
+                  table, meta=meta, rows=rows, model_rows=model_rows)
+    bad = [r for r in rows if not r["correct"]]
+    if bad:
+        raise SystemExit(f"{len(bad)} rows failed the correctness check")
+
+
+if __name__ == "__main__":
+    main()

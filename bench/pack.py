@@ -12,15 +12,14 @@ and pack / unpack throughput on one core (torch and zstd single-threaded) beside
     python bench/pack.py                  # everything; the first run fine-tunes MiniLM (~3 min, cached)
     python bench/pack.py --no-real        # synthetic and seed deltas only (~1 min)
     python bench/pack.py --update-docs    # also rewrite the tables in docs/format.md and README.md
+Writes bench/results/pack_cpu.json and .md. The real fine-tunes come from examples/real_finetune.py.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -29,16 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
+from common import RESULTS, ROOT, command_line, cpu_name, replace_region, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import xorgemm  # noqa: E402
-from xorgemm.format.layout import tensor_bytes  # noqa: E402
-from xorgemm.testing import perturb, seed_scenario, state_dict_of  # noqa: E402
+import xorgemm
+from xorgemm.format.layout import tensor_bytes
+from xorgemm.testing import perturb, seed_scenario, state_dict_of, whole_xor
 
 DOCS = ROOT / "docs" / "format.md"
-RESULTS = ROOT / "bench" / "results"
 
 
 # ------------------------------------------------------------------------------------------ deltas
@@ -65,9 +61,8 @@ def synthetic(kind, dtype):
 
 
 def real(only, dtype, lr=1e-4):
+    from real_finetune import Recipe, real_finetune  # examples/real_finetune.py, on the path from common
     from safetensors.torch import load_file
-
-    from xorgemm.real_finetune import Recipe, real_finetune
 
     b, f = real_finetune(dtype, Recipe(lr=lr, only=only), log=lambda m: print(m, file=sys.stderr))
     return load_file(b), load_file(f)
@@ -92,11 +87,6 @@ def scenarios(with_real: bool):
 
 
 # ------------------------------------------------------------------------------------------ baselines
-
-
-def whole_xor(base, ft) -> bytes:
-    return b"".join((tensor_bytes(base[k]) ^ tensor_bytes(ft[k])).numpy().tobytes()
-                    for k in ft if k in base and base[k].shape == ft[k].shape)
 
 
 def planes(base, ft) -> bytes:
@@ -189,17 +179,9 @@ def markdown(rows, meta) -> str:
 
 
 def machine_meta(argv):
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "zstandard": zstandard.__version__, "xorgemm": xorgemm.__version__,
-            "command": "python bench/pack.py" + ("".join(f" {a}" for a in argv if a != "--update-docs"))}
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name("unknown CPU"),
+            "python": platform.python_version(), "torch": torch.__version__, "zstandard": zstandard.__version__,
+            "xorgemm": xorgemm.__version__, "command": command_line("bench/pack.py", argv, drop=("--update-docs",))}
 
 
 def summary(rows, meta) -> str:
@@ -210,15 +192,6 @@ def summary(rows, meta) -> str:
         lines.append(f"| {r['delta']} | {r['dtype']} | **{pct(r, 'xorgemm')}** | {pct(r, 'zstd_19')} | "
                      f"{r['pack_mb_s']:.0f} | {r['unpack_mb_s']:.0f} |")
     return "\n".join(lines) + f"\n\n{meta['cpu']}, one core, {meta['date']}, `{meta['command']}`.\n"
-
-
-def replace_region(path: Path, marker: str, text: str):
-    old = path.read_text()
-    pattern = rf"(<!-- {marker}:begin -->\n).*?(<!-- {marker}:end -->)"
-    new, n = re.subn(pattern, lambda m: m.group(1) + text + m.group(2), old, flags=re.S)
-    if n != 1:
-        raise SystemExit(f"{path}: no <!-- {marker}:begin/end --> markers to replace")
-    path.write_text(new)
 
 
 def main(argv=None):
@@ -237,10 +210,7 @@ def main(argv=None):
         rows.append(measure(name, dtype, make, not a.no_19))
     table = markdown(rows, meta)
     print(table)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# xorgemm pack/unpack on the CPU\n\n{table}")
+    write_results(a.out, "xorgemm pack/unpack on the CPU", table, meta=meta, rows=rows)
     if a.update_docs:
         replace_region(DOCS, "pack-table", table)
         replace_region(ROOT / "README.md", "pack-summary", summary(rows, meta))

@@ -1,10 +1,13 @@
-// Argument rules shared by the CPU and CUDA implementations of the xorgemm ops (schemas in ops.cpp).
+// Argument rules of the xorgemm ops (schemas in ops.cpp), shared by every device's implementation: the CPU
+// and CUDA kernels refuse the same inputs with the same words, and a rule changes in one place.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <vector>
+
+#include "format/delta_section.h"
 
 namespace xorgemm {
 
@@ -15,16 +18,123 @@ inline std::vector<int64_t> rows_shape(at::IntArrayRef in, int64_t last) {
   return shape;
 }
 
-// xor_linear's bias: none, [N], or one row per delta plus the base, [n_delta + 1, N]; x's dtype, on `device`.
+// The tile grid over a tensor's 2-D view, (shape[0], prod(shape[1:])), as the format defines it.
+inline format::TileGrid grid_of(const at::Tensor& t, int64_t tile_rows, int64_t tile_cols) {
+  try {
+    return format::TileGrid::of_shape(t.sizes().data(), (int)t.dim(), tile_rows, tile_cols, (int64_t)t.element_size());
+  } catch (const format::FormatError& e) {
+    TORCH_CHECK(false, "xorgemm: ", e.what());
+  }
+}
+
+// Sections and their tile offsets: one contiguous uint8 section and one int64 offset per tile each, on the
+// weight's device. Sections on the CPU are also bounds-checked against their offsets (O(tiles)), so a bad
+// section is refused before any decode; sections on a GPU were checked when they were made resident.
+inline void check_sections(at::TensorList sections, at::TensorList tile_offsets, const at::Device& device,
+                           const format::TileGrid& g) {
+  TORCH_CHECK(sections.size() == tile_offsets.size(), "xorgemm: ", sections.size(), " sections but ",
+              tile_offsets.size(), " offset tensors");
+  for (size_t d = 0; d < sections.size(); ++d) {
+    const at::Tensor& s = sections[d];
+    const at::Tensor& o = tile_offsets[d];
+    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kByte && s.dim() == 1 && s.is_contiguous() &&
+                    (uint64_t)s.numel() >= g.table_bytes(),
+                "xorgemm: section ", d, " must be a contiguous 1-D uint8 tensor on ", device,
+                " holding at least its tile table (", g.table_bytes(), " bytes)");
+    TORCH_CHECK(o.device() == device && o.scalar_type() == at::kLong && o.is_contiguous() &&
+                    (uint64_t)o.numel() == g.num_tiles(),
+                "xorgemm: tile_offsets ", d, " must hold one int64 per tile (", g.num_tiles(), ") on ", device);
+    if (device.is_cpu()) {
+      try {
+        format::check_section_bounds(s.data_ptr<uint8_t>(), (uint64_t)s.numel(),
+                                     reinterpret_cast<const uint64_t*>(o.data_ptr<int64_t>()), g);
+      } catch (const format::FormatError& e) {
+        TORCH_CHECK(false, "xorgemm: section ", d, ": ", e.what());
+      }
+    }
+  }
+}
+
+// The arguments of xor_linear (a = x, `features` = in_features) and xor_linear_grad_input (a = grad_y,
+// `features` = out_features) against the weight `base`; returns the weight's tile grid.
+inline format::TileGrid check_linear_args(const char* what, const at::Tensor& a, const at::Tensor& base,
+                                          at::TensorList sections, at::TensorList tile_offsets,
+                                          const std::optional<at::Tensor>& row_finetune, int64_t tile_rows,
+                                          int64_t tile_cols, bool transposed) {
+  TORCH_CHECK(base.dim() == 2 && base.is_contiguous(), "xorgemm: the weight must be a contiguous 2-D tensor, got ",
+              base.sizes());
+  const int64_t features = transposed ? base.size(0) : base.size(1);
+  TORCH_CHECK(a.dim() >= 1 && a.size(-1) == features, "xorgemm: ", what, " has ", a.dim() ? a.size(-1) : 0,
+              " features but the weight has ", features, transposed ? " outputs" : " inputs");
+  TORCH_CHECK(a.scalar_type() == base.scalar_type(), "xorgemm: ", what, " is ", a.scalar_type(),
+              " but the weight is ", base.scalar_type());
+  TORCH_CHECK(a.device() == base.device(), "xorgemm: ", what, " is on ", a.device(), " but the weight is on ",
+              base.device());
+  const format::TileGrid g = grid_of(base, tile_rows, tile_cols);
+  check_sections(sections, tile_offsets, base.device(), g);
+  const int64_t rows = a.numel() / features;
+  if (row_finetune.has_value()) {
+    const at::Tensor& ids = *row_finetune;
+    TORCH_CHECK(ids.device() == base.device() && ids.scalar_type() == at::kLong && ids.numel() == rows,
+                "xorgemm: row_finetune must be an int64 tensor on ", base.device(), " with one entry per row of ",
+                what, " (", rows, "), got ", ids.scalar_type(), " ", ids.sizes(), " on ", ids.device());
+  } else {
+    TORCH_CHECK(sections.size() <= 1, "xorgemm: ", sections.size(),
+                " fine-tunes need a row_finetune tensor saying which row uses which");
+  }
+  return g;
+}
+
+// xor_linear's bias: none, [N], or one row per fine-tune plus the base, [n_finetunes + 1, N]; x's dtype, on
+// `device`.
 inline void check_bias(const std::optional<at::Tensor>& bias, at::ScalarType dtype, const at::Device& device,
-                       int64_t n, size_t n_delta) {
+                       int64_t n, size_t n_finetunes) {
   if (!bias.has_value()) return;
   const at::Tensor& b = *bias;
   TORCH_CHECK(b.scalar_type() == dtype && b.device() == device, "xorgemm: bias must be a ", dtype, " tensor on ",
               device, ", got ", b.scalar_type(), " on ", b.device());
-  TORCH_CHECK((b.dim() == 1 && b.size(0) == n) || (b.dim() == 2 && b.size(0) == (int64_t)n_delta + 1 && b.size(1) == n),
-              "xorgemm: bias must be [", n, "] or, one row per delta plus the base, [", n_delta + 1, ", ", n,
+  TORCH_CHECK((b.dim() == 1 && b.size(0) == n) ||
+                  (b.dim() == 2 && b.size(0) == (int64_t)n_finetunes + 1 && b.size(1) == n),
+              "xorgemm: bias must be [", n, "] or, one row per fine-tune plus the base, [", n_finetunes + 1, ", ", n,
               "]; got ", b.sizes());
+}
+
+// Rows of each group as index tensors on the rows' device: group 0 holds the base rows (id -1), group f + 1
+// those of fine-tune f; a group without rows is an undefined tensor. The ids are read on the host (one copy
+// from a GPU): the patched-block path runs one GEMM per group and needs the group sizes there.
+inline std::vector<at::Tensor> group_rows(const std::optional<at::Tensor>& row_finetune, int64_t n_finetunes,
+                                          int64_t rows, const at::Device& device) {
+  std::vector<at::Tensor> out(n_finetunes + 1);
+  const auto index = at::TensorOptions().dtype(at::kLong);
+  if (!row_finetune.has_value()) {
+    out[n_finetunes] = at::arange(rows, index.device(device));
+    return out;
+  }
+  const at::Tensor ids = row_finetune->reshape({-1}).cpu().contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> lists(n_finetunes + 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(id[i] >= -1 && id[i] < n_finetunes, "xorgemm: row ", i, " asks for fine-tune ", id[i], " of ",
+                n_finetunes, " (-1 is the base)");
+    lists[id[i] + 1].push_back(i);
+  }
+  for (int64_t g = 0; g <= n_finetunes; ++g)
+    if (!lists[g].empty()) out[g] = at::tensor(lists[g], index).to(device);
+  return out;
+}
+
+// apply_section's arguments: `base` and `out` alike (dtype, shape, device, contiguous), the section on their
+// device; returns the grid over their 2-D view.
+inline format::TileGrid check_apply_args(const at::Tensor& section, const at::Tensor& offsets, const at::Tensor& base,
+                                         const at::Tensor& out, int64_t tile_rows, int64_t tile_cols) {
+  TORCH_CHECK(base.is_contiguous() && out.is_contiguous() && base.scalar_type() == out.scalar_type() &&
+                  base.sizes() == out.sizes() && base.device() == out.device(),
+              "xorgemm: apply_section needs contiguous base and out of the same dtype, shape and device; got ",
+              base.scalar_type(), " ", base.sizes(), " on ", base.device(), " and ", out.scalar_type(), " ",
+              out.sizes(), " on ", out.device());
+  const format::TileGrid g = grid_of(base, tile_rows, tile_cols);
+  check_sections({section}, {offsets}, base.device(), g);
+  return g;
 }
 
 }  // namespace xorgemm

@@ -17,11 +17,19 @@ def payload_size(codec, low_bytes, n_exc, elems, w):
     return -(-n // TILE_ALIGN) * TILE_ALIGN
 
 
+ENTRY = np.dtype([("n_exc", "<u4"), ("codec", "u1"), ("low", "u1"), ("r", "<u2")])
+
+
+def tile_table(section: bytes, n_tiles: int) -> np.ndarray:
+    """The section's tile table: one ENTRY per tile."""
+    return np.frombuffer(section[: n_tiles * ENTRY.itemsize], dtype=ENTRY)
+
+
 def decode_section(section: bytes, rows: int, cols: int, tile_rows: int, tile_cols: int, w: int) -> np.ndarray:
     """The XOR words of a whole tensor (rows x cols, uint64) from its section."""
     gr, gc = math.ceil(rows / tile_rows), math.ceil(cols / tile_cols)
     n = gr * gc
-    table = np.frombuffer(section[: n * 8], dtype=[("n_exc", "<u4"), ("codec", "u1"), ("low", "u1"), ("r", "<u2")])
+    table = tile_table(section, n)
     at = -(-n * 8 // TILE_ALIGN) * TILE_ALIGN
     out = np.zeros((rows, cols), dtype=np.uint64)
     buf = np.frombuffer(section, dtype=np.uint8)

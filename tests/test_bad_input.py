@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import xorgemm
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError
-from xorgemm.format.container import write_delta_file
+from xorgemm.format.writer import StreamWriter, write_delta_file
 from xorgemm.testing import perturb
 
 
@@ -130,7 +130,7 @@ def test_tile_table_that_lies_about_its_tiles(delta, pair):
     stream = bytearray(b"".join(zstandard.ZstdDecompressor().decompress(payload[o:o + n], max_output_size=r)
                                 for o, n, r, _ in chunks.tolist()))
     stream[span[0]:span[0] + 4] = struct.pack("<I", 99999)
-    w = xorgemm.format.container.StreamWriter(chunk_bytes=4096)
+    w = StreamWriter(chunk_bytes=4096)
     w.append(bytes(stream))
     table, payload = w.finish()
     write_delta_file(delta, index, table, payload)

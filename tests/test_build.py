@@ -50,12 +50,12 @@ def cuda_so():
 def test_cuda_extension_has_sm80_and_sm90a_cubins_and_ptx():
     tool, so = cuda_so()
     elves = run_tool(tool, "-lelf", so)
-    for unit in ("apply_delta", "xor_gemm"):
+    for unit in ("apply_section", "fused_gemm"):
         for arch in ("sm_80", "sm_90a"):
             assert re.search(rf"{unit}\.{arch}\.cubin", elves), elves
     # PTX too, so GPUs newer than sm_90 compile the kernels at load instead of finding no kernel image.
     ptx = run_tool(tool, "-lptx", so)
-    for unit in ("apply_delta", "xor_gemm"):
+    for unit in ("apply_section", "fused_gemm"):
         assert re.search(rf"{unit}\.sm_80\.ptx", ptx), ptx
 
 

@@ -39,7 +39,7 @@ def test_pack_prints_a_summary_and_json(files):
 
 def test_inspect_table_and_json(files):
     out = run("inspect", files / "ft.xor.safetensors").stdout
-    assert "sparse/bplane/raw" in out and "self_attn.in_proj_weight" in out and "12 tensors" in out
+    assert "sparse/byteplane/raw" in out and "self_attn.in_proj_weight" in out and "12 tensors" in out
     top = run("inspect", files / "ft.xor.safetensors", "--top", "2").stdout
     assert "self_attn.in_proj_weight" in top and "ln1.bias" not in top and "10 smaller tensors not shown" in top
     s = json.loads(run("inspect", files / "ft.xor.safetensors", "--json").stdout)

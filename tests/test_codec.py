@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_codec import BYTEPLANE, RAW, SPARSE, ZERO, decode_section, payload_size, xor_words
+from reference_codec import BYTEPLANE, RAW, SPARSE, ZERO, decode_section, payload_size, tile_table, xor_words
 
 from xorgemm._native import C
 from xorgemm.format.layout import grid_of, tensor_bytes, tile_for
@@ -15,24 +15,24 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def encode(base, ft, tile=(64, 64)):
     grid = grid_of(base.shape, tile_for(base.shape, tile), base.dtype)
-    return C.encode_section(tensor_bytes(base), tensor_bytes(ft), *grid.args), grid
+    return C.encode_section(tensor_bytes(base), tensor_bytes(ft), grid), grid
 
 
 def table(section, grid):
-    return np.frombuffer(section.numpy().tobytes()[: grid.num_tiles * 8],
-                         dtype=[("n_exc", "<u4"), ("codec", "u1"), ("low", "u1"), ("r", "<u2")])
+    return tile_table(section.numpy().tobytes(), grid.num_tiles)
 
 
 def check_section(base, ft, tile=(64, 64)):
     """Native and reference decoders both give back the exact XOR; returns the tile table."""
     section, grid = encode(base, ft, tile)
     want = xor_words(tensor_bytes(base).numpy(), tensor_bytes(ft).numpy(), grid.elem_bytes, grid.rows, grid.cols)
-    got_ref = decode_section(section.numpy().tobytes(), *grid.args)
+    got_ref = decode_section(section.numpy().tobytes(), grid.rows, grid.cols, grid.tile_rows, grid.tile_cols,
+                             grid.elem_bytes)
     np.testing.assert_array_equal(got_ref, want)
-    offsets = C.validate_section(section, *grid.args)
-    out = torch.empty_like(tensor_bytes(base))
-    C.apply_section(section, offsets, tensor_bytes(base), out, *grid.args)
-    assert torch.equal(out, tensor_bytes(ft)), "native decode must rebuild the fine-tuned bytes"
+    offsets = C.validate_section(section, grid)
+    out = torch.empty_like(base)
+    torch.ops.xorgemm.apply_section(section, offsets, base.contiguous(), out, grid.tile_rows, grid.tile_cols)
+    assert torch.equal(tensor_bytes(out), tensor_bytes(ft)), "native decode must rebuild the fine-tuned bytes"
     return table(section, grid)
 
 
@@ -111,9 +111,21 @@ def test_property_any_grid_any_density_round_trips(rows, cols, tile_rows, tile_c
     check_section(base, ft, (tile_rows, tile_cols))
 
 
-def test_encoder_rejects_unusable_grids():
-    b = torch.zeros(16, dtype=torch.uint8)
+def test_unusable_grids_are_refused():
     with pytest.raises(C.FormatError, match="tile shape"):
-        C.encode_section(b, b, 4, 4, 300, 300, 1)
+        C.TileGrid(4, 4, 300, 300, 1)
     with pytest.raises(C.FormatError, match="element size"):
-        C.encode_section(b, b, 4, 4, 4, 4, 3)
+        C.TileGrid(4, 4, 4, 4, 3)
+    with pytest.raises(C.FormatError, match="must be positive"):
+        C.TileGrid(0, 4, 4, 4, 2)
+    b = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="must hold the grid's 32 bytes"):
+        C.encode_section(b, b, C.TileGrid(4, 4, 4, 4, 2))
+
+
+def test_tile_grid_is_the_native_view_of_a_tensor():
+    g = C.TileGrid.of_shape([130, 3, 25], 64, 64, 2)  # 2-D view: (shape[0], prod(shape[1:]))
+    assert (g.rows, g.cols, g.grid_rows, g.grid_cols, g.num_tiles) == (130, 75, 3, 2, 6)
+    assert g.table_bytes == 48 and g.tensor_bytes == 130 * 75 * 2  # 6 entries of 8 bytes, padded to 16
+    assert C.TileGrid.of_shape([], 1, 4, 4).rows == 1 and C.TileGrid.of_shape([7], 1, 4096, 4).cols == 7
+    assert g == grid_of((130, 3, 25), (64, 64), torch.bfloat16)

@@ -4,6 +4,7 @@ import torch
 
 import xorgemm
 from xorgemm._native import CUDA
+from xorgemm.resident import resident_section
 from xorgemm.testing import DELTA_KINDS, perturb
 
 pytestmark = [pytest.mark.cuda,
@@ -37,7 +38,7 @@ def test_gpu_apply_large_tiles_and_wrong_base(tmp_path):
         d["w"].apply(ft.cuda())
 
 
-@pytest.mark.skipif(not xorgemm.format.gpu_decompress.nvcomp_available(), reason="needs nvCOMP (xorgemm[cuda])")
+@pytest.mark.skipif(not xorgemm.resident.nvcomp_available(), reason="needs nvCOMP (xorgemm[cuda])")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nvcomp_and_zstandard_give_the_same_resident_tiles(tmp_path, monkeypatch, dtype):
     """The zstd chunks decompressed on the GPU by nvCOMP and on the CPU by zstandard: identical sections
@@ -50,23 +51,23 @@ def test_nvcomp_and_zstandard_give_the_same_resident_tiles(tmp_path, monkeypatch
     d = xorgemm.load_delta(path)
     for name in base:
         monkeypatch.setenv("XORGEMM_DECOMPRESS", "nvcomp")
-        sec_gpu, off_gpu = d[name].resident("cuda")
+        sec_gpu, off_gpu = resident_section(d[name], "cuda")
         monkeypatch.setenv("XORGEMM_DECOMPRESS", "cpu")
-        sec_cpu, off_cpu = d[name].resident("cuda")
+        sec_cpu, off_cpu = resident_section(d[name], "cuda")
         assert sec_gpu.is_cuda and sec_cpu.is_cuda
         assert torch.equal(sec_gpu, sec_cpu) and torch.equal(off_gpu, off_cpu)
-        assert torch.equal(sec_gpu.cpu(), d[name].section())
+        assert torch.equal(sec_gpu.cpu(), d[name].section()[0])
     layers = {}
     for how in ("nvcomp", "cpu"):
         monkeypatch.setenv("XORGEMM_DECOMPRESS", how)
         layer = xorgemm.XorLinear(base["a"].cuda())
-        layer.add_delta_from_file("ft", d["a"])
+        layer.add_finetune_from_file("ft", d["a"])
         layers[how] = layer
     x = torch.randn(5, 776, generator=g).to(dtype).cuda()
     assert torch.equal(layers["nvcomp"](x, finetune="ft"), layers["cpu"](x, finetune="ft"))
 
 
-@pytest.mark.skipif(not xorgemm.format.gpu_decompress.nvcomp_available(), reason="needs nvCOMP (xorgemm[cuda])")
+@pytest.mark.skipif(not xorgemm.resident.nvcomp_available(), reason="needs nvCOMP (xorgemm[cuda])")
 def test_nvcomp_reports_a_corrupted_chunk(tmp_path, monkeypatch):
     base = torch.randn(256, 256).bfloat16()
     path = tmp_path / "d.xor.safetensors"
@@ -79,5 +80,5 @@ def test_nvcomp_reports_a_corrupted_chunk(tmp_path, monkeypatch):
     bad.write_bytes(bytes(raw))
     monkeypatch.setenv("XORGEMM_DECOMPRESS", "nvcomp")
     with pytest.raises(xorgemm.DeltaFormatError) as e:
-        xorgemm.load_delta(bad)["w"].resident("cuda")
+        resident_section(xorgemm.load_delta(bad)["w"], "cuda")
     assert "bad.xor.safetensors" in str(e.value)

@@ -25,8 +25,8 @@ def bank(d, n=520, k=264, dtype=torch.bfloat16, seed=0):
     fts = [perturb(base, DELTA_KINDS[i % 4], seed=i, magnitude=1e-2) for i in range(d)]
     gpu, cpu = XorLinear(base.cuda()), XorLinear(base)
     for i, f in enumerate(fts):
-        gpu.add_delta(f"f{i}", f.cuda())
-        cpu.add_delta(f"f{i}", f)
+        gpu.add_finetune(f"f{i}", f.cuda())
+        cpu.add_finetune(f"f{i}", f)
     return base, fts, gpu, cpu
 
 

@@ -49,9 +49,9 @@ def test_forward_against_cpu_and_float64(dtype, kind, nk, m):
     ft = perturb(base, kind, seed=m, magnitude=1e-3)
     bias = torch.randn(n, generator=g).to(dtype)
     cpu = XorLinear(base, bias)
-    cpu.add_delta("ft", ft)
+    cpu.add_finetune("ft", ft)
     gpu = XorLinear(base.cuda(), bias.cuda())
-    gpu.add_delta("ft", ft.cuda())
+    gpu.add_finetune("ft", ft.cuda())
     x = torch.randn(m, k, generator=g).to(dtype)
     xd = x.cuda()
     poison(m * n * 4 * 8)  # the output and the split-K workspace
@@ -69,7 +69,7 @@ def test_mixed_rows_and_backward(dtype):
     fts = [perturb(base, k, seed=i, magnitude=1e-3) for i, k in enumerate(("sparse", "dense", "structured"))]
     gpu = XorLinear(base.cuda())
     for i, f in enumerate(fts):
-        gpu.add_delta(f"f{i}", f.cuda())
+        gpu.add_finetune(f"f{i}", f.cuda())
     ids = torch.randint(-1, 3, (48,), generator=g)
     x = torch.randn(48, 384, generator=g).to(dtype).cuda().requires_grad_(True)
     poison(48 * 512 * 4 * 8)
@@ -89,7 +89,7 @@ def test_output_is_fully_written():
     del poison
     base = torch.randn(300, 200).bfloat16()
     layer = XorLinear(base.cuda())
-    layer.add_delta("ft", perturb(base, "sparse").cuda())
+    layer.add_finetune("ft", perturb(base, "sparse").cuda())
     y = layer(torch.randn(37, 200).bfloat16().cuda(), finetune="ft")
     assert torch.isfinite(y).all()
 
@@ -105,7 +105,7 @@ def test_both_paths_forward_and_backward(monkeypatch, path, dtype, m):
     ft = perturb(base, "dense", seed=1, magnitude=1e-2)
     bias = torch.randn(320, generator=g).to(dtype)
     layer = XorLinear(base.cuda(), bias.cuda())
-    layer.add_delta("ft", ft.cuda())
+    layer.add_finetune("ft", ft.cuda())
     x = torch.randn(2, m, 200, generator=g).to(dtype)
     xd = x.cuda().requires_grad_(True)
     poison(2 * m * 320 * 4 * 8)
@@ -125,7 +125,7 @@ def test_small_paths(monkeypatch, path):
     fts = [perturb(base, "structured", seed=1), perturb(base, "dense", seed=2)]
     layer = XorLinear(base.cuda())
     for i, f in enumerate(fts):
-        layer.add_delta(f"f{i}", f.cuda())
+        layer.add_finetune(f"f{i}", f.cuda())
     ids = torch.tensor([1, -1, 0, 1, 1, 0, -1])
     x = torch.randn(7, 200, generator=g).bfloat16()
     y = layer(x.cuda(), finetune=ids.cuda())
@@ -138,7 +138,7 @@ def test_bad_inputs_are_clear_errors(monkeypatch):
     """The CUDA op's argument checks: every one names what is wrong, none reaches a kernel."""
     base = torch.randn(128, 64).bfloat16()
     layer = XorLinear(base.cuda())
-    layer.add_delta("ft", perturb(base, "dense").cuda())
+    layer.add_finetune("ft", perturb(base, "dense").cuda())
     slot = layer.deltas["ft"]
     x = torch.randn(3, 64).bfloat16().cuda()
     op = torch.ops.xorgemm.xor_linear
@@ -150,9 +150,9 @@ def test_bad_inputs_are_clear_errors(monkeypatch):
         op(x, layer.base_weight, [slot.section.cpu()], [slot.offsets], None, None, 64, 64)
     with pytest.raises(RuntimeError, match="one int64 per tile"):
         op(x, layer.base_weight, [slot.section], [slot.offsets[:-1]], None, None, 64, 64)
-    with pytest.raises(RuntimeError, match="row_delta must be an int64 tensor on"):
+    with pytest.raises(RuntimeError, match="row_finetune must be an int64 tensor on"):
         op(x, layer.base_weight, [slot.section], [slot.offsets], torch.zeros(3, dtype=torch.long), None, 64, 64)
-    with pytest.raises(RuntimeError, match="need a row_delta"):
+    with pytest.raises(RuntimeError, match="need a row_finetune"):
         op(x, layer.base_weight, [slot.section] * 2, [slot.offsets] * 2, None, None, 64, 64)
     with pytest.raises(RuntimeError, match=r"bias must be \[128\]"):
         op(x, layer.base_weight, [slot.section], [slot.offsets], None, torch.zeros(64).bfloat16().cuda(), 64, 64)
@@ -161,6 +161,6 @@ def test_bad_inputs_are_clear_errors(monkeypatch):
         layer(x, finetune="ft")
     monkeypatch.setenv("XORGEMM_CUDA_PATH", "fused")
     fp32 = XorLinear(base.float().cuda())
-    fp32.add_delta("ft", perturb(base.float(), "dense").cuda())
+    fp32.add_finetune("ft", perturb(base.float(), "dense").cuda())
     with pytest.raises(RuntimeError, match="the fused kernel needs bf16/fp16"):
         fp32(x.float(), finetune="ft")

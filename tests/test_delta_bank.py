@@ -64,7 +64,7 @@ def test_add_one_by_one_matches_the_dense_models(zoo):
     for name in ("bias_only", "up", "all"):  # they agree on every tensor outside the Linear layers
         xorgemm.add_finetune(model, name, paths[name])
         with torch.no_grad():
-            for done in model.xorgemm_finetunes:  # every fine-tune added so far still serves exactly
+            for done in model.xorgemm.finetunes:  # every fine-tune added so far still serves exactly
                 with xorgemm.use(model, done):
                     assert close(model(x), fts[done](x)), (name, done)
             with xorgemm.use(model, None):
@@ -72,11 +72,11 @@ def test_add_one_by_one_matches_the_dense_models(zoo):
     assert isinstance(model.up, XorLinear) and isinstance(model.down, XorLinear)
     assert model.up.base_weight.data_ptr() == weight_ptr  # the base is shared, never copied
     # "bias_only" changed down.bias before down became an XorLinear: its bias moved into the layer.
-    assert "down.bias" not in model.xorgemm_overrides.tuned
+    assert "down.bias" not in model.xorgemm.overrides.tuned
     ids = torch.tensor([2, -1, 0, 1, 2, 0])
     with torch.no_grad(), xorgemm.use(model, ids):
         y = model(x)
-    refs = [base] + [fts[n] for n in model.xorgemm_finetunes]
+    refs = [base] + [fts[n] for n in model.xorgemm.finetunes]
     for r in range(6):
         assert close(y[r], refs[ids[r] + 1](x[r:r + 1])[0])
 
@@ -91,8 +91,8 @@ def test_remove_frees_and_keeps_the_others(zoo):
     assert before.base_bytes == sum(p.numel() * p.element_size() for p in base.parameters())
     xorgemm.select(model, "up")
     xorgemm.remove_finetune(model, "bias_only")
-    assert model.xorgemm_finetunes == ["up", "all"] and model.up.finetunes == ["up", "all"]
-    assert model.xorgemm_active == "up"  # the selection survives the removal of another fine-tune
+    assert model.xorgemm.finetunes == ["up", "all"] and model.up.finetunes == ["up", "all"]
+    assert model.xorgemm.active == "up"  # the selection survives the removal of another fine-tune
     after = xorgemm.memory_report(model)
     assert after.finetune_bytes == {k: v for k, v in before.finetune_bytes.items() if k != "bias_only"}
     x = torch.randn(3, 64)
@@ -104,7 +104,7 @@ def test_remove_frees_and_keeps_the_others(zoo):
             y = model(x)
         assert close(y[0], fts["all"](x[:1])[0]) and close(y[2], base(x[2:])[0])
     xorgemm.remove_finetune(model, "up")
-    assert model.xorgemm_active is None
+    assert model.xorgemm.active is None
     xorgemm.add_finetune(model, "up", paths["up"])  # the name is free again
     with torch.no_grad(), xorgemm.use(model, "up"):
         assert close(model(x), fts["up"](x))
@@ -132,7 +132,7 @@ def test_bad_additions_change_nothing(zoo, tmp_path):
     wrong = pack(tmp_path, other, tuned(other, 9, {"up.weight"}), "wrong")
     with pytest.raises(xorgemm.BaseMismatchError):
         xorgemm.add_finetune(model, "wrong", wrong)
-    assert model.xorgemm_finetunes == ["up"] and model.up.finetunes == ["up"]
+    assert model.xorgemm.finetunes == ["up"] and model.up.finetunes == ["up"]
     with pytest.raises(xorgemm.InputError, match="unknown fine-tune"):
         xorgemm.remove_finetune(model, "nope")
     with pytest.raises(xorgemm.InputError, match="not patched"):
@@ -141,7 +141,7 @@ def test_bad_additions_change_nothing(zoo, tmp_path):
 
 def test_base_is_hashed_once_per_model(zoo, monkeypatch):
     base, _, paths = zoo
-    import xorgemm.patch as patch
+    import xorgemm.serving.patch as patch
 
     calls = []
     real = patch.digest
@@ -167,10 +167,10 @@ def test_bank_bad_inputs_are_clear_errors(zoo, tmp_path):
     xorgemm.pack(state_dict_of(base), reshaped, path)
     with pytest.raises(xorgemm.InputError, match="stored whole .*already served by an XorLinear"):
         xorgemm.add_finetune(model, "reshaped", path)
-    assert model.xorgemm_finetunes == ["up"] and model.up.finetunes == ["up"] and model.down.__class__ is nn.Linear
+    assert model.xorgemm.finetunes == ["up"] and model.up.finetunes == ["up"] and model.down.__class__ is nn.Linear
     with pytest.raises(xorgemm.InputError, match="not patched"):
         xorgemm.memory_report(Net())
     with pytest.raises(xorgemm.InputError, match="unknown fine-tune"):
-        model.up.remove_delta("nope")
+        model.up.remove_finetune("nope")
     with pytest.raises(xorgemm.InputError, match="already in this XorLinear"):
         model.up.add_unchanged("up")

@@ -46,7 +46,7 @@ def test_seed_layer_single_finetune(tmp_path):
     base, ft = seed_scenario()
     path = pack(tmp_path, base, ft, "seed")
     patched = xorgemm.patch_model(copy.deepcopy(base), {"seed": path}, active="seed")
-    rep = patched.xorgemm_report
+    rep = patched.xorgemm.report
     assert sorted(rep.replaced) == ["ff.0", "ff.2"]
     assert "self_attn.out_proj" in rep.skipped  # nn.MultiheadAttention reads its weight directly
     assert "self_attn.in_proj_weight" in rep.dense and "ln1.weight" in rep.dense
@@ -72,7 +72,7 @@ def test_mixed_rows_of_several_finetunes(tmp_path):
     fts = {n: finetune_copy(base, i + 1, only_linear=True) for i, n in enumerate(["legal", "med", "code"])}
     paths = {n: pack(tmp_path, base, m, n) for n, m in fts.items()}
     patched = xorgemm.patch_model(copy.deepcopy(base), paths)
-    assert len(patched.xorgemm_report.replaced) == 4
+    assert len(patched.xorgemm.report.replaced) == 4
     x = torch.randn(6, 5, 96)
     ids = torch.tensor([0, 1, 2, -1, 1, 0])
     with torch.no_grad(), xorgemm.use(patched, ids):
@@ -128,7 +128,7 @@ def test_hugging_face_model_same_logits_as_dense_finetune(tmp_path):
     ft = finetune_copy(base, 3)  # everything changes: embeddings, norms, linears, classifier
     path = pack(tmp_path, base, ft, "ft")
     patched = xorgemm.patch_model(copy.deepcopy(base), {"ft": path}, active="ft")
-    assert len(patched.xorgemm_report.replaced) == 2 * 6 + 2  # q,k,v,o,up,down per layer + pooler + classifier
+    assert len(patched.xorgemm.report.replaced) == 2 * 6 + 2  # q,k,v,o,up,down per layer + pooler + classifier
     ids = torch.randint(0, 120, (3, 12))
     with torch.no_grad():
         got = patched(input_ids=ids).logits

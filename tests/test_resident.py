@@ -6,7 +6,7 @@ import torch
 
 import xorgemm
 from xorgemm._native import C
-from xorgemm.format.gpu_decompress import decompressor_for
+from xorgemm.resident import decompressor_for, resident_section
 from xorgemm.testing import perturb
 
 
@@ -25,9 +25,10 @@ def test_resident_on_cpu_is_the_validated_section(tmp_path):
     path = tmp_path / "d.xor.safetensors"
     xorgemm.pack({"w": base}, {"w": perturb(base, "structured", seed=1)}, path)
     d = xorgemm.load_delta(path)
-    sec, off = d["w"].resident("cpu")
-    assert torch.equal(sec, d["w"].section())
-    assert torch.equal(off, C.validate_section(sec, *d["w"].grid.args))
+    sec, off = resident_section(d["w"], "cpu")
+    want_sec, want_off = d["w"].section()
+    assert torch.equal(sec, want_sec) and torch.equal(off, want_off)
+    assert torch.equal(off, C.validate_section(sec, d["w"].grid))
 
 
 def test_table_offsets_agree_with_full_validation_and_reject_bad_tables(tmp_path):
@@ -35,16 +36,16 @@ def test_table_offsets_agree_with_full_validation_and_reject_bad_tables(tmp_path
     path = tmp_path / "d.xor.safetensors"
     xorgemm.pack({"w": base}, {"w": perturb(base, "dense", seed=2)}, path)
     t = xorgemm.load_delta(path)["w"]
-    sec, grid = t.section(), t.grid
-    table = sec[: grid.num_tiles * 8].clone()
-    assert torch.equal(C.table_offsets(table, sec.numel(), *grid.args), C.validate_section(sec, *grid.args))
+    (sec, _), grid = t.section(), t.grid
+    table = sec[: grid.num_tiles * C.TILE_ENTRY_BYTES].clone()
+    assert torch.equal(C.table_offsets(table, sec.numel(), grid), C.validate_section(sec, grid))
     with pytest.raises(C.FormatError, match="account for"):
-        C.table_offsets(table, sec.numel() + 16, *grid.args)
+        C.table_offsets(table, sec.numel() + 16, grid)
     with pytest.raises(C.FormatError, match="past the end"):
-        C.table_offsets(table, sec.numel() - 16, *grid.args)
+        C.table_offsets(table, sec.numel() - 16, grid)
     bad = table.clone()
     bad[4] = 9  # codec byte of tile 0
     with pytest.raises(C.FormatError, match="invalid entry"):
-        C.table_offsets(bad, sec.numel(), *grid.args)
-    with pytest.raises((C.FormatError, RuntimeError), match="one 8-byte entry per tile"):
-        C.table_offsets(table[:-8], sec.numel(), *grid.args)
+        C.table_offsets(bad, sec.numel(), grid)
+    with pytest.raises((C.FormatError, RuntimeError), match="one entry per tile"):
+        C.table_offsets(table[:-8], sec.numel(), grid)

@@ -23,8 +23,8 @@ def rel_err(got, want):
 
 def sections_for(base, fts, tile=(64, 64)):
     g = grid_of(base.shape, tile, base.dtype)
-    secs = [C.encode_section(tensor_bytes(base), tensor_bytes(f), *g.args) for f in fts]
-    return secs, [C.validate_section(s, *g.args) for s in secs]
+    secs = [C.encode_section(tensor_bytes(base), tensor_bytes(f), g) for f in fts]
+    return secs, [C.validate_section(s, g) for s in secs]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,7 +98,7 @@ def test_mixed_fine_tune_rows(dtype):
     biases = {"a": None, "b": torch.randn(200).to(dtype), "c": b0 + 1}
     layer = XorLinear(base, b0)
     for n in fts:
-        layer.add_delta(n, fts[n], biases[n])
+        layer.add_finetune(n, fts[n], biases[n])
     ids = torch.tensor([[0, 1, -1, 2, 0], [2, 2, -1, 1, 0]])  # [2, 5] over x's [2, 5, 3, 130]
     x = torch.randn(2, 5, 3, 130).to(dtype)
     got = layer(x, finetune=ids)
@@ -122,8 +122,8 @@ def test_mixed_fine_tune_rows(dtype):
 def test_groups_with_no_rows_and_all_rows_on_one():
     base = torch.randn(70, 40)
     layer = XorLinear(base)
-    layer.add_delta("a", perturb(base, "dense", seed=1))
-    layer.add_delta("b", perturb(base, "dense", seed=2))
+    layer.add_finetune("a", perturb(base, "dense", seed=1))
+    layer.add_finetune("b", perturb(base, "dense", seed=2))
     x = torch.randn(6, 40)
     all_b = layer(x, finetune=torch.ones(6, dtype=torch.long))
     assert torch.allclose(all_b, layer(x, finetune="b"), atol=1e-6)
@@ -140,7 +140,7 @@ def test_row_distributions_match_per_finetune_references(dist, d):
     layer = XorLinear(base)
     fts = [perturb(base, DELTA_KINDS[i % 4], seed=i, magnitude=1e-2) for i in range(d)]
     for i, f in enumerate(fts):
-        layer.add_delta(f"f{i}", f)
+        layer.add_finetune(f"f{i}", f)
     for m in (d, 4 * d):
         ids = row_finetunes(dist, m, d, seed=m)
         x = torch.randn(m, 80, generator=g)
@@ -184,8 +184,8 @@ def test_base_storage_is_shared_not_copied():
 def test_state_dict_round_trip():
     base = torch.randn(100, 60)
     layer = XorLinear(base, torch.randn(100))
-    layer.add_delta("a", perturb(base, "sparse", seed=1), torch.randn(100))
-    layer.add_delta("b", perturb(base, "dense", seed=2))
+    layer.add_finetune("a", perturb(base, "sparse", seed=1), torch.randn(100))
+    layer.add_finetune("b", perturb(base, "dense", seed=2))
     sd = layer.state_dict()
     fresh = XorLinear(base.clone(), torch.zeros(100))
     fresh.load_state_dict(sd)
@@ -215,9 +215,9 @@ def test_bad_inputs():
     with pytest.raises(xorgemm.InputError, match="do not prefix"):
         layer(torch.randn(2, 16), finetune=torch.tensor([0, 0, 0]))
     with pytest.raises(xorgemm.InputError, match="already"):
-        layer.add_delta("a", torch.randn(32, 16))
+        layer.add_finetune("a", torch.randn(32, 16))
     with pytest.raises(xorgemm.InputError, match="base is"):
-        layer.add_delta("b", torch.randn(16, 32))
+        layer.add_finetune("b", torch.randn(16, 32))
     with pytest.raises(xorgemm.InputError, match="input is on meta but its weight is on cpu"):
         layer(torch.randn(2, 16, device="meta"))
 
@@ -226,9 +226,9 @@ def test_op_validates_its_arguments():
     base = torch.randn(64, 64)
     secs, offs = sections_for(base, [perturb(base, "sparse")])
     x = torch.randn(2, 64)
-    with pytest.raises(RuntimeError, match="row_delta"):
+    with pytest.raises(RuntimeError, match="row_finetune"):
         xor_linear(x, base, secs * 2, offs * 2)
-    with pytest.raises(RuntimeError, match="asks for delta 5"):
+    with pytest.raises(RuntimeError, match="asks for fine-tune 5"):
         xor_linear(x, base, secs, offs, torch.tensor([0, 5]))
     with pytest.raises(RuntimeError, match=r"bias must be \[64\]"):
         xor_linear(x, base, secs, offs, bias=torch.zeros(5, 64))
@@ -268,7 +268,7 @@ def test_from_delta_file_including_a_bias_only_finetune(tmp_path):
     xorgemm.pack(sd, ft, tmp_path / "a.xor.safetensors")
     xorgemm.pack(sd, bias_only, tmp_path / "b.xor.safetensors")
     layer = XorLinear.from_delta(lin, tmp_path / "a.xor.safetensors", "proj", name="a")
-    layer.add_delta_from_file("b", *(xorgemm.load_delta(tmp_path / "b.xor.safetensors")[n]
+    layer.add_finetune_from_file("b", *(xorgemm.load_delta(tmp_path / "b.xor.safetensors")[n]
                                      for n in ("proj.weight", "proj.bias")))
     x = torch.randn(3, 80)
     want = [F.linear(x[0].double(), ft["proj.weight"].double(), ft["proj.bias"].double()),

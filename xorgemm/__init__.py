@@ -1,5 +1,8 @@
 """xorgemm: fine-tunes stored losslessly as tiled XOR deltas against a shared base.
 
+The package follows the data: format/ (the file) -> packing/ (pack, unpack, verify) and resident/ (sections
+on a device) -> ops.py (torch.ops.xorgemm) -> nn.py (XorLinear) -> serving/ (patch_model, the bank).
+
     import xorgemm
     xorgemm.pack("base.safetensors", "ft.safetensors", "ft.xor.safetensors")
     sd = xorgemm.unpack("base.safetensors", "ft.xor.safetensors")     # bit-exact fine-tuned state dict
@@ -9,13 +12,14 @@
     model = xorgemm.patch_model(base_model, {"legal": "legal.xor.safetensors", "med": "med.xor.safetensors"})
     with xorgemm.use(model, "legal"): ...                             # or per-row fine-tune ids
 """
-from xorgemm.delta import PackReport, VerifyReport, pack, save_state_dict, unpack, verify
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, XorgemmError
 from xorgemm.format import DeltaFile, DeltaTensor, load_delta
 from xorgemm.nn import XorLinear
-from xorgemm.patch import (
+from xorgemm.packing import PackReport, VerifyReport, pack, save_state_dict, unpack, verify
+from xorgemm.serving import (
     MemoryReport,
     PatchReport,
+    ServedModel,
     add_finetune,
     memory_report,
     patch_model,
@@ -30,5 +34,5 @@ __all__ = [
     "pack", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor", "PackReport",
     "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear",
     "patch_model", "use", "select", "PatchReport", "add_finetune", "remove_finetune", "memory_report",
-    "MemoryReport",
+    "MemoryReport", "ServedModel",
 ]

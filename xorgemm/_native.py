@@ -8,8 +8,11 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 try:
     from xorgemm import _C_cuda  # noqa: F401
-except ImportError:
+except ModuleNotFoundError:  # built without CUDA (no nvcc or a CPU build of torch): the CPU kernels serve
     _C_cuda = None
+except ImportError as e:  # built, but it does not load: say so rather than silently serve without it
+    raise ImportError(f"xorgemm's CUDA extension is built but does not load ({e}); rebuild it with "
+                      "`pip install --no-build-isolation -e .`, or set XORGEMM_FORCE_CPU=1 when building") from e
 
 C = _C
 CUDA = _C_cuda

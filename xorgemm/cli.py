@@ -125,7 +125,7 @@ def inspect_rows(d) -> list[dict]:
         rows.append({
             "name": name, "kind": t.kind + (f" ({t.reason})" if t.reason else ""), "dtype": dtype_name(t.dtype),
             "shape": list(t.shape), "tile": list(t.tile) if t.tile else None,
-            "tiles": sum(t.tile_counts), "zero_tiles": t.tile_counts[0],
+            "tiles": sum(t.tile_counts), "zero_tiles": dict(zip(CODEC_NAMES, t.tile_counts)).get("zero", 0),
             "codecs": dict(zip(CODEC_NAMES, t.tile_counts)), "bytes": t.nbytes, "stored_bytes": t.span[1],
             "disk_bytes": round(disk), "ratio": disk / max(1, t.nbytes)})
     return rows
@@ -146,13 +146,16 @@ def cmd_inspect(a) -> int:
         print(json.dumps({"file": str(d.path), "format_version": d.format_version, "tensors": rows, "totals": totals},
                          indent=2))
         return 0
-    head = ("tensor", "kind", "dtype", "shape", "tiles", "zero", "sparse/bplane/raw", "stored", "disk", "ratio")
+    from xorgemm.format.layout import CODEC_NAMES
+
+    stored_codecs = [c for c in CODEC_NAMES if c != "zero"]  # zero tiles have their own column
+    head = ("tensor", "kind", "dtype", "shape", "tiles", "zero", "/".join(stored_codecs), "stored", "disk", "ratio")
     table = [head]
     shown = sorted(rows, key=lambda r: -r["disk_bytes"])[:a.top] if a.top else rows
     for r in shown:
         c = r["codecs"]
         table.append((r["name"], r["kind"], r["dtype"], "x".join(map(str, r["shape"])) or "()", str(r["tiles"]),
-                      str(r["zero_tiles"]), f"{c['sparse']}/{c['byteplane']}/{c['raw']}", _human(r["stored_bytes"]),
+                      str(r["zero_tiles"]), "/".join(str(c[k]) for k in stored_codecs), _human(r["stored_bytes"]),
                       _human(r["disk_bytes"]), f"{100 * r['ratio']:.2f}%"))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for i, row in enumerate(table):

@@ -5,12 +5,13 @@ validated once, and their biases). A forward uses the base, one fine-tune for th
 fine-tune per row (ids into `finetunes`, -1 for the base), like Punica's segmented GEMM:
 
     layer = XorLinear.from_linear(base_linear, finetuned_weight, finetuned_bias, name="legal")
-    layer.add_delta("med", med_weight, med_bias)
+    layer.add_finetune("med", med_weight, med_bias)
     y = layer(x, finetune="legal")                        # one fine-tune
     y = layer(x, finetune=torch.tensor([0, 1, -1, 0]))    # rows of x[0..3] use legal, med, base, legal
 
 Without a `finetune` argument the layer uses its `active` selection, which `xorgemm.use(model, ...)` sets
-for every XorLinear of a model at once (see patch.py).
+for every XorLinear of a model at once (see xorgemm/serving). "Fine-tune" names what a user serves; "delta"
+names its bytes: `deltas[name]` holds fine-tune `name`'s resident delta section.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from xorgemm._native import C
 from xorgemm.errors import InputError
 from xorgemm.format.layout import DEFAULT_TILE, grid_of, tensor_bytes, tile_for
 from xorgemm.ops import xor_linear
+from xorgemm.resident import resident_section
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -94,8 +96,7 @@ class XorLinear(nn.Module):
         self.register_buffer("base_weight", base_weight.detach())
         self.bias = None if base_bias is None else nn.Parameter(base_bias.detach(), requires_grad=False)
         self.tile = tile_for((1, 1), tile)
-        self.deltas = nn.ModuleDict()
-        self.finetunes: list[str] = []
+        self.deltas = nn.ModuleDict()  # fine-tune name -> its resident delta; ids index them in this order
         self.active: str | torch.Tensor | None = None
 
     # --- construction
@@ -106,19 +107,19 @@ class XorLinear(nn.Module):
         """Wraps `base` (sharing its weight storage) and, if given, adds one fine-tune `name`."""
         layer = cls(base.weight, base.bias, tile=tile)
         if finetuned_weight is not None:
-            layer.add_delta(name, finetuned_weight, finetuned_bias)
+            layer.add_finetune(name, finetuned_weight, finetuned_bias)
             layer.active = name
         return layer
 
     @classmethod
     def from_delta(cls, base: nn.Linear, delta, prefix: str, *, name: str = "finetune"):
         """Wraps `base` with the fine-tune that `delta` (a DeltaFile or path) stores for `prefix`.weight/.bias."""
-        from xorgemm.format.container import DeltaFile, load_delta
+        from xorgemm.format.reader import DeltaFile, load_delta
 
         d = delta if isinstance(delta, DeltaFile) else load_delta(delta)
         weight = d[f"{prefix}.weight"]
         layer = cls(base.weight, base.bias, tile=weight.tile or DEFAULT_TILE)
-        layer.add_delta_from_file(name, weight, d.tensors.get(f"{prefix}.bias"))
+        layer.add_finetune_from_file(name, weight, d.tensors.get(f"{prefix}.bias"))
         layer.active = name
         return layer
 
@@ -128,7 +129,12 @@ class XorLinear(nn.Module):
         if name in self.finetunes:
             raise InputError(f"fine-tune {name!r} is already in this XorLinear")
 
-    def add_delta(self, name: str, finetuned_weight: torch.Tensor, finetuned_bias: torch.Tensor | None = None):
+    @property
+    def finetunes(self) -> list[str]:
+        """The fine-tunes this layer serves, in id order (per-row ids index this list)."""
+        return list(self.deltas)
+
+    def add_finetune(self, name: str, finetuned_weight: torch.Tensor, finetuned_bias: torch.Tensor | None = None):
         """Adds fine-tune `name` given its full weight (encoded here into a delta section; the weight is not kept)."""
         self._check_name(name)
         w = self.base_weight
@@ -137,11 +143,10 @@ class XorLinear(nn.Module):
                              f"the base is {w.dtype} {tuple(w.shape)}")
         grid = grid_of(w.shape, self.tile, w.dtype)
         # Encoded on the CPU (tensor_bytes copies there); _add_slot puts the section beside the base.
-        section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), *grid.args)
-        offsets = C.validate_section(section, *grid.args)
-        self._add_slot(name, section, offsets, finetuned_bias)
+        section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), grid)
+        self._add_slot(name, section, C.validate_section(section, grid), finetuned_bias)
 
-    def add_delta_from_file(self, name: str, weight, bias=None, *, check_base: bool = True):
+    def add_finetune_from_file(self, name: str, weight, bias=None, *, check_base: bool = True):
         """Adds fine-tune `name` from DeltaTensor entries of a loaded delta file (weight, optional bias).
         `check_base=False` skips the base hash for a caller that has already checked it (patch_model)."""
         self._check_name(name)
@@ -152,7 +157,7 @@ class XorLinear(nn.Module):
                 raise InputError(f"{weight.file.path}: tensor '{weight.name}' is tiled {weight.tile}, this XorLinear "
                                  f"uses {self.tile}")
             # On a GPU base the chunks are decompressed on the GPU (nvCOMP) when xorgemm[cuda] is installed.
-            section, offsets = weight.resident(w.device)
+            section, offsets = resident_section(weight, w.device)
         elif weight.kind == "same":
             section = offsets = None  # this fine-tune leaves the weight alone (its bias may still differ)
         else:
@@ -169,13 +174,31 @@ class XorLinear(nn.Module):
         self._check_name(name)
         self._add_slot(name, None, None, bias)
 
-    def remove_delta(self, name: str):
+    def add_finetune_section(self, name: str, section: torch.Tensor, bias: torch.Tensor | None = None):
+        """Adds fine-tune `name` from a delta section of this layer's weight (a uint8 tensor on any device, e.g.
+        one already resident beside another layer's). It is validated here and its tile offsets computed: on
+        the CPU completely, on a GPU from its tile table (copied back)."""
+        self._check_name(name)
+        w = self.base_weight
+        grid = grid_of(w.shape, self.tile, w.dtype)
+        if section.dtype != torch.uint8 or section.dim() != 1:
+            raise InputError(f"fine-tune {name!r}: a section is a 1-D uint8 tensor, got {section.dtype} "
+                             f"{tuple(section.shape)}")
+        try:
+            if section.device.type == "cpu":
+                offsets = C.validate_section(section.contiguous(), grid)
+            else:
+                offsets = C.table_offsets(section[: grid.table_bytes].cpu(), section.numel(), grid)
+        except C.FormatError as e:
+            raise InputError(f"fine-tune {name!r}: malformed delta section: {e}") from None
+        self._add_slot(name, section, offsets, bias)
+
+    def remove_finetune(self, name: str):
         """Drops fine-tune `name` and frees its resident delta; the base is untouched. Per-row ids index
         `finetunes`, so the fine-tunes after it move down by one."""
         if name not in self.deltas:
             raise InputError(f"unknown fine-tune {name!r}; this XorLinear has {self.finetunes}")
         del self.deltas[name]
-        self.finetunes.remove(name)
         if self.active == name:
             self.active = None
 
@@ -193,10 +216,9 @@ class XorLinear(nn.Module):
             bias = bias.detach().to(dev)
         if section is None:  # an all-zero delta: only a tile table, every tile skipped
             grid = grid_of(self.base_weight.shape, self.tile, self.base_weight.dtype)
-            section = torch.zeros(-(-grid.num_tiles * 8 // 16) * 16, dtype=torch.uint8)
-            offsets = C.validate_section(section, *grid.args)
+            section = torch.zeros(grid.table_bytes, dtype=torch.uint8)
+            offsets = C.validate_section(section, grid)
         self.deltas[name] = _DeltaSlot(section.to(dev), offsets.to(dev), bias)
-        self.finetunes.append(name)
 
     # --- introspection
 
@@ -231,10 +253,9 @@ class XorLinear(nn.Module):
         if name is None:
             return base.clone()
         slot = self.deltas[name]
-        grid = grid_of(base.shape, self.tile, base.dtype)
-        out = torch.empty_like(tensor_bytes(base))
-        C.apply_section(slot.section.cpu(), slot.offsets.cpu(), tensor_bytes(base), out, *grid.args)
-        return out.view(base.dtype).view(base.shape)
+        out = torch.empty_like(base)
+        torch.ops.xorgemm.apply_section(slot.section.cpu(), slot.offsets.cpu(), base, out, *self.tile)
+        return out
 
     def _resolve_name(self, finetune):
         if finetune is None:
@@ -319,7 +340,6 @@ class XorLinear(nn.Module):
         for n in names:
             if n not in self.deltas:
                 self.deltas[n] = _DeltaSlot(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None)
-                self.finetunes.append(n)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

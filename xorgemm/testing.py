@@ -6,6 +6,7 @@
   partial     the first rows changed densely, the rest untouched (a partially frozen tensor)
   dense       every element changed a little (a full fine-tune)
 `seed_scenario()` is the seed notebook's tiny transformer layer and its 3% fine-tune, exactly.
+`whole_xor(base, ft)` is the baseline the benchmarks compress: the XOR of every tensor, whole.
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import copy
 import torch
 import torch.nn as nn
 
+from xorgemm.format.layout import tensor_bytes
+
 DELTA_KINDS = ("sparse", "structured", "partial", "dense")
 ROW_DISTRIBUTIONS = ("distinct", "uniform", "zipf", "skewed", "identical")
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def row_finetunes(dist: str, m: int, d: int, *, seed: int = 0) -> torch.Tensor:
@@ -115,3 +119,10 @@ def seed_scenario():
 
 def state_dict_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def whole_xor(base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor]) -> bytes:
+    """The XOR of base and fine-tuned bytes of every tensor both have with the same shape, in ft's order,
+    concatenated: what a whole-file compressor (zstd of the XOR) is given as the baseline."""
+    return b"".join((tensor_bytes(base[k]) ^ tensor_bytes(ft[k])).numpy().tobytes()
+                    for k in ft if k in base and base[k].shape == ft[k].shape)

@@ -37,6 +37,8 @@ namespace codec {
 
 enum TileCodec : uint8_t { kZero = 0, kSparse = 1, kBytePlane = 2, kRaw = 3 };
 constexpr int kNumCodecs = 4;
+// Their names, in id order: what the file index and the reports say (exported to Python as CODEC_NAMES).
+constexpr const char* kCodecNames[kNumCodecs] = {"zero", "sparse", "byteplane", "raw"};
 
 // Payloads start on this boundary in the decoded stream, so a kernel can cp.async them in 16-byte units.
 constexpr uint64_t kTileAlign = 16;
@@ -55,26 +57,41 @@ static_assert(sizeof(TileEntry) == 8, "TileEntry is an 8-byte on-disk record");
 
 XG_HD uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
 
-// Aligned 16- and 32-bit accesses into byte buffers: a plain load on the GPU, memcpy on the host (where
-// reading a uint8_t array through another type is undefined behaviour; compilers emit the same load).
-XG_HD uint32_t load_u16(const uint8_t* p) {
+// Typed access to byte buffers: a plain load/store on the GPU (the caller guarantees alignment); memcpy on
+// the host, where reading an array through another type is undefined behaviour (compilers emit the same
+// load). The CPU emulation of the CUDA kernels compiles as host code, so it takes the memcpy branch too.
+template <typename T>
+XG_HD T load_as(const void* p) {
 #if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const uint16_t*>(p);
+  return *reinterpret_cast<const T*>(p);
 #else
-  uint16_t v;
-  memcpy(&v, p, 2);
+  T v;
+  memcpy(&v, p, sizeof v);
   return v;
 #endif
 }
-XG_HD void xor_u32(void* p, uint32_t v) {
+template <typename T>
+XG_HD void store_as(void* p, const T& v) {
 #if defined(__CUDA_ARCH__)
-  *reinterpret_cast<uint32_t*>(p) ^= v;
+  *reinterpret_cast<T*>(p) = v;
 #else
-  uint32_t x;
-  memcpy(&x, p, 4);
-  x ^= v;
-  memcpy(p, &x, 4);
+  memcpy(p, &v, sizeof v);
 #endif
+}
+
+// Entry t of a section's tile table (little-endian, as on disk and on every host and GPU xorgemm runs on).
+// One 8-byte memcpy at any alignment: a section may start at any byte (a span of a decompressed stream); a
+// caller that knows the table is 8-byte aligned says so with __builtin_assume_aligned, and the copy becomes
+// one 64-bit load.
+XG_HD TileEntry load_entry(const uint8_t* table, uint64_t t) {
+  uint64_t raw;
+  memcpy(&raw, table + t * sizeof(TileEntry), sizeof raw);
+  TileEntry e;
+  e.n_exc = (uint32_t)raw;
+  e.codec = (uint8_t)(raw >> 32);
+  e.low_bytes = (uint8_t)(raw >> 40);
+  e.reserved = (uint16_t)(raw >> 48);
+  return e;
 }
 
 // Bytes the tile occupies in the stream, padding included.
@@ -158,13 +175,14 @@ XG_HD void xor_tile_low_strided(const uint8_t* payload, TileEntry e, uint32_t el
       uint32_t r = tid / w2, c = tid % w2;
       const uint32_t dr = nthreads / w2, dc = nthreads % w2;
       for (uint32_t p = tid; p < pairs; p += nthreads) {
-        const uint32_t lo = load_u16(payload + 2 * p);
+        const uint32_t lo = load_as<uint16_t>(payload + 2 * p);
         uint32_t v = (lo & 0xffu) | ((lo >> 8) << 16);
         if (k == 2) {
-          const uint32_t hi = load_u16(payload + elems + 2 * p);
+          const uint32_t hi = load_as<uint16_t>(payload + elems + 2 * p);
           v |= ((hi & 0xffu) << 8) | ((hi >> 8) << 24);
         }
-        xor_u32(dst + 2 * (r * stride2 + c), v);
+        Word* pair = dst + 2 * (r * stride2 + c);
+        store_as<uint32_t>(pair, load_as<uint32_t>(pair) ^ v);
         r += dr;
         c += dc;
         if (c >= w2) {

@@ -1,8 +1,9 @@
 // What lets a kernel header compile both for the GPU (nvcc) and for the CPU under the CUDA emulation of
-// tests/cpp/cuda_emulation.h (XORGEMM_EMULATE), so the tests run the exact kernel source.
+// tests/cpp/cuda_emulation.h (XORGEMM_EMULATE), so the tests run the exact kernel source. Typed loads and
+// stores are codec::load_as / store_as, which already take the memcpy branch in host code.
 #pragma once
 
-#include <string.h>
+#include "codec/tile_codec.h"
 
 #if defined(XORGEMM_EMULATE)
 #define XG_DYNAMIC_SMEM(name) unsigned char* name = emulate::dynamic_smem()
@@ -15,29 +16,8 @@
 namespace xorgemm {
 namespace cuda {
 
-// Typed loads from byte or 16-bit buffers: plain loads on the GPU; memcpy in the CPU emulation, where
-// reading an array through another type is undefined behaviour.
-#if defined(XORGEMM_EMULATE)
-template <typename T>
-inline T load_as(const void* p) {
-  T v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename T>
-inline void store_as(void* p, const T& v) {
-  memcpy(p, &v, sizeof v);
-}
-#else
-template <typename T>
-__device__ __forceinline__ T load_as(const void* p) {
-  return *reinterpret_cast<const T*>(p);
-}
-template <typename T>
-__device__ __forceinline__ void store_as(void* p, const T& v) {
-  *reinterpret_cast<T*>(p) = v;
-}
-#endif
+using codec::load_as;
+using codec::store_as;
 
 }  // namespace cuda
 }  // namespace xorgemm

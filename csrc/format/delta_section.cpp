@@ -11,30 +11,6 @@ namespace format {
 
 using codec::TileEntry;
 
-uint32_t TileGrid::tile_height(uint64_t t) const {
-  uint64_t r0 = tile_row0(t);
-  return (uint32_t)std::min<uint64_t>(tile_rows, rows - r0);
-}
-uint32_t TileGrid::tile_width(uint64_t t) const {
-  uint64_t c0 = tile_col0(t);
-  return (uint32_t)std::min<uint64_t>(tile_cols, cols - c0);
-}
-
-void TileGrid::check() const {
-  if (!(elem_bytes == 1 || elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8))
-    throw FormatError("element size " + std::to_string(elem_bytes) + " is not 1, 2, 4 or 8 bytes");
-  if (tile_rows == 0 || tile_cols == 0 || (uint64_t)tile_rows * tile_cols > codec::kMaxTileElems)
-    throw FormatError("tile shape " + std::to_string(tile_rows) + "x" + std::to_string(tile_cols) +
-                      " is empty or holds more than " + std::to_string(codec::kMaxTileElems) + " elements");
-  // Keeps rows*cols*elem_bytes and every offset derived from it far from overflow.
-  if (rows == 0 || cols == 0 || rows > (1ull << 40) || cols > (1ull << 40) || rows * cols > (1ull << 44))
-    throw FormatError("tensor shape " + std::to_string(rows) + "x" + std::to_string(cols) + " is out of range");
-}
-
-uint64_t table_bytes(const TileGrid& g) {
-  return codec::align_up(g.num_tiles() * sizeof(TileEntry), codec::kTileAlign);
-}
-
 // Gathers tile t's XOR words, row-major inside the tile. Word is the element's unsigned type, so the
 // compiler vectorizes the row loop.
 template <typename Word>
@@ -56,7 +32,7 @@ static void gather_xor_words(const uint8_t* base, const uint8_t* ft, const TileG
 template <typename Word>
 static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g) {
   const uint64_t n = g.num_tiles();
-  std::vector<uint8_t> out(table_bytes(g), 0);
+  std::vector<uint8_t> out(g.table_bytes(), 0);
   // Room for every tile stored raw, so appending never reallocates.
   out.reserve(out.size() + g.tensor_bytes() + n * codec::kTileAlign);
   std::vector<Word> words, row;
@@ -81,23 +57,17 @@ std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetune
   }
 }
 
-static TileEntry read_entry(const uint8_t* section, uint64_t t) {
-  TileEntry e;
-  memcpy(&e, section + t * sizeof(TileEntry), sizeof e);
-  return e;
-}
-
 std::vector<uint64_t> table_offsets(const uint8_t* section, uint64_t len, const TileGrid& g) {
   g.check();
   const uint64_t n = g.num_tiles();
-  const uint64_t header = table_bytes(g);
+  const uint64_t header = g.table_bytes();
   if (len < header)
     throw FormatError("section of " + std::to_string(len) + " bytes is shorter than its tile table (" +
                       std::to_string(n) + " tiles)");
   std::vector<uint64_t> offsets(n);
   uint64_t at = header;
   for (uint64_t t = 0; t < n; ++t) {
-    const TileEntry e = read_entry(section, t);
+    const TileEntry e = codec::load_entry(section, t);
     const uint32_t elems = g.tile_height(t) * g.tile_width(t);
     if (!codec::tile_entry_valid(e, elems, g.elem_bytes))
       throw FormatError("tile " + std::to_string(t) + " has an invalid entry (codec " + std::to_string(e.codec) +
@@ -118,7 +88,7 @@ std::vector<uint64_t> table_offsets(const uint8_t* section, uint64_t len, const 
 std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, const TileGrid& g) {
   std::vector<uint64_t> offsets = table_offsets(section, len, g);
   for (uint64_t t = 0; t < offsets.size(); ++t) {
-    const TileEntry e = read_entry(section, t);
+    const TileEntry e = codec::load_entry(section, t);
     const uint32_t elems = g.tile_height(t) * g.tile_width(t);
     // Positions strictly increasing also bounds them by the tile and rules out duplicates.
     int64_t prev = -1;
@@ -134,10 +104,10 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
 
 void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* offsets, const TileGrid& g) {
   g.check();
-  const uint64_t header = table_bytes(g);
+  const uint64_t header = g.table_bytes();
   if (len < header) throw FormatError("section is shorter than its tile table");
   for (uint64_t t = 0; t < g.num_tiles(); ++t) {
-    const TileEntry e = read_entry(section, t);
+    const TileEntry e = codec::load_entry(section, t);
     const uint32_t elems = g.tile_height(t) * g.tile_width(t);
     if (!codec::tile_entry_valid(e, elems, g.elem_bytes))
       throw FormatError("tile " + std::to_string(t) + " has an invalid entry");
@@ -177,7 +147,7 @@ static void apply_block_as(const uint8_t* section, const uint64_t* offsets, cons
     if (whole_rows && rows_out != rows_base) memcpy(rows_out, rows_base, (row_end - row_begin) * g.cols * sizeof(Word));
     for (uint64_t gc = gc0; gc < gc1; ++gc) {
       const uint64_t t = gr * grid_cols + gc;
-      const TileEntry e = read_entry(section, t);
+      const TileEntry e = codec::load_entry(section, t);
       const uint32_t h = g.tile_height(t), w = g.tile_width(t), elems = h * w;
       const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
       auto base_row = [&](uint32_t r) { return base + ((r0 + r) * g.cols + c0) * sizeof(Word); };
@@ -227,7 +197,7 @@ void apply_section_block(const uint8_t* section, const uint64_t* offsets, const 
 void codec_counts(const uint8_t* section, const TileGrid& g, uint64_t counts[codec::kNumCodecs]) {
   for (int c = 0; c < codec::kNumCodecs; ++c) counts[c] = 0;
   for (uint64_t t = 0; t < g.num_tiles(); ++t) {
-    const uint8_t c = read_entry(section, t).codec;
+    const uint8_t c = codec::load_entry(section, t).codec;
     if (c < codec::kNumCodecs) ++counts[c];
   }
 }

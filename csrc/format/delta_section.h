@@ -9,40 +9,13 @@
 
 #include <stdint.h>
 
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #include "codec/tile_codec.h"
+#include "format/tile_grid.h"
 
 namespace xorgemm {
 namespace format {
-
-// Raised for any malformed section; the Python layer adds the file and tensor name.
-struct FormatError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct TileGrid {
-  uint64_t rows, cols;        // the tensor as 2-D (1-D tensors are one row)
-  uint32_t tile_rows, tile_cols;
-  uint32_t elem_bytes;        // 1, 2, 4 or 8
-
-  uint64_t grid_rows() const { return (rows + tile_rows - 1) / tile_rows; }
-  uint64_t grid_cols() const { return (cols + tile_cols - 1) / tile_cols; }
-  uint64_t num_tiles() const { return grid_rows() * grid_cols(); }
-  uint64_t tensor_bytes() const { return rows * cols * elem_bytes; }
-  // Rows/cols of tile t, which are smaller than the tile shape on the ragged edge.
-  uint32_t tile_height(uint64_t t) const;
-  uint32_t tile_width(uint64_t t) const;
-  uint64_t tile_row0(uint64_t t) const { return t / grid_cols() * tile_rows; }
-  uint64_t tile_col0(uint64_t t) const { return t % grid_cols() * tile_cols; }
-  // Throws FormatError if the shape or tile shape is unusable.
-  void check() const;
-};
-
-// Bytes taken by the table and its padding, i.e. where the first payload starts.
-uint64_t table_bytes(const TileGrid& g);
 
 // Encodes XOR(base, finetuned) (both rows*cols*elem_bytes bytes) as a whole section.
 std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g);

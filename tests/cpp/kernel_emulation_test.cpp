@@ -1,16 +1,16 @@
 // The CUDA kernels' exact source, run on the CPU under cuda_emulation.h:
-// - the fused decode-XOR-GEMM (csrc/cuda/xor_gemm_kernel.cuh) against a float64 reference: forward and
+// - the fused decode-XOR-GEMM (csrc/cuda/fused_gemm_kernel.cuh) against a float64 reference: forward and
 //   backward, bf16 and fp16, every row-tile size, ragged N and K, split-K, one staged fine-tune and per-row
 //   mixes of fine-tunes and base rows over the multi-tenant benchmark's row distributions, biases. Deltas
 //   flip sign and exponent bits too, so a wrongly decoded or skipped tile changes the result by far more
 //   than the tolerance;
-// - the apply kernel (csrc/cuda/apply_delta_kernel.cuh), whole tensors and blocks of grid rows (the
+// - the apply kernel (csrc/cuda/apply_section_kernel.cuh), whole tensors and blocks of grid rows (the
 //   patched-block path), every word size and tile shape: bit-exact fine-tuned bytes.
 // Ends with "N passed, N failed".
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
-#include "cuda/apply_delta_kernel.cuh"
-#include "cuda/xor_gemm_kernel.cuh"
+#include "cuda/apply_section_kernel.cuh"
+#include "cuda/fused_gemm_kernel.cuh"
 // clang-format on
 
 #include <stdio.h>
@@ -57,7 +57,7 @@ struct Case {
 // encode_section writes them.
 static std::vector<uint8_t> section_with_big_tile(const uint16_t* base, const uint16_t* ft,
                                                   const format::TileGrid& g) {
-  std::vector<uint8_t> table(format::table_bytes(g), 0), payload;
+  std::vector<uint8_t> table(g.table_bytes(), 0), payload;
   std::vector<uint64_t> scratch;
   for (uint64_t t = 0; t < g.num_tiles(); ++t) {
     const uint32_t h = g.tile_height(t), w = g.tile_width(t);
@@ -251,8 +251,7 @@ static void run_apply(const format::TileGrid& g, double density, uint64_t gr0, u
   const dim3 grid{(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1};
   emulate::launch(grid, [&] {
     cuda::apply_section_kernel<Word>(section.data(), offsets.data(), reinterpret_cast<const Word*>(base.data()),
-                                     out.data(), (int64_t)g.rows, (int64_t)g.cols, (int)g.tile_rows,
-                                     (int)g.tile_cols, (int64_t)(gr0 * g.grid_cols()));
+                                     out.data(), g, (int64_t)(gr0 * g.grid_cols()));
   });
   const bool same = !memcmp(out.data(), ft.data() + row0 * g.cols * sizeof(Word), out.size() * sizeof(Word));
   check(same, "apply kernel, " + std::to_string(g.rows) + "x" + std::to_string(g.cols) + " tiles " +

@@ -1,22 +1,32 @@
 """How a tensor maps onto the tile grid, and the dtypes the format knows.
 
-Every tensor is viewed as 2-D: (shape[0], prod(shape[1:])). A 1-D tensor (bias, norm) is one row and
-gets a one-row tile of the same element count; a 0-d tensor is 1x1. See docs/format.md.
+Every tensor is viewed as 2-D: (shape[0], prod(shape[1:])) (the native TileGrid). A 1-D tensor (bias,
+norm) is one row and gets a one-row tile of the same element count; a 0-d tensor is 1x1. See
+docs/format.md.
 """
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 
 from xorgemm._native import C
 from xorgemm.errors import InputError
 
-CODEC_NAMES = ("zero", "sparse", "byteplane", "raw")
-DEFAULT_TILE = (64, 64)
+# Layout facts of the native format code (csrc/codec/tile_codec.h), never restated here.
+CODEC_NAMES: tuple[str, ...] = tuple(C.CODEC_NAMES)
 MAX_TILE_ELEMS = int(C.MAX_TILE_ELEMS)
 TILE_ALIGN = int(C.TILE_ALIGN)
+TILE_ENTRY_BYTES = int(C.TILE_ENTRY_BYTES)
+TileGrid = C.TileGrid
+DEFAULT_TILE = (64, 64)
+
+# The container (docs/format.md): what the metadata says, how a tensor can be stored, and the limits every
+# reader enforces whatever a file claims.
+FORMAT = "xorgemm.delta"
+FORMAT_VERSION = 1
+KINDS = ("xor", "same", "whole")  # a tiled XOR section; identical to the base; stored whole (new / reshaped)
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_CHUNK_BYTES = 16 * 1024 * 1024  # bounds any single decompression
+HASH_HEX = 16  # hex digits of an XXH3-64 digest
 
 # safetensors dtype names <-> torch dtypes. XOR works on bytes, so any of these round-trips; the kernels
 # serve F32/F16/BF16.
@@ -42,34 +52,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise InputError(f"dtype {dtype} is not supported (supported: {', '.join(DTYPES)})") from None
 
 
-@dataclass(frozen=True)
-class Grid:
-    """The 2-D view of a tensor and its tile shape: everything the native code needs to find a tile."""
-
-    rows: int
-    cols: int
-    tile_rows: int
-    tile_cols: int
-    elem_bytes: int
-
-    @property
-    def num_tiles(self) -> int:
-        return math.ceil(self.rows / self.tile_rows) * math.ceil(self.cols / self.tile_cols)
-
-    @property
-    def args(self) -> tuple[int, int, int, int, int]:
-        return (self.rows, self.cols, self.tile_rows, self.tile_cols, self.elem_bytes)
-
-
-def view_2d(shape) -> tuple[int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 0:
-        return (1, 1)
-    if len(shape) == 1:
-        return (1, shape[0])
-    return (shape[0], math.prod(shape[1:]))
-
-
 def tile_for(shape, tile=DEFAULT_TILE) -> tuple[int, int]:
     """The tile shape recorded for a tensor: `tile` for 2-D and up, one row of as many elements for 1-D."""
     tr, tc = int(tile[0]), int(tile[1])
@@ -78,10 +60,11 @@ def tile_for(shape, tile=DEFAULT_TILE) -> tuple[int, int]:
     return (1, tr * tc) if len(shape) <= 1 else (tr, tc)
 
 
-def grid_of(shape, tile, dtype: torch.dtype) -> Grid:
-    rows, cols = view_2d(shape)
+def grid_of(shape, tile, dtype: torch.dtype) -> TileGrid:
+    """The native tile grid over a tensor's 2-D view (shape[0], prod(shape[1:])); raises C.FormatError (a
+    ValueError) for a shape or tile shape the format cannot hold."""
     elem_bytes = torch.empty((), dtype=dtype).element_size()
-    return Grid(rows, cols, int(tile[0]), int(tile[1]), elem_bytes)
+    return TileGrid.of_shape([int(s) for s in shape], int(tile[0]), int(tile[1]), elem_bytes)
 
 
 def tensor_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// The fused decode-XOR-GEMM's device code (see xor_gemm.cu for the design). Kept apart from the host side
+// The fused decode-XOR-GEMM's device code (design: docs/kernels.md; launch: fused_gemm.cu). Kept apart from the host side
 // so that tests/cpp/kernel_emulation_test.cpp can compile this exact source for the CPU, under the emulation
 // of tests/cpp/cuda_emulation.h (XORGEMM_EMULATE: threads and barriers, deferred cp.async, warp MMA).
 #pragma once
@@ -16,7 +16,7 @@ namespace fused {
 
 using codec::TileEntry;
 
-constexpr int kMaxDeltas = 64;  // fine-tunes per launch (their pointers ride in the parameters)
+constexpr int kMaxFinetunes = 64;  // fine-tunes per launch (their pointers ride in the parameters)
 constexpr int kTile = 64;                    // delta tile = output block = reduction step
 constexpr int kStride = kTile + 8;           // shared-memory row in elements: 144 bytes, conflict-free
 constexpr int kThreads = 128;                // four warps
@@ -38,8 +38,8 @@ struct FusedArgs {
   int n_groups;         // 1 + number of deltas; group 0 is the plain base
   int only_group;
   bool staged;          // one fine-tune for every row: its payload rides the pipeline, patched in place
-  const uint8_t* sections[kMaxDeltas];
-  const int64_t* offsets[kMaxDeltas];
+  const uint8_t* sections[kMaxFinetunes];
+  const int64_t* offsets[kMaxFinetunes];
   float* partial;  // [splits, m, out_cols]
   int64_t out_cols;
   int red_tiles, tiles_per_split;
@@ -104,14 +104,9 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return load_as<uint32_t>(p); }
 
-__device__ __forceinline__ TileEntry load_entry(const uint8_t* section, int64_t t) {
-  const uint2 raw = load_as<uint2>(section + t * sizeof(TileEntry));
-  TileEntry e;
-  e.n_exc = raw.x;
-  e.codec = (uint8_t)(raw.y & 0xff);
-  e.low_bytes = (uint8_t)((raw.y >> 8) & 0xff);
-  e.reserved = (uint16_t)(raw.y >> 16);
-  return e;
+// Sections of a fused launch are 16-byte aligned (fused_supported checks): the entry is one 64-bit load.
+__device__ __forceinline__ TileEntry entry_of(const uint8_t* section, int64_t t) {
+  return codec::load_entry(static_cast<const uint8_t*>(__builtin_assume_aligned(section, 16)), t);
 }
 
 // Multiplies the BM activation rows [lo, hi) (CTA-local) of one segment by the 64x64 weight tile `w` held
@@ -155,7 +150,7 @@ template <bool kBf16, int MT, bool kTrans>
 __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GRID_CONSTANT FusedArgs args) {
   constexpr int BM = 16 * MT;
   XG_DYNAMIC_SMEM(smem);
-  __shared__ int seg_lo[kMaxDeltas + 1], seg_hi[kMaxDeltas + 1];
+  __shared__ int seg_lo[kMaxFinetunes + 1], seg_hi[kMaxFinetunes + 1];
   __shared__ int64_t a_row[BM];
 
   const int tid = threadIdx.x;
@@ -216,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       if (args.staged) {
         const int d = args.only_group - 1;
         const int64_t t = gr * grid_cols + gc;
-        const TileEntry e = load_entry(args.sections[d], t);
+        const TileEntry e = entry_of(args.sections[d], t);
         const uint32_t h = (uint32_t)min64(kTile, args.n - n0), w = (uint32_t)min64(kTile, args.k - k0);
         const uint64_t bytes = codec::tile_payload_bytes(e, h * w, 2);  // 0 for zero tiles: no loads at all
         if (bytes <= (uint64_t)kPayloadCap) {
@@ -260,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       bool patched_copy = false;
       if (g > 0) {
         const int d = g - 1;
-        const TileEntry e = load_entry(args.sections[d], t);
+        const TileEntry e = entry_of(args.sections[d], t);
         if (e.codec != codec::kZero) {
           uint16_t* dst = tile;
           const uint8_t* payload = codec::tile_payload_bytes(e, h * w, 2) <= (uint64_t)kPayloadCap

@@ -6,11 +6,13 @@
 2. Many fine-tunes, one base, one batch: a small BERT-style transformer (built from a config) and three
    fine-tunes of its Linear layers (sparse, attention-only, dense), packed, loaded with `patch_model`, and
    served in one forward pass whose rows use different fine-tunes, checked against the dense models.
-3. A real fine-tune: all-MiniLM-L6-v2 (22.7M parameters, bf16) trained with AdamW for 300 steps on the CPU
-   (about a minute and a half the first time, cached after): packed, verified, and served by
+3. A real fine-tune: all-MiniLM-L6-v2 (22.7M parameters, bf16) trained with AdamW for DEMO_STEPS steps on
+   the CPU (cached after the first run, see real_finetune.py): packed, verified, and served by
    `patch_model` against the dense fine-tuned model.
 
-    python -m xorgemm.demo [--workdir DIR] [--skip-real]
+    python examples/demo.py [--workdir DIR] [--skip-real]
+
+Files go to a temporary folder removed at the end, or to --workdir, which keeps them.
 """
 from __future__ import annotations
 
@@ -23,12 +25,17 @@ from pathlib import Path
 
 import torch
 import zstandard
+from real_finetune import Recipe, base_model_dir, real_finetune
 
 from xorgemm import cli
-from xorgemm.delta import save_state_dict
-from xorgemm.format.layout import tensor_bytes
+from xorgemm.packing import pack, save_state_dict
+from xorgemm.serving import patch_model, use
+from xorgemm.testing import perturb, seed_scenario, state_dict_of, whole_xor
 
 SEED_PACKAGE_BYTES = 7009  # the notebook's pickle.dumps(pkg)
+# Steps of the real fine-tune: every AdamW step moves every trained weight, so a short run already shows a
+# full fine-tune's delta (bench/pack.py measures the 300-step recipes).
+DEMO_STEPS = 60
 
 
 def step(title):
@@ -46,9 +53,15 @@ def xorgemm_cli(*args) -> int:
 def whole_xor_zstd(base: Path, ft: Path, level: int) -> int:
     from safetensors.torch import load_file
 
-    b, f = load_file(base), load_file(ft)
-    xor = b"".join((tensor_bytes(b[k]) ^ tensor_bytes(f[k])).numpy().tobytes() for k in f)
-    return len(zstandard.ZstdCompressor(level=level).compress(xor))
+    return len(zstandard.ZstdCompressor(level=level).compress(whole_xor(load_file(base), load_file(ft))))
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the tensors in a .safetensors file (not of the file): the denominator of every ratio xorgemm
+    prints, `xorgemm pack` included."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(path).values())
 
 
 def run_case(name: str, base: Path, ft: Path, work: Path, reference: list[tuple[str, int]]):
@@ -59,8 +72,8 @@ def run_case(name: str, base: Path, ft: Path, work: Path, reference: list[tuple[
     xorgemm_cli("verify", "--base", base, "--delta", delta, "--finetuned", ft)
     xorgemm_cli("unpack", "--base", base, "--delta", delta, "-o", rebuilt)
     same = rebuilt.read_bytes() == ft.read_bytes()
-    size, weights = delta.stat().st_size, ft.stat().st_size
-    print(f"\n{name}: fine-tuned file {weights:,} bytes -> delta {size:,} bytes ({100 * size / weights:.2f}%); "
+    size, weights = delta.stat().st_size, weight_bytes(ft)
+    print(f"\n{name}: fine-tuned weights {weights:,} bytes -> delta file {size:,} bytes ({100 * size / weights:.2f}%); "
           f"unpacked file identical to the fine-tune: {same}")
     for label, n in reference:
         print(f"  vs {label}: {n:,} bytes -> xorgemm is {100 * size / n:.0f}% of it")
@@ -80,10 +93,6 @@ def multi_tenant(work: Path):
     import copy
 
     import transformers
-
-    from xorgemm.delta import pack
-    from xorgemm.patch import patch_model, use
-    from xorgemm.testing import perturb, state_dict_of
 
     cfg = transformers.BertConfig(vocab_size=2000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                   intermediate_size=1024, max_position_embeddings=128)
@@ -106,7 +115,7 @@ def multi_tenant(work: Path):
         print(f"{name:6s} ({kind} {'attention' if name == 'med' else 'all Linear'}): {rep.file_bytes:,} bytes "
               f"for {rep.finetuned_bytes:,} bytes of weights ({100 * rep.ratio:.2f}%)")
     served = patch_model(copy.deepcopy(base), paths)
-    print(served.xorgemm_report)
+    print(served.xorgemm.report)
     names = list(paths)
     ids = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1])  # row i of the batch uses names[ids[i]], -1 the base
     tokens = torch.randint(0, cfg.vocab_size, (len(ids), 64), generator=torch.Generator().manual_seed(1))
@@ -132,9 +141,6 @@ def serve_real(base_path: Path, ft_path: Path, delta_path: Path):
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from xorgemm.patch import patch_model
-    from xorgemm.real_finetune import base_model_dir
-
     def model_with(weights):
         m = AutoModel.from_pretrained(str(base_model_dir()), dtype=torch.bfloat16).eval()
         m.load_state_dict(load_file(weights))
@@ -142,7 +148,7 @@ def serve_real(base_path: Path, ft_path: Path, delta_path: Path):
 
     base, dense_ft = model_with(base_path), model_with(ft_path)
     served = patch_model(base, {"minilm": delta_path}, active="minilm")
-    print(served.xorgemm_report)
+    print(served.xorgemm.report)
     tokens = torch.randint(1000, 30000, (4, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = served(input_ids=tokens).last_hidden_state.float()
@@ -163,10 +169,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        print(f"writing files to {work}" + ("" if a.workdir else " (removed at the end; --workdir DIR keeps them)"))
 
         step("1. The seed notebook's tiny transformer layer, 3% of elements fine-tuned (fp32)")
-        from xorgemm.testing import seed_scenario, state_dict_of
-
         base_layer, ft_layer = seed_scenario()
         save_state_dict(state_dict_of(base_layer), work / "seed-base.safetensors")
         save_state_dict(state_dict_of(ft_layer), work / "seed-ft.safetensors")
@@ -179,10 +184,8 @@ def main(argv=None):
         multi_tenant(work)
 
         if not a.skip_real:
-            step("3. A real full fine-tune: all-MiniLM-L6-v2, AdamW lr 1e-4, 300 steps (bf16)")
-            from xorgemm.real_finetune import real_finetune
-
-            base, ft = real_finetune("bf16")
+            step(f"3. A real full fine-tune: all-MiniLM-L6-v2, AdamW lr 1e-4, {DEMO_STEPS} steps (bf16)")
+            base, ft = real_finetune("bf16", Recipe(steps=DEMO_STEPS))
             run_case("minilm", base, ft, work, [("zstd-19 of the whole XOR", whole_xor_zstd(base, ft, 19))])
             serve_real(base, ft, work / "minilm.xor.safetensors")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")

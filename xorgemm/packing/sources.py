@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from xorgemm.errors import InputError
-from xorgemm.format.container import sniff_pickle
+from xorgemm.format.reader import sniff_pickle
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 

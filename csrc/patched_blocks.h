@@ -1,0 +1,107 @@
+// The patched-block path of the xorgemm ops, for any device: for each fine-tune with rows in the batch, a
+// block of output features of its weight is patched into a scratch buffer by the device's `patch` kernel,
+// then ATen's GEMM (the CPU's BLAS, cuBLAS on a GPU) multiplies it, block after block. Only one block of a
+// fine-tuned weight exists at a time, never the whole. Rows are grouped by fine-tune (op_args.h:
+// group_rows); base rows multiply the base weight as it is.
+//
+// A device supplies
+//   patch(f, gr0, gr1, block): write grid rows [gr0, gr1) of fine-tune f's weight (base XOR delta) into
+//                              `block`, a [rows of those grid rows, K] tensor of the base's dtype and device;
+//   grid_rows_per_block:       the block height in grid rows (what keeps a block in the device's cache).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "format/tile_grid.h"
+
+namespace xorgemm {
+
+// Calls fn(r0, h, block) for consecutive blocks [r0, r0 + h) of output features of fine-tune f's weight,
+// each patched into one reused scratch buffer.
+template <typename Patch, typename Fn>
+void for_each_patched_block(const at::Tensor& base, const format::TileGrid& g, int64_t grid_rows_per_block,
+                            size_t f, Patch& patch, Fn&& fn) {
+  const int64_t n = base.size(0), k = base.size(1), tile_rows = g.tile_rows, grid_rows = (int64_t)g.grid_rows();
+  const int64_t per_block = std::max<int64_t>(1, grid_rows_per_block);
+  at::Tensor scratch = at::empty({std::min(per_block * tile_rows, n), k}, base.options());
+  for (int64_t gr0 = 0; gr0 < grid_rows; gr0 += per_block) {
+    const int64_t gr1 = std::min(gr0 + per_block, grid_rows);
+    const int64_t r0 = gr0 * tile_rows, h = std::min(gr1 * tile_rows, n) - r0;
+    at::Tensor block = scratch.narrow(0, 0, h);
+    patch(f, gr0, gr1, block);
+    fn(r0, h, block);
+  }
+}
+
+// out += the bias of each row: [N] for all, or [n_finetunes + 1, N] picked by row_finetune + 1 (row 0 for
+// base rows; without ids every row uses the one fine-tune, row n_finetunes).
+inline void add_bias(at::Tensor& out, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& row_finetune, int64_t n_finetunes) {
+  if (!bias.has_value()) return;
+  if (bias->dim() == 1) {
+    out.add_(*bias);
+    return;
+  }
+  const at::Tensor ids = row_finetune.has_value()
+                             ? row_finetune->reshape({-1}) + 1
+                             : at::full({out.size(0)}, n_finetunes, out.options().dtype(at::kLong));
+  out.add_(bias->index_select(0, ids));
+}
+
+// y = x W_f(i)^T + bias per row i, for x2 [M, K].
+template <typename Patch>
+at::Tensor patched_blocks_forward(const at::Tensor& x2, const at::Tensor& base, const format::TileGrid& g,
+                                  const std::vector<at::Tensor>& groups, const std::optional<at::Tensor>& row_finetune,
+                                  const std::optional<at::Tensor>& bias, int64_t grid_rows_per_block, Patch&& patch) {
+  const int64_t m = x2.size(0), n = base.size(0), n_finetunes = (int64_t)groups.size() - 1;
+  at::Tensor out = at::empty({m, n}, x2.options());
+  for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
+    if (!groups[gi].defined()) continue;
+    const bool all = groups[gi].numel() == m;
+    const at::Tensor xg = all ? x2 : x2.index_select(0, groups[gi]);
+    if (gi == 0) {  // base rows: the base weight as it is
+      out.index_copy_(0, groups[gi], at::mm(xg, base.t()));
+      continue;
+    }
+    // Each block's GEMM writes its columns of y in place (a column slice is a BLAS matrix with ld = N).
+    at::Tensor yg = all ? out : at::empty({xg.size(0), n}, x2.options());
+    for_each_patched_block(base, g, grid_rows_per_block, gi - 1, patch,
+                           [&](int64_t r0, int64_t h, const at::Tensor& block) {
+                             at::Tensor yb = yg.narrow(1, r0, h);
+                             at::mm_out(yb, xg, block.t());
+                           });
+    if (!all) out.index_copy_(0, groups[gi], yg);
+  }
+  add_bias(out, bias, row_finetune, n_finetunes);
+  return out;
+}
+
+// grad_x = grad_y W_f(i) per row i, for g2 [M, N]: summed over blocks of output features, block by block.
+template <typename Patch>
+at::Tensor patched_blocks_grad_input(const at::Tensor& g2, const at::Tensor& base, const format::TileGrid& g,
+                                     const std::vector<at::Tensor>& groups, int64_t grid_rows_per_block,
+                                     Patch&& patch) {
+  const int64_t m = g2.size(0), k = base.size(1), n_finetunes = (int64_t)groups.size() - 1;
+  at::Tensor out = at::empty({m, k}, g2.options());
+  for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
+    if (!groups[gi].defined()) continue;
+    const at::Tensor gg = groups[gi].numel() == m ? g2 : g2.index_select(0, groups[gi]);
+    if (gi == 0) {
+      out.index_copy_(0, groups[gi], at::mm(gg, base));
+      continue;
+    }
+    at::Tensor xg = at::zeros({gg.size(0), k}, g2.options());
+    for_each_patched_block(base, g, grid_rows_per_block, gi - 1, patch,
+                           [&](int64_t r0, int64_t h, const at::Tensor& block) {
+                             xg.addmm_(gg.narrow(1, r0, h), block);
+                           });
+    out.index_copy_(0, groups[gi], xg);
+  }
+  return out;
+}
+
+}  // namespace xorgemm

@@ -1,0 +1,110 @@
+"""Writing a .xor.safetensors container: the chunked stream, the index, and atomic file writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from xorgemm.errors import InputError
+from xorgemm.format.hashes import checksum
+from xorgemm.format.layout import FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, TILE_ALIGN
+
+
+class StreamWriter:
+    """Accumulates the logical stream and compresses it into independent zstd chunks as it fills."""
+
+    def __init__(self, chunk_bytes: int = 64 * 1024, level: int = 3):
+        if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise InputError(f"chunk size {chunk_bytes} must be between 4096 and {MAX_CHUNK_BYTES} bytes")
+        if not 1 <= level <= 22:
+            raise InputError(f"zstd level {level} must be between 1 and 22")
+        self.chunk_bytes = chunk_bytes
+        self.level = level
+        self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        self._pending = bytearray()
+        self._chunks: list[bytes] = []
+        self._table: list[tuple[int, int, int, int]] = []
+        self.stream_bytes = 0
+        self.compressed_bytes = 0
+
+    def append(self, data) -> tuple[int, int]:
+        """Appends bytes at the next TILE_ALIGN boundary; returns their (offset, length) span."""
+        pad = -self.stream_bytes % TILE_ALIGN
+        if pad:
+            self._pending += bytes(pad)
+            self.stream_bytes += pad
+        mv = memoryview(data).cast("B")
+        offset = self.stream_bytes
+        self._pending += mv
+        self.stream_bytes += len(mv)
+        while len(self._pending) >= self.chunk_bytes:
+            self._flush(self.chunk_bytes)
+        return offset, len(mv)
+
+    def _flush(self, n: int):
+        raw = bytes(self._pending[:n])
+        del self._pending[:n]
+        comp = self._zstd.compress(raw)
+        self._table.append((self.compressed_bytes, len(comp), len(raw), checksum(raw)))
+        self._chunks.append(comp)
+        self.compressed_bytes += len(comp)
+
+    def finish(self) -> tuple[np.ndarray, bytes]:
+        if self._pending:
+            self._flush(len(self._pending))
+        table = np.array(self._table, dtype=np.int64).reshape(-1, 4)
+        return table, b"".join(self._chunks)
+
+
+def write_delta_file(path, index: dict, chunk_table: np.ndarray, payload: bytes):
+    """Writes the container atomically (see atomic_path)."""
+    # The index is a zstd'd JSON tensor, not a metadata string: metadata values are strings, so nested JSON
+    # would be escaped, and the index of a large model runs to megabytes.
+    raw_index = json.dumps(index, separators=(",", ":")).encode()
+    packed_index = zstandard.ZstdCompressor(level=19).compress(raw_index)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "index_bytes": str(len(raw_index)),
+            "index_xxh3": str(checksum(raw_index)), "tensors": str(len(index["tensors"])),
+            "base_fingerprint": index["base_fingerprint"]}
+    parts, header, at = [], {"__metadata__": meta}, 0
+    for name, dtype, shape, data in (("index", "U8", [len(packed_index)], packed_index),
+                                     ("chunks", "I64", list(chunk_table.shape), chunk_table.astype("<i8").tobytes()),
+                                     ("payload", "U8", [len(payload)], payload)):
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(data)]}
+        parts.append(data)
+        at += len(data)
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-len(hjson) % 8)  # safetensors aligns the data section to 8 bytes
+    atomic_write(path, [struct.pack("<Q", len(hjson)), hjson] + parts)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` to write; on success it is fsynced and renamed over `path`, on any
+    error it is removed. Readers never see a partial file, and a failed write leaves none behind."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: the folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path, parts):
+    """Writes the byte strings `parts` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for p in parts:
+            f.write(p)

@@ -1,0 +1,40 @@
+"""Delta sections made resident on a device: what the kernels read (format -> resident -> ops).
+
+`resident_section(t, device)` gives a DeltaTensor's section and tile offsets on `device`. Bound for a GPU,
+the chunks are decompressed there by nvCOMP when it is installed (`xorgemm[cuda]`; gpu_decompress.py) and
+only the tile table comes back to be checked; otherwise zstandard decodes them on the CPU, the whole
+section is validated and copied over. Both give the same bytes. XORGEMM_DECOMPRESS=nvcomp|cpu|auto picks.
+"""
+from __future__ import annotations
+
+import torch
+
+from xorgemm.errors import where
+from xorgemm.format.layout import TILE_ENTRY_BYTES
+from xorgemm.format.tensor import DeltaTensor
+from xorgemm.resident.gpu_decompress import GpuZstdBatch, decompressor_for, nvcomp_available
+
+
+def resident_section(t: DeltaTensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The section and its tile payload offsets (int64) on `device`, checked, ready for the kernels."""
+    device = torch.device(device)
+    if decompressor_for(device) == "cpu":
+        section, offsets = t.section()
+        return section.to(device), offsets.to(device)
+    t.require_section()
+    sec = read_span_on(t, device)
+    offsets = t.offsets_from_table(sec[: t.grid.num_tiles * TILE_ENTRY_BYTES].cpu(), sec.numel())
+    return sec, offsets.to(device)
+
+
+def read_span_on(t: DeltaTensor, device) -> torch.Tensor:
+    """t's span of the decoded stream, decompressed on a GPU by nvCOMP: the result lives on `device`."""
+    offset, length = t.span
+    if length == 0:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    frames, sizes, start = t.file.span_frames(offset, length)
+    raw = GpuZstdBatch(frames, sizes, device, where(t.file.path, t.name)).decode()
+    return raw[start:start + length].clone()  # its own allocation: aligned, and the rest is freed
+
+
+__all__ = ["resident_section", "read_span_on", "GpuZstdBatch", "decompressor_for", "nvcomp_available"]
