@@ -61,8 +61,8 @@ python3 bench/gemm.py --device cuda --shapes 4096x4096 14336x4096 --m 1 16 256 2
 tail -n 20 "$LOGS/bench.log"
 
 step "benchmark: many fine-tunes per batch"
-python3 bench/gemm.py --device cuda --multi --shapes 4096x4096 14336x4096 --d 16 --dists distinct zipf skewed \
-  --multi-kinds small seed --model --out "$OUT/gemm_multi_cuda" > "$LOGS/bench_multi.log" 2>&1 || status=1
+python3 bench/gemm_multi.py --device cuda --shapes 4096x4096 14336x4096 --d 16 --dists distinct zipf skewed \
+  --kinds small seed --model --out "$OUT/gemm_multi_cuda" > "$LOGS/bench_multi.log" 2>&1 || status=1
 tail -n 30 "$LOGS/bench_multi.log"
 
 step "done (status $status)"

@@ -99,6 +99,25 @@ inline void check_bias(const std::optional<at::Tensor>& bias, at::ScalarType dty
               "]; got ", b.sizes());
 }
 
+// xor_linear / xor_linear_grad_input, checked and flattened: what every device's implementation starts from.
+struct LinearProblem {
+  format::TileGrid grid;           // the weight's tile grid
+  at::Tensor a2;                   // x (forward) or grad_y (backward) as [M, features], contiguous
+  std::vector<int64_t> out_shape;  // the output's shape: a's leading dimensions, then N (forward) or K
+};
+
+inline LinearProblem prepare_linear(const char* what, const at::Tensor& a, const at::Tensor& base,
+                                    at::TensorList sections, at::TensorList tile_offsets,
+                                    const std::optional<at::Tensor>& row_finetune,
+                                    const std::optional<at::Tensor>& bias, int64_t tile_rows, int64_t tile_cols,
+                                    bool transposed) {
+  const format::TileGrid g =
+      check_linear_args(what, a, base, sections, tile_offsets, row_finetune, tile_rows, tile_cols, transposed);
+  const int64_t features = transposed ? base.size(0) : base.size(1), out = transposed ? base.size(1) : base.size(0);
+  check_bias(bias, a.scalar_type(), base.device(), out, sections.size());
+  return {g, a.reshape({-1, features}).contiguous(), rows_shape(a.sizes(), out)};
+}
+
 // Rows of each group as index tensors on the rows' device: group 0 holds the base rows (id -1), group f + 1
 // those of fine-tune f; a group without rows is an undefined tensor. The ids are read on the host (one copy
 // from a GPU): the patched-block path runs one GEMM per group and needs the group sizes there.

@@ -2,7 +2,7 @@
 // block of output features of its weight is patched into a scratch buffer by the device's `patch` kernel,
 // then ATen's GEMM (the CPU's BLAS, cuBLAS on a GPU) multiplies it, block after block. Only one block of a
 // fine-tuned weight exists at a time, never the whole. Rows are grouped by fine-tune (op_args.h:
-// group_rows); base rows multiply the base weight as it is.
+// group_rows); base rows multiply the base weight as it is. Arguments come checked (op_args.h: prepare_linear).
 //
 // A device supplies
 //   patch(f, gr0, gr1, block): write grid rows [gr0, gr1) of fine-tune f's weight (base XOR delta) into
@@ -16,7 +16,7 @@
 #include <optional>
 #include <vector>
 
-#include "format/tile_grid.h"
+#include "op_args.h"
 
 namespace xorgemm {
 
@@ -52,12 +52,15 @@ inline void add_bias(at::Tensor& out, const std::optional<at::Tensor>& bias,
   out.add_(bias->index_select(0, ids));
 }
 
-// y = x W_f(i)^T + bias per row i, for x2 [M, K].
+// y = x W_f(i)^T + bias per row i, for p.a2 = x [M, K]; returns y [M, N].
 template <typename Patch>
-at::Tensor patched_blocks_forward(const at::Tensor& x2, const at::Tensor& base, const format::TileGrid& g,
-                                  const std::vector<at::Tensor>& groups, const std::optional<at::Tensor>& row_finetune,
-                                  const std::optional<at::Tensor>& bias, int64_t grid_rows_per_block, Patch&& patch) {
-  const int64_t m = x2.size(0), n = base.size(0), n_finetunes = (int64_t)groups.size() - 1;
+at::Tensor patched_blocks_forward(const LinearProblem& p, const at::Tensor& base, int64_t n_finetunes,
+                                  const std::optional<at::Tensor>& row_finetune, const std::optional<at::Tensor>& bias,
+                                  int64_t grid_rows_per_block, Patch&& patch) {
+  const at::Tensor& x2 = p.a2;
+  const format::TileGrid& g = p.grid;
+  const int64_t m = x2.size(0), n = base.size(0);
+  const auto groups = group_rows(row_finetune, n_finetunes, m, x2.device());
   at::Tensor out = at::empty({m, n}, x2.options());
   for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
     if (!groups[gi].defined()) continue;
@@ -80,12 +83,16 @@ at::Tensor patched_blocks_forward(const at::Tensor& x2, const at::Tensor& base, 
   return out;
 }
 
-// grad_x = grad_y W_f(i) per row i, for g2 [M, N]: summed over blocks of output features, block by block.
+// grad_x = grad_y W_f(i) per row i, for p.a2 = grad_y [M, N]: summed over blocks of output features, block by
+// block; returns grad_x [M, K].
 template <typename Patch>
-at::Tensor patched_blocks_grad_input(const at::Tensor& g2, const at::Tensor& base, const format::TileGrid& g,
-                                     const std::vector<at::Tensor>& groups, int64_t grid_rows_per_block,
+at::Tensor patched_blocks_grad_input(const LinearProblem& p, const at::Tensor& base, int64_t n_finetunes,
+                                     const std::optional<at::Tensor>& row_finetune, int64_t grid_rows_per_block,
                                      Patch&& patch) {
-  const int64_t m = g2.size(0), k = base.size(1), n_finetunes = (int64_t)groups.size() - 1;
+  const at::Tensor& g2 = p.a2;
+  const format::TileGrid& g = p.grid;
+  const int64_t m = g2.size(0), k = base.size(1);
+  const auto groups = group_rows(row_finetune, n_finetunes, m, g2.device());
   at::Tensor out = at::empty({m, k}, g2.options());
   for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
     if (!groups[gi].defined()) continue;

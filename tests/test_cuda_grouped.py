@@ -4,6 +4,7 @@ multi-tenant benchmark, with D up to 64 (the most one launch takes) and beyond (
 They run where a GPU and the CUDA kernels exist and skip cleanly elsewhere."""
 import pytest
 import torch
+from helpers import rel_err
 
 import xorgemm
 from xorgemm import XorLinear
@@ -13,10 +14,6 @@ from xorgemm.testing import DELTA_KINDS, ROW_DISTRIBUTIONS, perturb, row_finetun
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available() or not _has_kernel("cuda"),
                                  reason="needs a CUDA GPU and the op's CUDA kernel")]
-
-
-def rel_err(got, want):
-    return ((got.double().cpu() - want).norm() / want.norm()).item()
 
 
 def bank(d, n=520, k=264, dtype=torch.bfloat16, seed=0):

@@ -6,6 +6,7 @@ fp32 weights take cuBLAS SGEMM on patched blocks)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import xorgemm
 from xorgemm import XorLinear
@@ -25,10 +26,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def rel_err(got, want):
-    return ((got.double().cpu() - want).norm() / want.norm()).item()
 
 
 def poison(nbytes: int):

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import close, finetuned_copy, pack_models
 from torch import nn
 
 import xorgemm
 from xorgemm import XorLinear
-from xorgemm.testing import perturb, state_dict_of
+from xorgemm.testing import state_dict_of
 
 
 class Net(nn.Module):
@@ -22,37 +23,18 @@ class Net(nn.Module):
         return self.down(torch.relu(self.up(self.norm(x))))
 
 
-def tuned(base, seed, names):
-    """A copy of base with the parameters in `names` perturbed densely."""
-    ft = copy.deepcopy(base)
-    with torch.no_grad():
-        for i, (n, p) in enumerate(ft.named_parameters()):
-            if n in names:
-                p.copy_(perturb(p, "dense", seed=seed * 100 + i, magnitude=1e-2))
-    return ft
-
-
-def pack(tmp_path, base, ft, name):
-    path = tmp_path / f"{name}.xor.safetensors"
-    xorgemm.pack(state_dict_of(base), state_dict_of(ft), path)
-    return path
-
-
-def close(a, b):
-    return ((a - b).norm() / b.norm()).item() < 1e-5
-
-
 @pytest.fixture
 def zoo(tmp_path):
     torch.manual_seed(0)
     base = Net().eval()
     fts = {
-        "bias_only": tuned(base, 1, {"down.bias"}),  # no Linear weight changed: a dense bias copy at first
-        "up": tuned(base, 2, {"up.weight", "up.bias"}),
-        "all": tuned(base, 3, {"up.weight", "down.weight", "down.bias"}),
-        "norm": tuned(base, 4, {"up.weight", "norm.weight"}),  # a LayerNorm change: a dense copy
+        # no Linear weight changed: a dense bias copy at first
+        "bias_only": finetuned_copy(base, 1, names={"down.bias"}),
+        "up": finetuned_copy(base, 2, names={"up.weight", "up.bias"}),
+        "all": finetuned_copy(base, 3, names={"up.weight", "down.weight", "down.bias"}),
+        "norm": finetuned_copy(base, 4, names={"up.weight", "norm.weight"}),  # a LayerNorm change: a dense copy
     }
-    paths = {n: pack(tmp_path, base, f, n) for n, f in fts.items()}
+    paths = {n: pack_models(tmp_path, base, f, n) for n, f in fts.items()}
     return base, fts, paths
 
 
@@ -129,7 +111,7 @@ def test_bad_additions_change_nothing(zoo, tmp_path):
     with pytest.raises(xorgemm.InputError, match="already served"):
         xorgemm.add_finetune(model, "up", paths["all"])
     other = Net()
-    wrong = pack(tmp_path, other, tuned(other, 9, {"up.weight"}), "wrong")
+    wrong = pack_models(tmp_path, other, finetuned_copy(other, 9, names={"up.weight"}), "wrong")
     with pytest.raises(xorgemm.BaseMismatchError):
         xorgemm.add_finetune(model, "wrong", wrong)
     assert model.xorgemm.finetunes == ["up"] and model.up.finetunes == ["up"]

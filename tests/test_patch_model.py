@@ -3,32 +3,12 @@ import copy
 
 import pytest
 import torch
+from helpers import close, finetuned_copy, pack_models
 from torch import nn
 
 import xorgemm
 from xorgemm import XorLinear
-from xorgemm.testing import perturb, seed_scenario, state_dict_of
-
-
-def finetune_copy(model, seed, only_linear=False, kind="dense", magnitude=1e-2):
-    ft = copy.deepcopy(model)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(ft.named_parameters()):
-            owner = ft.get_submodule(name.rpartition(".")[0]) if "." in name else ft
-            if only_linear and type(owner) is not nn.Linear:
-                continue
-            p.copy_(perturb(p, kind, seed=seed * 1000 + i, magnitude=magnitude))
-    return ft
-
-
-def pack(tmp_path, base, ft, name):
-    path = tmp_path / f"{name}.xor.safetensors"
-    xorgemm.pack(state_dict_of(base), state_dict_of(ft), path)
-    return path
-
-
-def close(a, b, tol=1e-5):
-    return ((a - b).norm() / b.norm()).item() < tol
+from xorgemm.testing import seed_scenario
 
 
 class MLP(nn.Module):
@@ -44,7 +24,7 @@ class MLP(nn.Module):
 
 def test_seed_layer_single_finetune(tmp_path):
     base, ft = seed_scenario()
-    path = pack(tmp_path, base, ft, "seed")
+    path = pack_models(tmp_path, base, ft, "seed")
     patched = xorgemm.patch_model(copy.deepcopy(base), {"seed": path}, active="seed")
     rep = patched.xorgemm.report
     assert sorted(rep.replaced) == ["ff.0", "ff.2"]
@@ -60,7 +40,7 @@ def test_seed_layer_single_finetune(tmp_path):
 
 def test_base_weight_storage_is_shared(tmp_path):
     base = MLP()
-    path = pack(tmp_path, base, finetune_copy(base, 1), "a")
+    path = pack_models(tmp_path, base, finetuned_copy(base, 1), "a")
     ptr = base.up.weight.data_ptr()
     patched = xorgemm.patch_model(base, path)
     assert isinstance(patched.up, XorLinear) and patched.up.base_weight.data_ptr() == ptr
@@ -69,8 +49,8 @@ def test_base_weight_storage_is_shared(tmp_path):
 def test_mixed_rows_of_several_finetunes(tmp_path):
     torch.manual_seed(0)
     base = nn.Sequential(MLP(), MLP())
-    fts = {n: finetune_copy(base, i + 1, only_linear=True) for i, n in enumerate(["legal", "med", "code"])}
-    paths = {n: pack(tmp_path, base, m, n) for n, m in fts.items()}
+    fts = {n: finetuned_copy(base, i + 1, only_linear=True) for i, n in enumerate(["legal", "med", "code"])}
+    paths = {n: pack_models(tmp_path, base, m, n) for n, m in fts.items()}
     patched = xorgemm.patch_model(copy.deepcopy(base), paths)
     assert len(patched.xorgemm.report.replaced) == 4
     x = torch.randn(6, 5, 96)
@@ -85,7 +65,7 @@ def test_mixed_rows_of_several_finetunes(tmp_path):
 
 def test_mixed_rows_refused_when_other_tensors_differ(tmp_path):
     base = MLP()
-    paths = {n: pack(tmp_path, base, finetune_copy(base, i + 1), n) for i, n in enumerate(["a", "b"])}
+    paths = {n: pack_models(tmp_path, base, finetuned_copy(base, i + 1), n) for i, n in enumerate(["a", "b"])}
     patched = xorgemm.patch_model(copy.deepcopy(base), paths)
     with pytest.raises(xorgemm.InputError, match="differ in 'norm"):
         xorgemm.select(patched, torch.tensor([0, 1]))
@@ -94,8 +74,8 @@ def test_mixed_rows_refused_when_other_tensors_differ(tmp_path):
 
 def test_refuses_a_delta_for_another_base(tmp_path):
     base = MLP()
-    path = pack(tmp_path, base, finetune_copy(base, 1), "a")
-    other = finetune_copy(base, 9)
+    path = pack_models(tmp_path, base, finetuned_copy(base, 1), "a")
+    other = finetuned_copy(base, 9)
     with pytest.raises(xorgemm.BaseMismatchError, match="base bytes do not match"):
         xorgemm.patch_model(other, path)
     with pytest.raises(xorgemm.BaseMismatchError, match="no such tensor"):
@@ -104,7 +84,7 @@ def test_refuses_a_delta_for_another_base(tmp_path):
 
 def test_unknown_finetune_and_unpatched_model(tmp_path):
     base = MLP()
-    patched = xorgemm.patch_model(copy.deepcopy(base), {"a": pack(tmp_path, base, finetune_copy(base, 1), "a")})
+    patched = xorgemm.patch_model(copy.deepcopy(base), {"a": pack_models(tmp_path, base, finetuned_copy(base, 1), "a")})
     with pytest.raises(xorgemm.InputError, match="unknown fine-tune 'b'"):
         xorgemm.select(patched, "b")
     with pytest.raises(xorgemm.InputError, match="-1..0"):
@@ -125,8 +105,8 @@ def tiny_bert():
 
 def test_hugging_face_model_same_logits_as_dense_finetune(tmp_path):
     base = tiny_bert()
-    ft = finetune_copy(base, 3)  # everything changes: embeddings, norms, linears, classifier
-    path = pack(tmp_path, base, ft, "ft")
+    ft = finetuned_copy(base, 3)  # everything changes: embeddings, norms, linears, classifier
+    path = pack_models(tmp_path, base, ft, "ft")
     patched = xorgemm.patch_model(copy.deepcopy(base), {"ft": path}, active="ft")
     assert len(patched.xorgemm.report.replaced) == 2 * 6 + 2  # q,k,v,o,up,down per layer + pooler + classifier
     ids = torch.randint(0, 120, (3, 12))
@@ -140,8 +120,8 @@ def test_hugging_face_model_same_logits_as_dense_finetune(tmp_path):
 
 def test_hugging_face_model_mixed_batch(tmp_path):
     base = tiny_bert()
-    fts = [finetune_copy(base, s, only_linear=True) for s in (4, 5)]
-    patched = xorgemm.patch_model(copy.deepcopy(base), {f"f{i}": pack(tmp_path, base, m, f"f{i}")
+    fts = [finetuned_copy(base, s, only_linear=True) for s in (4, 5)]
+    patched = xorgemm.patch_model(copy.deepcopy(base), {f"f{i}": pack_models(tmp_path, base, m, f"f{i}")
                                                         for i, m in enumerate(fts)})
     ids = torch.randint(0, 120, (3, 12))
     rows = torch.tensor([1, -1, 0])

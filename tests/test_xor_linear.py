@@ -1,7 +1,9 @@
-"""XorLinear and the xor_linear op against F.linear on the reconstructed weight (float64 reference)."""
+"""XorLinear and the xor_linear op against F.linear on the reconstructed weight (float64 reference), on every
+device present (tests/helpers.py: DEVICES)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICES, close, rel_err
 from torch import nn
 
 import xorgemm
@@ -17,10 +19,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
 def sections_for(base, fts, tile=(64, 64)):
     g = grid_of(base.shape, tile, base.dtype)
     secs = [C.encode_section(tensor_bytes(base), tensor_bytes(f), g) for f in fts]
@@ -31,16 +29,17 @@ def sections_for(base, fts, tile=(64, 64)):
 @pytest.mark.parametrize("kind", DELTA_KINDS)
 @pytest.mark.parametrize("shape", [(192, 128), (130, 70), (1, 5), (300, 1)])
 @pytest.mark.parametrize("x_shape", [(), (7,), (2, 3, 5)])
-def test_forward_matches_dense_reference(dtype, kind, shape, x_shape):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_dense_reference(dtype, kind, shape, x_shape, device):
     torch.manual_seed(0)
     base = torch.randn(shape).to(dtype)
     ft = perturb(base, kind, seed=1, magnitude=0.05)
     bias = torch.randn(shape[0]).to(dtype)
-    layer = XorLinear.from_linear(_linear(base, bias), ft, bias * 2)
+    layer = XorLinear.from_linear(_linear(base, bias), ft, bias * 2).to(device)
     x = torch.randn(*x_shape, shape[1]).to(dtype)
     want = F.linear(x.double(), ft.double(), (bias * 2).double())
-    got = layer(x)
-    assert got.shape == (*x_shape, shape[0]) and got.dtype == dtype
+    got = layer(x.to(device))
+    assert got.shape == (*x_shape, shape[0]) and got.dtype == dtype and got.device.type == device
     assert rel_err(got, want) < TOL[dtype]
 
 
@@ -54,16 +53,17 @@ def _linear(w, b=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_input_and_bias(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_input_and_bias(dtype, device):
     torch.manual_seed(1)
     base = torch.randn(150, 90).to(dtype)
     ft = perturb(base, "dense", seed=2)
     lin = _linear(base, torch.randn(150).to(dtype))
-    layer = XorLinear.from_linear(lin, ft)
+    layer = XorLinear.from_linear(lin, ft).to(device)
     layer.bias.requires_grad_(True)
-    x = torch.randn(4, 6, 90).to(dtype).requires_grad_(True)
+    x = torch.randn(4, 6, 90).to(dtype).to(device).requires_grad_(True)
     gy = torch.randn(4, 6, 150).to(dtype)
-    layer(x).backward(gy)
+    layer(x).backward(gy.to(device))
     assert rel_err(x.grad, gy.double() @ ft.double()) < TOL[dtype]
     assert rel_err(layer.bias.grad, gy.double().sum((0, 1))) < TOL[dtype]
 
@@ -89,7 +89,8 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixed_fine_tune_rows(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_fine_tune_rows(dtype, device):
     torch.manual_seed(2)
     base = torch.randn(200, 130).to(dtype)
     b0 = torch.randn(200).to(dtype)
@@ -99,9 +100,10 @@ def test_mixed_fine_tune_rows(dtype):
     layer = XorLinear(base, b0)
     for n in fts:
         layer.add_finetune(n, fts[n], biases[n])
+    layer.to(device)
     ids = torch.tensor([[0, 1, -1, 2, 0], [2, 2, -1, 1, 0]])  # [2, 5] over x's [2, 5, 3, 130]
     x = torch.randn(2, 5, 3, 130).to(dtype)
-    got = layer(x, finetune=ids)
+    got = layer(x.to(device), finetune=ids)
     weights = [base] + list(fts.values())
     bs = [b0] + [biases[n] if biases[n] is not None else b0 for n in fts]
     for i in range(2):
@@ -110,7 +112,7 @@ def test_mixed_fine_tune_rows(dtype):
             want = F.linear(x[i, j].double(), weights[k].double(), bs[k].double())
             assert rel_err(got[i, j], want) < TOL[dtype]
     # backward through mixed rows
-    xr = x.clone().requires_grad_(True)
+    xr = x.to(device).requires_grad_(True)
     layer(xr, finetune=ids).sum().backward()
     for i in range(2):
         for j in range(5):
@@ -119,32 +121,36 @@ def test_mixed_fine_tune_rows(dtype):
             assert rel_err(xr.grad[i, j], want) < TOL[dtype]
 
 
-def test_groups_with_no_rows_and_all_rows_on_one():
+@pytest.mark.parametrize("device", DEVICES)
+def test_groups_with_no_rows_and_all_rows_on_one(device):
     base = torch.randn(70, 40)
     layer = XorLinear(base)
     layer.add_finetune("a", perturb(base, "dense", seed=1))
     layer.add_finetune("b", perturb(base, "dense", seed=2))
+    layer.to(device)
     x = torch.randn(6, 40)
-    all_b = layer(x, finetune=torch.ones(6, dtype=torch.long))
-    assert torch.allclose(all_b, layer(x, finetune="b"), atol=1e-6)
-    assert torch.allclose(all_b, F.linear(x, layer.materialize("b")), atol=1e-5)
-    assert torch.allclose(layer(x, finetune=torch.full((6,), -1)), F.linear(x, base), atol=1e-5)
+    all_b = layer(x.to(device), finetune=torch.ones(6, dtype=torch.long))
+    assert close(all_b, layer(x.to(device), finetune="b"), 1e-6)
+    assert close(all_b, F.linear(x, layer.materialize("b")))
+    assert close(layer(x.to(device), finetune=torch.full((6,), -1)), F.linear(x, base))
 
 
 @pytest.mark.parametrize("dist", ROW_DISTRIBUTIONS)
 @pytest.mark.parametrize("d", [1, 4, 16])
-def test_row_distributions_match_per_finetune_references(dist, d):
-    """The CPU op (the GPU kernels' reference) on the multi-tenant benchmark's row distributions."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_distributions_match_per_finetune_references(dist, d, device):
+    """The op on the multi-tenant benchmark's row distributions."""
     g = torch.Generator().manual_seed(d)
     base = torch.randn(96, 80, generator=g)
     layer = XorLinear(base)
     fts = [perturb(base, DELTA_KINDS[i % 4], seed=i, magnitude=1e-2) for i in range(d)]
     for i, f in enumerate(fts):
         layer.add_finetune(f"f{i}", f)
+    layer.to(device)
     for m in (d, 4 * d):
         ids = row_finetunes(dist, m, d, seed=m)
         x = torch.randn(m, 80, generator=g)
-        y = layer(x, finetune=ids)
+        y = layer(x.to(device), finetune=ids).cpu()
         for f in range(d):
             rows = (ids == f).nonzero().reshape(-1)
             if len(rows):
@@ -222,32 +228,43 @@ def test_bad_inputs():
         layer(torch.randn(2, 16, device="meta"))
 
 
-def test_op_validates_its_arguments():
-    base = torch.randn(64, 64)
-    secs, offs = sections_for(base, [perturb(base, "sparse")])
-    x = torch.randn(2, 64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_validates_its_arguments(device):
+    base = torch.randn(64, 64, device=device)
+    secs, offs = sections_for(base.cpu(), [perturb(base.cpu(), "sparse")])
+    secs, offs = [s.to(device) for s in secs], [o.to(device) for o in offs]
+    x = torch.randn(2, 64, device=device)
     with pytest.raises(RuntimeError, match="row_finetune"):
         xor_linear(x, base, secs * 2, offs * 2)
-    with pytest.raises(RuntimeError, match="asks for fine-tune 5"):
-        xor_linear(x, base, secs, offs, torch.tensor([0, 5]))
     with pytest.raises(RuntimeError, match=r"bias must be \[64\]"):
-        xor_linear(x, base, secs, offs, bias=torch.zeros(5, 64))
-    bad = offs[0].clone()
-    bad[0] = 10 ** 9
-    with pytest.raises(RuntimeError, match="outside the section"):
-        xor_linear(x, base, secs, [bad])
+        xor_linear(x, base, secs, offs, bias=torch.zeros(5, 64, device=device))
+    with pytest.raises(RuntimeError, match="x has 63 features but the weight has 64 inputs"):
+        xor_linear(x[:, :63], base, secs, offs)
+    with pytest.raises(RuntimeError, match="tile_offsets 0 must hold one int64 per tile"):
+        xor_linear(x, base, secs, [offs[0][:-1]])
+    if device == "cpu":  # on a GPU, sections are checked when made resident and ids by XorLinear, not per call
+        with pytest.raises(RuntimeError, match="asks for fine-tune 5"):
+            xor_linear(x, base, secs, offs, torch.tensor([0, 5]))
+        bad = offs[0].clone()
+        bad[0] = 10 ** 9
+        with pytest.raises(RuntimeError, match="outside the section"):
+            xor_linear(x, base, secs, [bad])
 
 
-def test_opcheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
     base = torch.randn(70, 50)
     secs, offs = sections_for(base, [perturb(base, "sparse", seed=1), perturb(base, "dense", seed=2)])
-    x = torch.randn(3, 4, 50)
-    ids = torch.tensor([0, 1, -1, 0, 1, 1, -1, 0, 0, 1, 1, 0])
-    bias = torch.randn(3, 70)
+    base, secs, offs = base.to(device), [s.to(device) for s in secs], [o.to(device) for o in offs]
+    x = torch.randn(3, 4, 50, device=device)
+    ids = torch.tensor([0, 1, -1, 0, 1, 1, -1, 0, 0, 1, 1, 0], device=device)
+    bias = torch.randn(3, 70, device=device)
     torch.library.opcheck(torch.ops.xorgemm.xor_linear, (x, base, secs, offs, ids, bias, 64, 64))
     torch.library.opcheck(torch.ops.xorgemm.xor_linear, (x, base, secs[:1], offs[:1], None, bias[0], 64, 64))
     torch.library.opcheck(torch.ops.xorgemm.xor_linear_grad_input,
-                          (torch.randn(3, 4, 70), base, secs, offs, ids, 64, 64))
+                          (torch.randn(3, 4, 70, device=device), base, secs, offs, ids, 64, 64))
+    out = torch.empty_like(base)
+    torch.library.opcheck(torch.ops.xorgemm.apply_section, (secs[0], offs[0], base, out, 64, 64))
 
 
 def test_torch_compile_traces_the_op():

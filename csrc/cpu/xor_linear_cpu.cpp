@@ -39,27 +39,21 @@ int64_t grid_rows_per_block(const format::TileGrid& g) { return std::max<int64_t
 at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,
                           at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                           const std::optional<at::Tensor>& bias, int64_t tile_rows, int64_t tile_cols) {
-  const format::TileGrid g =
-      check_linear_args("x", x, base, sections, tile_offsets, row_finetune, tile_rows, tile_cols, false);
-  const int64_t n = base.size(0);
-  check_bias(bias, x.scalar_type(), x.device(), n, sections.size());
-  const at::Tensor x2 = x.reshape({-1, base.size(1)}).contiguous();
-  const auto groups = group_rows(row_finetune, (int64_t)sections.size(), x2.size(0), x.device());
-  const at::Tensor out = patched_blocks_forward(x2, base, g, groups, row_finetune, bias, grid_rows_per_block(g),
-                                                CpuPatcher{base, sections, tile_offsets, g});
-  return out.reshape(rows_shape(x.sizes(), n));
+  const LinearProblem p =
+      prepare_linear("x", x, base, sections, tile_offsets, row_finetune, bias, tile_rows, tile_cols, false);
+  return patched_blocks_forward(p, base, (int64_t)sections.size(), row_finetune, bias, grid_rows_per_block(p.grid),
+                                CpuPatcher{base, sections, tile_offsets, p.grid})
+      .reshape(p.out_shape);
 }
 
 at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
                                      at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                                      int64_t tile_rows, int64_t tile_cols) {
-  const format::TileGrid g =
-      check_linear_args("grad_y", grad_y, base, sections, tile_offsets, row_finetune, tile_rows, tile_cols, true);
-  const at::Tensor g2 = grad_y.reshape({-1, base.size(0)}).contiguous();
-  const auto groups = group_rows(row_finetune, (int64_t)sections.size(), g2.size(0), grad_y.device());
-  const at::Tensor out = patched_blocks_grad_input(g2, base, g, groups, grid_rows_per_block(g),
-                                                   CpuPatcher{base, sections, tile_offsets, g});
-  return out.reshape(rows_shape(grad_y.sizes(), base.size(1)));
+  const LinearProblem p =
+      prepare_linear("grad_y", grad_y, base, sections, tile_offsets, row_finetune, {}, tile_rows, tile_cols, true);
+  return patched_blocks_grad_input(p, base, (int64_t)sections.size(), row_finetune, grid_rows_per_block(p.grid),
+                                   CpuPatcher{base, sections, tile_offsets, p.grid})
+      .reshape(p.out_shape);
 }
 
 void apply_section_cpu(const at::Tensor& section, const at::Tensor& offsets, const at::Tensor& base, at::Tensor& out,

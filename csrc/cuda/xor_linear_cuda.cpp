@@ -75,52 +75,45 @@ int64_t grid_rows_per_block(const format::TileGrid& g) {
 at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,
                            at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                            const std::optional<at::Tensor>& bias_in, int64_t tile_rows, int64_t tile_cols) {
-  const format::TileGrid g =
-      check_linear_args("x", x, base, sections, tile_offsets, row_finetune, tile_rows, tile_cols, false);
-  const int64_t n = base.size(0), k = base.size(1);
-  check_bias(bias_in, x.scalar_type(), base.device(), n, sections.size());
+  const LinearProblem p =
+      prepare_linear("x", x, base, sections, tile_offsets, row_finetune, bias_in, tile_rows, tile_cols, false);
   // The fused kernel reads the bias by pointer; it is small, so a strided one is simply copied.
   const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(base.device());
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const int64_t m = x2.size(0);
+  const int64_t m = p.a2.size(0), n = base.size(0);
   at::Tensor out;
   if (!row_finetune.has_value() && sections.empty()) {  // the plain base: cuBLAS as it is
-    out = bias.has_value() ? at::addmm(bias->reshape({-1, n})[0], x2, base.t()) : at::mm(x2, base.t());
+    out = bias.has_value() ? at::addmm(bias->reshape({-1, n})[0], p.a2, base.t()) : at::mm(p.a2, base.t());
   } else if (m == 0) {
-    out = at::empty({0, n}, x2.options());
-  } else if (use_fused(x2, base, sections, row_finetune.has_value(), tile_rows, tile_cols)) {
-    out = fused_xor_linear(x2, base, sections, tile_offsets, row_finetune, bias, false);
+    out = at::empty({0, n}, p.a2.options());
+  } else if (use_fused(p.a2, base, sections, row_finetune.has_value(), tile_rows, tile_cols)) {
+    out = fused_xor_linear(p.a2, base, sections, tile_offsets, row_finetune, bias, false);
   } else {
-    const auto groups = group_rows(row_finetune, (int64_t)sections.size(), m, x.device());
-    out = patched_blocks_forward(x2, base, g, groups, row_finetune, bias, grid_rows_per_block(g),
-                                 GpuPatcher{base, sections, tile_offsets, g});
+    out = patched_blocks_forward(p, base, (int64_t)sections.size(), row_finetune, bias, grid_rows_per_block(p.grid),
+                                 GpuPatcher{base, sections, tile_offsets, p.grid});
   }
-  return out.reshape(rows_shape(x.sizes(), n));
+  return out.reshape(p.out_shape);
 }
 
 at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
                                       at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                                       int64_t tile_rows, int64_t tile_cols) {
-  const format::TileGrid g =
-      check_linear_args("grad_y", grad_y, base, sections, tile_offsets, row_finetune, tile_rows, tile_cols, true);
-  const int64_t n = base.size(0), k = base.size(1);
+  const LinearProblem p =
+      prepare_linear("grad_y", grad_y, base, sections, tile_offsets, row_finetune, {}, tile_rows, tile_cols, true);
   const c10::cuda::CUDAGuard guard(base.device());
-  const at::Tensor g2 = grad_y.reshape({-1, n}).contiguous();
-  const int64_t m = g2.size(0);
+  const int64_t m = p.a2.size(0);
   at::Tensor out;
   if (!row_finetune.has_value() && sections.empty()) {
-    out = at::mm(g2, base);
+    out = at::mm(p.a2, base);
   } else if (m == 0) {
-    out = at::empty({0, k}, g2.options());
-  } else if (use_fused(g2, base, sections, row_finetune.has_value(), tile_rows, tile_cols)) {
-    out = fused_xor_linear(g2, base, sections, tile_offsets, row_finetune, std::nullopt, true);
+    out = at::empty({0, base.size(1)}, p.a2.options());
+  } else if (use_fused(p.a2, base, sections, row_finetune.has_value(), tile_rows, tile_cols)) {
+    out = fused_xor_linear(p.a2, base, sections, tile_offsets, row_finetune, std::nullopt, true);
   } else {
-    const auto groups = group_rows(row_finetune, (int64_t)sections.size(), m, grad_y.device());
-    out = patched_blocks_grad_input(g2, base, g, groups, grid_rows_per_block(g),
-                                    GpuPatcher{base, sections, tile_offsets, g});
+    out = patched_blocks_grad_input(p, base, (int64_t)sections.size(), row_finetune, grid_rows_per_block(p.grid),
+                                    GpuPatcher{base, sections, tile_offsets, p.grid});
   }
-  return out.reshape(rows_shape(grad_y.sizes(), k));
+  return out.reshape(p.out_shape);
 }
 
 void apply_section_cuda(const at::Tensor& section, const at::Tensor& offsets, const at::Tensor& base, at::Tensor& out,
