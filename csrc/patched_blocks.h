@@ -52,33 +52,40 @@ inline void add_bias(at::Tensor& out, const std::optional<at::Tensor>& bias,
   out.add_(bias->index_select(0, ids));
 }
 
+// Calls fn(f, rows, a_rows) for each group of rows of p.a2: f = -1 for the base rows, else the fine-tune;
+// `rows` their indices in p.a2 and `a_rows` those rows (p.a2 itself when the group holds them all).
+template <typename Fn>
+void for_each_group(const LinearProblem& p, int64_t n_finetunes, const std::optional<at::Tensor>& row_finetune,
+                    Fn&& fn) {
+  const int64_t m = p.a2.size(0);
+  const auto groups = group_rows(row_finetune, n_finetunes, m, p.a2.device());
+  for (int64_t gi = 0; gi <= n_finetunes; ++gi)
+    if (groups[gi].defined())
+      fn(gi - 1, groups[gi], groups[gi].numel() == m ? p.a2 : p.a2.index_select(0, groups[gi]));
+}
+
 // y = x W_f(i)^T + bias per row i, for p.a2 = x [M, K]; returns y [M, N].
 template <typename Patch>
 at::Tensor patched_blocks_forward(const LinearProblem& p, const at::Tensor& base, int64_t n_finetunes,
                                   const std::optional<at::Tensor>& row_finetune, const std::optional<at::Tensor>& bias,
                                   int64_t grid_rows_per_block, Patch&& patch) {
-  const at::Tensor& x2 = p.a2;
-  const format::TileGrid& g = p.grid;
-  const int64_t m = x2.size(0), n = base.size(0);
-  const auto groups = group_rows(row_finetune, n_finetunes, m, x2.device());
-  at::Tensor out = at::empty({m, n}, x2.options());
-  for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
-    if (!groups[gi].defined()) continue;
-    const bool all = groups[gi].numel() == m;
-    const at::Tensor xg = all ? x2 : x2.index_select(0, groups[gi]);
-    if (gi == 0) {  // base rows: the base weight as it is
-      out.index_copy_(0, groups[gi], at::mm(xg, base.t()));
-      continue;
+  const int64_t m = p.a2.size(0), n = base.size(0);
+  at::Tensor out = at::empty({m, n}, p.a2.options());
+  for_each_group(p, n_finetunes, row_finetune, [&](int64_t f, const at::Tensor& rows, const at::Tensor& xg) {
+    if (f < 0) {  // base rows: the base weight as it is
+      out.index_copy_(0, rows, at::mm(xg, base.t()));
+      return;
     }
     // Each block's GEMM writes its columns of y in place (a column slice is a BLAS matrix with ld = N).
-    at::Tensor yg = all ? out : at::empty({xg.size(0), n}, x2.options());
-    for_each_patched_block(base, g, grid_rows_per_block, gi - 1, patch,
+    const bool all = xg.size(0) == m;
+    at::Tensor yg = all ? out : at::empty({xg.size(0), n}, p.a2.options());
+    for_each_patched_block(base, p.grid, grid_rows_per_block, f, patch,
                            [&](int64_t r0, int64_t h, const at::Tensor& block) {
                              at::Tensor yb = yg.narrow(1, r0, h);
                              at::mm_out(yb, xg, block.t());
                            });
-    if (!all) out.index_copy_(0, groups[gi], yg);
-  }
+    if (!all) out.index_copy_(0, rows, yg);
+  });
   add_bias(out, bias, row_finetune, n_finetunes);
   return out;
 }
@@ -89,25 +96,20 @@ template <typename Patch>
 at::Tensor patched_blocks_grad_input(const LinearProblem& p, const at::Tensor& base, int64_t n_finetunes,
                                      const std::optional<at::Tensor>& row_finetune, int64_t grid_rows_per_block,
                                      Patch&& patch) {
-  const at::Tensor& g2 = p.a2;
-  const format::TileGrid& g = p.grid;
-  const int64_t m = g2.size(0), k = base.size(1);
-  const auto groups = group_rows(row_finetune, n_finetunes, m, g2.device());
-  at::Tensor out = at::empty({m, k}, g2.options());
-  for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
-    if (!groups[gi].defined()) continue;
-    const at::Tensor gg = groups[gi].numel() == m ? g2 : g2.index_select(0, groups[gi]);
-    if (gi == 0) {
-      out.index_copy_(0, groups[gi], at::mm(gg, base));
-      continue;
+  const int64_t k = base.size(1);
+  at::Tensor out = at::empty({p.a2.size(0), k}, p.a2.options());
+  for_each_group(p, n_finetunes, row_finetune, [&](int64_t f, const at::Tensor& rows, const at::Tensor& gg) {
+    if (f < 0) {
+      out.index_copy_(0, rows, at::mm(gg, base));
+      return;
     }
-    at::Tensor xg = at::zeros({gg.size(0), k}, g2.options());
-    for_each_patched_block(base, g, grid_rows_per_block, gi - 1, patch,
+    at::Tensor xg = at::zeros({gg.size(0), k}, p.a2.options());
+    for_each_patched_block(base, p.grid, grid_rows_per_block, f, patch,
                            [&](int64_t r0, int64_t h, const at::Tensor& block) {
                              xg.addmm_(gg.narrow(1, r0, h), block);
                            });
-    out.index_copy_(0, groups[gi], xg);
-  }
+    out.index_copy_(0, rows, xg);
+  });
   return out;
 }
 

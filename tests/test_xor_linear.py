@@ -296,3 +296,24 @@ def test_from_delta_file_including_a_bias_only_finetune(tmp_path):
         assert rel_err(g, w) < 1e-5
     with pytest.raises(xorgemm.BaseMismatchError):
         XorLinear.from_delta(_linear(torch.randn(96, 80)), tmp_path / "a.xor.safetensors", "proj")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_finetune_section_validates_and_serves(device):
+    base = torch.randn(130, 70)
+    ft = perturb(base, "dense", seed=5)
+    src = XorLinear(base)
+    src.add_finetune("a", ft)
+    layer = XorLinear(base).to(device)
+    layer.add_finetune_section("copy", src.deltas["a"].section.clone().to(device))
+    assert layer.deltas["copy"].section.device.type == device
+    assert torch.equal(layer.deltas["copy"].offsets.cpu(), src.deltas["a"].offsets)
+    x = torch.randn(3, 70)
+    assert close(layer(x.to(device), finetune="copy"), F.linear(x.double(), ft.double()))
+    bad = src.deltas["a"].section.clone()
+    bad[4] = 9  # tile 0's codec byte
+    with pytest.raises(xorgemm.InputError, match="fine-tune 'bad': malformed delta section"):
+        layer.add_finetune_section("bad", bad.to(device))
+    with pytest.raises(xorgemm.InputError, match="1-D uint8"):
+        layer.add_finetune_section("bad", src.deltas["a"].section.view(torch.int8).to(device))
+    assert layer.finetunes == ["copy"]
