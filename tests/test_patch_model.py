@@ -1,8 +1,11 @@
 """patch_model on plain PyTorch modules and on a Hugging Face model built from a config (no download)."""
+import asyncio
 import copy
+import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import close, finetuned_copy, pack_models
 from torch import nn
 
@@ -63,13 +66,35 @@ def test_mixed_rows_of_several_finetunes(tmp_path):
             assert close(y[row], refs[i + 1](x[row:row + 1])[0])
 
 
-def test_mixed_rows_refused_when_other_tensors_differ(tmp_path):
+def test_mixed_rows_of_full_finetunes_follow_every_tensor(tmp_path):
+    """Fine-tunes that differ in every tensor (LayerNorm included) mixed row by row: each row exactly as its
+    dense model serves it, and the model's own tensors stay the base's."""
+    torch.manual_seed(1)
+    base = nn.Sequential(MLP(), MLP())
+    fts = {n: finetuned_copy(base, i + 1) for i, n in enumerate(["a", "b", "c"])}
+    patched = xorgemm.patch_model(copy.deepcopy(base), {n: pack_models(tmp_path, base, m, n) for n, m in fts.items()})
+    assert "0.norm.weight" in patched.xorgemm.report.dense
+    x = torch.randn(7, 5, 96)
+    ids = torch.tensor([0, 1, 2, -1, 2, 0, 1])
+    with torch.no_grad(), xorgemm.use(patched, ids):
+        y = patched(x)
+    refs = [base] + list(fts.values())
+    with torch.no_grad():
+        for row, i in enumerate(ids.tolist()):
+            assert close(y[row], refs[i + 1](x[row:row + 1])[0])
+    assert torch.equal(patched[0].norm.weight, base[0].norm.weight)  # never overwritten
+
+
+def test_one_delta_makes_the_model_that_finetune(tmp_path):
     base = MLP()
-    paths = {n: pack_models(tmp_path, base, finetuned_copy(base, i + 1), n) for i, n in enumerate(["a", "b"])}
-    patched = xorgemm.patch_model(copy.deepcopy(base), paths)
-    with pytest.raises(xorgemm.InputError, match="differ in 'norm"):
-        xorgemm.select(patched, torch.tensor([0, 1]))
-    xorgemm.select(patched, torch.tensor([1, 1]))  # one fine-tune per batch is always fine
+    ft = finetuned_copy(base, 2)
+    patched = xorgemm.patch_model(copy.deepcopy(base), pack_models(tmp_path, base, ft, "a"))
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert patched.xorgemm.default == "finetune" and close(patched(x), ft(x))
+        two = xorgemm.patch_model(copy.deepcopy(base), {"a": tmp_path / "a.xor.safetensors",
+                                                        "b": tmp_path / "a.xor.safetensors"})
+        assert two.xorgemm.default is None and close(two(x), base(x))  # several: the base until chosen
 
 
 def test_refuses_a_delta_for_another_base(tmp_path):
@@ -119,8 +144,10 @@ def test_hugging_face_model_same_logits_as_dense_finetune(tmp_path):
 
 
 def test_hugging_face_model_mixed_batch(tmp_path):
+    """Full fine-tunes, every tensor changed (embeddings, position embeddings, norms, classifier), mixed row by
+    row in one forward: each row as its dense model serves it."""
     base = tiny_bert()
-    fts = [finetuned_copy(base, s, only_linear=True) for s in (4, 5)]
+    fts = [finetuned_copy(base, s) for s in (4, 5)]
     patched = xorgemm.patch_model(copy.deepcopy(base), {f"f{i}": pack_models(tmp_path, base, m, f"f{i}")
                                                         for i, m in enumerate(fts)})
     ids = torch.randint(0, 120, (3, 12))
@@ -131,3 +158,70 @@ def test_hugging_face_model_mixed_batch(tmp_path):
     with torch.no_grad():
         for r, i in enumerate(rows.tolist()):
             assert close(got[r], refs[i + 1](input_ids=ids[r:r + 1]).logits[0], 1e-4)
+
+
+def _two_finetunes(tmp_path):
+    torch.manual_seed(2)
+    base = MLP()
+    fts = {n: finetuned_copy(base, i + 1) for i, n in enumerate(["a", "b"])}  # norms differ too
+    patched = xorgemm.patch_model(copy.deepcopy(base), {n: pack_models(tmp_path, base, m, n) for n, m in fts.items()})
+    return base, fts, patched
+
+
+def test_concurrent_threads_each_get_their_own_finetune(tmp_path):
+    """Four threads serve two fine-tunes through one model: every request gets exactly its own fine-tune."""
+    base, fts, patched = _two_finetunes(tmp_path)
+    x = torch.randn(2, 8, 96)
+    with torch.no_grad():
+        want = {n: fts[n](x) for n in fts} | {None: base(x)}
+    wrong = []
+
+    def serve(name, n_requests):
+        for _ in range(n_requests):
+            with torch.no_grad(), xorgemm.use(patched, name):
+                if not close(patched(x), want[name]):
+                    wrong.append(name)
+
+    threads = [threading.Thread(target=serve, args=(n, 60)) for n in ("a", "b", None, "a")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of 240 requests got another fine-tune's output"
+    assert patched.xorgemm.current() is None  # this thread chose nothing
+
+
+def test_concurrent_asyncio_tasks_each_get_their_own_finetune(tmp_path):
+    base, fts, patched = _two_finetunes(tmp_path)
+    x = torch.randn(2, 8, 96)
+    with torch.no_grad():
+        want = {n: fts[n](x) for n in fts}
+
+    async def serve(name):
+        ok = True
+        for _ in range(20):
+            with xorgemm.use(patched, name):
+                await asyncio.sleep(0)  # the other task runs in between, inside its own `use`
+                with torch.no_grad():
+                    ok &= close(patched(x), want[name])
+        return ok
+
+    async def main():
+        return await asyncio.gather(serve("a"), serve("b"), serve("a"))
+
+    assert asyncio.run(main()) == [True, True, True]
+
+
+def test_per_row_ids_under_inference_mode(tmp_path):
+    """Serving engines run models under torch.inference_mode: per-row ids made there (no version counter)."""
+    base, fts, patched = _two_finetunes(tmp_path)
+    with torch.inference_mode():
+        x = torch.randn(3, 96)
+        ids = torch.tensor([1, 0, -1])
+        for _ in range(2):  # the second call must not take a cached copy keyed on a version it cannot read
+            with xorgemm.use(patched, ids):
+                y = patched(x)
+            assert close(y[0], fts["b"](x[:1])[0]) and close(y[1], fts["a"](x[1:2])[0])
+            assert close(y[2], base(x[2:])[0])
+        layer = patched.up
+        assert close(layer(x, finetune=ids)[0], F.linear(x[:1], layer.materialize("b"), fts["b"].up.bias)[0])

@@ -9,9 +9,10 @@ fine-tune per row (ids into `finetunes`, -1 for the base), like Punica's segment
     y = layer(x, finetune="legal")                        # one fine-tune
     y = layer(x, finetune=torch.tensor([0, 1, -1, 0]))    # rows of x[0..3] use legal, med, base, legal
 
-Without a `finetune` argument the layer uses its `active` selection, which `xorgemm.use(model, ...)` sets
-for every XorLinear of a model at once (see xorgemm/serving). "Fine-tune" names what a user serves; "delta"
-names its bytes: `deltas[name]` holds fine-tune `name`'s resident delta section.
+Without a `finetune` argument the layer uses its `active` selection: a name, ids, None, or a callable
+returning one, which is how a served model makes the choice per thread or task (see xorgemm/serving).
+"Fine-tune" names what a user serves; "delta" names its bytes: `deltas[name]` holds fine-tune `name`'s
+resident delta section.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ class XorLinear(nn.Module):
         self.bias = None if base_bias is None else nn.Parameter(base_bias.detach(), requires_grad=False)
         self.tile = tile_for((1, 1), tile)
         self.deltas = nn.ModuleDict()  # fine-tune name -> its resident delta; ids index them in this order
-        self.active: str | torch.Tensor | None = None
+        # Without a `finetune` argument: a name, per-row ids, None (the base), or a callable returning one.
+        self.active = None
 
     # --- construction
 
@@ -199,7 +201,7 @@ class XorLinear(nn.Module):
         if name not in self.deltas:
             raise InputError(f"unknown fine-tune {name!r}; this XorLinear has {self.finetunes}")
         del self.deltas[name]
-        if self.active == name:
+        if isinstance(self.active, str) and self.active == name:
             self.active = None
 
     def resident_bytes(self, name: str) -> int:
@@ -259,7 +261,8 @@ class XorLinear(nn.Module):
 
     def _resolve_name(self, finetune):
         if finetune is None:
-            finetune = self.active if isinstance(self.active, str) else None
+            finetune = self._active()
+            finetune = finetune if isinstance(finetune, str) else None
         if finetune is not None and finetune not in self.deltas:
             raise InputError(f"unknown fine-tune {finetune!r}; this XorLinear has {self.finetunes}")
         return finetune
@@ -283,21 +286,28 @@ class XorLinear(nn.Module):
             if ids.numel():
                 torch._assert_async(((ids >= -1) & (ids < n)).all(), "xorgemm: fine-tune ids out of range")
         else:
+            # Checked and copied once per ids tensor while it is unchanged. Inference tensors (made under
+            # torch.inference_mode, as serving engines run) have no version counter: checked every call.
+            version = None if finetune.is_inference() else finetune._version
             cached = getattr(self, "_ids_cache", None)
-            key = (finetune, finetune._version, x.device, n)
-            if cached is not None and cached[0][0] is finetune and cached[0][1:] == key[1:]:
+            key = (finetune, version, x.device, n)
+            if version is not None and cached is not None and cached[0][0] is finetune and cached[0][1:] == key[1:]:
                 ids = cached[1]
             else:
                 if finetune.numel() and (finetune.min() < -1 or finetune.max() >= n):
                     raise InputError(f"fine-tune ids must be in -1..{n - 1} (-1 is the base), got "
                                      f"{finetune.min().item()}..{finetune.max().item()}")
                 ids = finetune.to(device=x.device, dtype=torch.long)
-                self._ids_cache = (key, ids)
+                if version is not None:
+                    self._ids_cache = (key, ids)
         return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead).reshape(-1)
+
+    def _active(self):
+        return self.active() if callable(self.active) else self.active
 
     def forward(self, x: torch.Tensor, finetune: str | torch.Tensor | None = None) -> torch.Tensor:
         if finetune is None:
-            finetune = self.active
+            finetune = self._active()
         w = self.base_weight
         if x.shape[-1] != self.in_features:
             raise InputError(f"XorLinear expects {self.in_features} input features, got input of shape "

@@ -8,9 +8,12 @@
 
 Every nn.Linear whose weight a delta covers becomes an XorLinear sharing the base weight's storage.
 Other tensors a fine-tune changes (norms, embeddings, weights that modules use directly, like
-nn.MultiheadAttention's) are kept as dense per-fine-tune copies and swapped in when a fine-tune is chosen.
-A batch that mixes fine-tunes row by row is served when those fine-tunes agree on every such tensor;
-otherwise `use` refuses it by name.
+nn.MultiheadAttention's, Linear weights stored whole) are kept as dense per-fine-tune copies that the
+modules reading them use for the rows that ask for them (routing.py): every tensor follows a row's
+fine-tune, so a batch may mix full fine-tunes freely. The base tensors are never overwritten.
+
+A selection made with `use` belongs to the thread or asyncio task that made it: concurrent requests on one
+model each get their own fine-tune. `select` sets the default for the others.
 """
 from __future__ import annotations
 
@@ -24,21 +27,15 @@ from xorgemm.errors import BaseMismatchError, InputError
 from xorgemm.format.hashes import digest
 from xorgemm.format.reader import DeltaFile, load_delta
 from xorgemm.nn import XorLinear
+from xorgemm.serving.routing import RoutedForward
 from xorgemm.serving.state import MemoryReport, ServedModel, served, served_or_new
 
-
-def _tensor_ref(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    mod = model.get_submodule(owner) if owner else model
-    t = getattr(mod, attr, None)
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"model has no tensor '{name}'")
-    return t
+_ONLY = object()  # patch_model's default `active`: the fine-tune, when there is exactly one
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors by their original names: an XorLinear's base weight is its `<name>.weight`, its
-    resident deltas are not base tensors. Call with the base selected (dense copies put back)."""
+    resident deltas are not base tensors."""
     state = dict(model.state_dict(keep_vars=True))
     for mod_name, mod in model.named_modules():
         if isinstance(mod, XorLinear):
@@ -69,7 +66,7 @@ def _check_bases(served_state: ServedModel, d: DeltaFile, state: dict):
         t.check_base(base, base_digest=hashes.get(key))
 
 
-def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Module:
+def patch_model(model: nn.Module, deltas, *, device=None, active=_ONLY) -> nn.Module:
     """Patches `model` (in place) to serve the fine-tunes in `deltas` ({name: path or DeltaFile}, or one path,
     named "finetune"). Returns the model; `model.xorgemm.report` says what was replaced. With `device`, the
     model moves there first, so the resident deltas are made on it (on a GPU, nvCOMP decompresses them
@@ -80,7 +77,6 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
     if device is not None:
         model.to(device)
     st = served_or_new(model)
-    select(model, None)
     state = _base_state(model)
     for d in files.values():  # every base checked before anything is touched
         _check_bases(st, d, state)
@@ -93,6 +89,8 @@ def patch_model(model: nn.Module, deltas, *, device=None, active=None) -> nn.Mod
             st.report.skipped[mod_name] = "a fine-tune stores its weight whole (reshaped)"
     for name, d in files.items():
         _add_finetune(model, st, name, d)
+    if active is _ONLY:  # one fine-tune: the model becomes it; several: the base until chosen
+        active = next(iter(files)) if len(files) == 1 else None
     select(model, active)
     return model
 
@@ -104,19 +102,14 @@ def add_finetune(model: nn.Module, name: str, delta, *, check_base: bool = True)
     `check_base=False` skips the base hash check for a delta already known to fit."""
     d = delta if isinstance(delta, DeltaFile) else load_delta(delta)
     st = served_or_new(model)
-    previous = st.active
-    select(model, None)  # base values in place before layers are built from the model's tensors
-    try:
-        if check_base:
-            _check_bases(st, d, _base_state(model))
-        _add_finetune(model, st, name, d)
-    finally:
-        select(model, previous)
+    if check_base:
+        _check_bases(st, d, _base_state(model))
+    _add_finetune(model, st, name, d)
     return model
 
 
 def _add_finetune(model: nn.Module, st: ServedModel, name: str, d: DeltaFile):
-    """add_finetune's work, with the base selected and its hashes checked already."""
+    """add_finetune's work, its base hashes checked already."""
     names = st.finetunes
     if not isinstance(name, str) or not name:
         raise InputError(f"fine-tune name {name!r} must be a non-empty string")
@@ -146,6 +139,7 @@ def _add_finetune(model: nn.Module, st: ServedModel, name: str, d: DeltaFile):
             if t is None or t.kind != "xor" or mod_name in st.keep_dense:
                 continue
             layer = XorLinear(mod.weight, mod.bias, tile=t.tile)
+            layer.active = st.current  # the selection in force in the calling thread or task
             for prev in names:  # they leave this weight alone; a bias they changed moves into the layer
                 layer.add_unchanged(prev, ov.pop(bname, prev))
             report.dense.pop(bname, None)
@@ -160,8 +154,10 @@ def _add_finetune(model: nn.Module, st: ServedModel, name: str, d: DeltaFile):
         if tname in covered or t.kind == "same":
             continue
         ref = state[tname]
-        ov.add(tname, name, ref, t.apply(None if t.kind == "whole" else ref.detach().cpu()).to(ref.device))
-        report.dense.setdefault(tname, []).append(name)
+        ov.add(tname, name, t.apply(None if t.kind == "whole" else ref.detach().cpu()).to(ref.device))
+        report.dense.setdefault(tname, []).append(name + (f" (stored whole: {t.reason})" if t.kind == "whole" else ""))
+        reader_name, path = _reader_of(model, tname, report)
+        RoutedForward.install(model.get_submodule(reader_name), st, reader_name).tensors[path] = tname
     names.append(name)
     report.finetunes = list(names)
 
@@ -173,20 +169,19 @@ def remove_finetune(model: nn.Module, name: str) -> nn.Module:
     names = st.finetunes
     if name not in names:
         raise InputError(f"unknown fine-tune {name!r}; this model has {names}")
-    previous = st.active
-    select(model, None)
     for mod in model.modules():
         if isinstance(mod, XorLinear) and name in mod.deltas:
             mod.remove_finetune(name)
     st.overrides.drop(name)
     report = st.report
     for tname in list(report.dense):
-        report.dense[tname] = [f for f in report.dense[tname] if f != name]
+        report.dense[tname] = [f for f in report.dense[tname] if f.split(" ")[0] != name]
         if not report.dense[tname]:
             del report.dense[tname]
     names.remove(name)
     report.finetunes = list(names)
-    select(model, previous if isinstance(previous, str) and previous != name else None)
+    if st.default == name:
+        st.default = None
     return model
 
 
@@ -231,51 +226,49 @@ def _set_submodule(model, name, new):
     setattr(parent, attr, new)
 
 
-def _selection_names(st: ServedModel, finetune):
+def _reader_of(model: nn.Module, tname: str, report) -> tuple[str, str]:
+    """The module whose forward reads tensor `tname`, and the tensor's path inside it: its owner, or the
+    owner's parent when the owner is a Linear its parent uses directly (nn.MultiheadAttention's out_proj)."""
+    owner, _, attr = tname.rpartition(".")
+    if owner in report.skipped:  # used by its parent directly, not called
+        parent, _, child = owner.rpartition(".")
+        return parent, f"{child}.{attr}"
+    return owner, attr
+
+
+def _selection(st: ServedModel, finetune):
+    """`finetune` checked against the served fine-tunes: a name, None (the base) or int64 per-row ids."""
     names = st.finetunes
     if finetune is None:
-        return [None]
+        return None
     if isinstance(finetune, str):
         if finetune not in names:
             raise InputError(f"unknown fine-tune {finetune!r}; this model has {names}")
-        return [finetune]
+        return finetune
     ids = torch.as_tensor(finetune)
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise InputError("per-row fine-tune ids must be an integer tensor")
-    used = sorted(set(ids.reshape(-1).tolist()))
-    if used and (used[0] < -1 or used[-1] >= len(names)):
-        raise InputError(f"fine-tune ids must be in -1..{len(names) - 1} (-1 is the base), got {used[0]}..{used[-1]}")
-    return [None if i == -1 else names[i] for i in used]
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(names)):
+        raise InputError(f"fine-tune ids must be in -1..{len(names) - 1} (-1 is the base), got "
+                         f"{int(ids.min())}..{int(ids.max())}")
+    return ids.to(torch.long)
 
 
 def select(model: nn.Module, finetune):
-    """Makes `finetune` (a name, None for the base, or per-row ids) the active selection of a patched model."""
+    """Makes `finetune` (a name, None for the base, or per-row ids) what a patched model serves wherever no
+    `use` block says otherwise (the default of every thread and task)."""
     st = served(model)
-    chosen = _selection_names(st, finetune)
-    ov = st.overrides
-    for tname in ov.tuned:
-        values = [ov.value(tname, f) for f in chosen]
-        if any(not torch.equal(v, values[0]) for v in values[1:]):
-            raise InputError(f"fine-tunes {[f or 'base' for f in chosen]} differ in '{tname}', which is not served "
-                             "by an XorLinear; a batch can mix them only if they agree on such tensors")
-        with torch.no_grad():
-            _tensor_ref(model, tname).copy_(ov.value(tname, chosen[0]))
-    active = finetune if not isinstance(finetune, (list, tuple)) else torch.as_tensor(finetune)
-    if isinstance(active, torch.Tensor):
-        active = active.to(torch.long)
+    st.default = _selection(st, finetune)
     for mod in model.modules():
         if isinstance(mod, XorLinear):
-            mod.active = active
-    st.active = finetune
+            mod.active = st.current
 
 
 @contextlib.contextmanager
 def use(model: nn.Module, finetune):
-    """Within the block, the patched model serves `finetune`: a name, None (the base), or per-row ids
-    (int tensor over the batch's leading dimensions, -1 for the base). The previous choice comes back after."""
-    previous = served(model).active
-    select(model, finetune)
-    try:
+    """Within the block, the patched model serves `finetune` to the calling thread or asyncio task only: a
+    name, None (the base), or per-row ids (int tensor over the batch's leading dimensions, -1 for the base;
+    modules routed per row take one id per batch row). Other threads and tasks keep their own choice."""
+    st = served(model)
+    with st.choosing(_selection(st, finetune)):
         yield model
-    finally:
-        select(model, previous)

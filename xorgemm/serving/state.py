@@ -1,6 +1,8 @@
 """A served model's state: one `ServedModel` object at `model.xorgemm`, and the reports it keeps."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -27,24 +29,25 @@ class PatchReport:
 
 
 class DenseOverrides:
-    """Dense fine-tuned copies of the tensors that are not served by an XorLinear, and the base values."""
+    """Dense fine-tuned copies of the tensors a fine-tune changes that no XorLinear serves (norms, embeddings,
+    weights a module reads directly). The model's own tensors stay the base's: a forward reads these copies
+    for the rows that ask for them (routing.py), so nothing is swapped in for the whole model."""
 
     def __init__(self):
-        self.base: dict[str, torch.Tensor] = {}
         self.tuned: dict[str, dict[str, torch.Tensor]] = {}  # tensor -> fine-tune -> value
 
-    def add(self, tensor_name, finetune, base_value, value):
-        self.base.setdefault(tensor_name, base_value.detach().clone())
+    def add(self, tensor_name, finetune, value):
         self.tuned.setdefault(tensor_name, {})[finetune] = value
 
-    def value(self, tensor_name, finetune):
-        return self.tuned[tensor_name].get(finetune, self.base[tensor_name])
+    def value(self, tensor_name, finetune) -> torch.Tensor | None:
+        """Fine-tune `finetune`'s copy of a tensor, or None where it uses the base's (None: the base itself)."""
+        return self.tuned.get(tensor_name, {}).get(finetune)
 
     def pop(self, tensor_name, finetune):
         """Removes and returns one fine-tune's copy of a tensor (None if it has none)."""
         value = self.tuned.get(tensor_name, {}).pop(finetune, None)
         if tensor_name in self.tuned and not self.tuned[tensor_name]:
-            del self.tuned[tensor_name], self.base[tensor_name]
+            del self.tuned[tensor_name]
         return value
 
     def drop(self, finetune):
@@ -59,7 +62,12 @@ class DenseOverrides:
         return out
 
 
-@dataclass
+# The selection each thread or asyncio task made with `use`: {ServedModel: selection}. A context variable, so a
+# server's concurrent requests never see each other's choice (threads start empty; a task copies its creator's).
+_SELECTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("xorgemm_selections")
+
+
+@dataclass(eq=False)
 class ServedModel:
     """Everything xorgemm keeps about a model it serves fine-tunes on (`model.xorgemm`)."""
 
@@ -67,8 +75,26 @@ class ServedModel:
     overrides: DenseOverrides = field(default_factory=DenseOverrides)  # dense copies of non-XorLinear tensors
     report: PatchReport = field(default_factory=lambda: PatchReport([]))
     keep_dense: set[str] = field(default_factory=set)  # nn.Linear modules a fine-tune stores whole: served densely
-    active: object = None  # the selection `use`/`select` made: a name, None (the base) or per-row ids
+    default: object = None  # what a thread or task that chose nothing with `use` serves (`select` sets it)
     base_digests: dict = field(default_factory=dict)  # (tensor, data_ptr, version) -> digest, hashed once
+
+    def current(self):
+        """The selection in force for the calling thread or task: its `use`, else the default. A name, None
+        (the base) or per-row ids (int64 tensor, -1 for the base)."""
+        return _SELECTIONS.get({}).get(self, self.default)
+
+    active = property(current)
+
+    @contextlib.contextmanager
+    def choosing(self, selection):
+        """Within the block, the calling thread or task (only) serves `selection`."""
+        chosen = dict(_SELECTIONS.get({}))
+        chosen[self] = selection
+        token = _SELECTIONS.set(chosen)
+        try:
+            yield
+        finally:
+            _SELECTIONS.reset(token)
 
 
 def served(model: nn.Module) -> ServedModel:

@@ -1,0 +1,136 @@
+"""Per-row fine-tunes for the modules XorLinear does not serve: norms, embeddings, weights a module reads
+directly (nn.MultiheadAttention's), Linear layers a fine-tune stores whole.
+
+A fine-tune's dense copy of such a tensor (DenseOverrides) is never copied into the model. Instead the
+module that reads it gets a routed forward: for the selection in force in the calling thread or task it
+runs the module's own forward with that fine-tune's tensors in place of the base's; for per-row ids it
+runs it once per fine-tune present, on that fine-tune's rows (sliced along dim 0 of every input whose
+leading dimension is the batch's; inputs that broadcast over the batch, like position ids, go whole), and
+puts the rows back in order. While a group runs, the selection in
+force is that group's fine-tune, so modules nested inside (XorLinear, other routed modules) follow it.
+
+Tensors are put in place for one call at a time under the module's lock, so concurrent requests in
+threads or tasks each see their own fine-tune's tensors and the base's are back after every call.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from xorgemm.errors import InputError
+from xorgemm.serving.state import ServedModel
+
+
+class RoutedForward:
+    """The forward a served model installs on a module some fine-tune holds dense tensors for."""
+
+    def __init__(self, module: nn.Module, st: ServedModel, module_name: str):
+        self.module, self.st, self.module_name = module, st, module_name
+        self.forward = module.forward  # the module's own forward, bound
+        self.tensors: dict[str, str] = {}  # path inside the module ("weight", "out_proj.weight") -> model name
+        self.lock = threading.RLock()
+
+    @staticmethod
+    def install(module: nn.Module, st: ServedModel, module_name: str) -> RoutedForward:
+        """The module's routed forward, installed on first use."""
+        routed = module.__dict__.get("forward")
+        if not isinstance(routed, RoutedForward):
+            routed = RoutedForward(module, st, module_name)
+            module.forward = routed
+        return routed
+
+    def __call__(self, *args, **kwargs):
+        selection = self.st.current()
+        if not isinstance(selection, torch.Tensor):
+            return self._run(selection, args, kwargs)
+        ids = selection.reshape(-1) if selection.dim() == 0 else selection
+        if ids.dim() != 1:
+            raise InputError(f"{self.module_name or 'the model'}: per-row fine-tune ids over more than the batch "
+                             f"dimension ({tuple(ids.shape)}) cannot route {type(self.module).__name__}; give one id "
+                             "per batch row")
+        present = ids.unique().tolist()
+        if len(present) == 1:
+            return self._run(self._name(present[0]), args, kwargs)
+        batch, out = ids.shape[0], None
+        for f in present:
+            rows = (ids == f).nonzero().reshape(-1)
+            part_args = [_rows(a, rows, batch) for a in args]
+            part_kwargs = {k: _rows(v, rows, batch) for k, v in kwargs.items()}
+            name = self._name(f)
+            with self.st.choosing(name):  # nested modules serve this group's fine-tune
+                part = self._run(name, part_args, part_kwargs)
+            out = _scatter(out, part, rows, batch, self.module_name)
+        return out
+
+    def _name(self, f: int) -> str | None:
+        if f == -1:
+            return None
+        if not 0 <= f < len(self.st.finetunes):
+            raise InputError(f"fine-tune ids must be in -1..{len(self.st.finetunes) - 1} (-1 is the base), got {f}")
+        return self.st.finetunes[f]
+
+    def _run(self, finetune, args, kwargs):
+        """The module's forward with `finetune`'s dense tensors in place of the base's (None: the base)."""
+        swaps = {}
+        if finetune is not None:
+            if not isinstance(finetune, str) or finetune not in self.st.finetunes:
+                raise InputError(f"unknown fine-tune {finetune!r}; this model has {self.st.finetunes}")
+            for path, name in self.tensors.items():
+                value = self.st.overrides.value(name, finetune)
+                if value is not None:
+                    swaps[path] = value
+        with self.lock:  # another thread must not see this call's tensors, nor this call another's
+            saved = {path: _put(self.module, path, value) for path, value in swaps.items()}
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                for path, value in saved.items():
+                    _put(self.module, path, value)
+
+
+def _put(module: nn.Module, path: str, value):
+    """Puts `value` at `path` inside `module` (a parameter, buffer or attribute); returns what was there."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    for store in (owner._parameters, owner._buffers):
+        if attr in store:
+            old, store[attr] = store[attr], value
+            return old
+    old = getattr(owner, attr)
+    object.__setattr__(owner, attr, value)
+    return old
+
+
+def _rows(v, rows: torch.Tensor, batch: int):
+    """`v`'s rows `rows` if its leading dimension is the batch's, else `v` itself."""
+    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+        return v.index_select(0, rows.to(v.device))
+    return v
+
+
+def _scatter(out, part, rows: torch.Tensor, batch: int, where: str):
+    """Puts one group's output rows into the whole batch's output (made from the first group's). An output
+    that broadcasts over the batch (leading dimension 1: position embeddings of inputs without the batch's
+    rows) becomes that group's rows of it; one with every row gives the group's."""
+    if isinstance(part, torch.Tensor):
+        n = len(rows)
+        if part.dim() > 0 and part.shape[0] != n and part.shape[0] == 1:
+            part = part.expand(n, *part.shape[1:])
+        elif part.dim() > 0 and part.shape[0] != n and part.shape[0] == batch:
+            part = part.index_select(0, rows.to(part.device))
+        if part.dim() == 0 or part.shape[0] != n:
+            raise InputError(f"{where or 'the model'}: an output without the batch's rows first cannot be routed "
+                             "per row")
+        if out is None:
+            out = part.new_empty((batch, *part.shape[1:]))
+        return out.index_copy_(0, rows.to(part.device), part)
+    if isinstance(part, (tuple, list)):
+        outs = [None] * len(part) if out is None else list(out)
+        merged = [_scatter(o, p, rows, batch, where) if isinstance(p, torch.Tensor) else p
+                  for o, p in zip(outs, part)]
+        return type(part)(merged)
+    if part is None:
+        return None
+    raise InputError(f"{where or 'the model'}: a {type(part).__name__} output cannot be routed per row")
