@@ -150,6 +150,10 @@ def test_bank_bad_inputs_are_clear_errors(zoo, tmp_path):
     with pytest.raises(xorgemm.InputError, match="stored whole .*already served by an XorLinear"):
         xorgemm.add_finetune(model, "reshaped", path)
     assert model.xorgemm.finetunes == ["up"] and model.up.finetunes == ["up"] and model.down.__class__ is nn.Linear
+    # Patched in with the others, it keeps up as nn.Linear, and the report says the weight is stored whole.
+    both = xorgemm.patch_model(copy.deepcopy(base), {"up": paths["up"], "reshaped": path})
+    assert type(both.up) is nn.Linear and "up" in both.xorgemm.report.skipped
+    assert both.xorgemm.report.dense["up.weight"] == ["up", "reshaped (stored whole: reshaped)"]
     with pytest.raises(xorgemm.InputError, match="not patched"):
         xorgemm.memory_report(Net())
     with pytest.raises(xorgemm.InputError, match="unknown fine-tune"):
