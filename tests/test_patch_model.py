@@ -225,3 +225,33 @@ def test_per_row_ids_under_inference_mode(tmp_path):
             assert close(y[2], base(x[2:])[0])
         layer = patched.up
         assert close(layer(x, finetune=ids)[0], F.linear(x[:1], layer.materialize("b"), fts["b"].up.bias)[0])
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_llama_full_finetunes_mixed_per_row_match_their_dense_models(tmp_path):
+    """The decoder architecture vLLM serves: RMSNorms, embeddings, the head and every projection differ
+    between three full fine-tunes; one forward over rows of all three and the base gives each row its own
+    model's logits and greedy tokens."""
+    base = tiny_llama()
+    fts = [finetuned_copy(base, s) for s in (6, 7, 8)]
+    patched = xorgemm.patch_model(copy.deepcopy(base), {f"f{i}": pack_models(tmp_path, base, m, f"f{i}")
+                                                        for i, m in enumerate(fts)})
+    rep = patched.xorgemm.report
+    assert "model.norm.weight" in rep.dense and "model.embed_tokens.weight" in rep.dense
+    assert "lm_head" in rep.replaced
+    tokens = torch.randint(0, 128, (5, 10), generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([2, -1, 0, 1, 2])
+    with torch.no_grad(), xorgemm.use(patched, rows):
+        got = patched(input_ids=tokens).logits
+    refs = [base] + fts
+    with torch.no_grad():
+        for r, i in enumerate(rows.tolist()):
+            want = refs[i + 1](input_ids=tokens[r:r + 1]).logits[0]
+            assert close(got[r], want, 1e-4)
+            assert torch.equal(got[r].argmax(-1), want.argmax(-1))
