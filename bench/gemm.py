@@ -10,7 +10,6 @@ and checks xorgemm against F.linear in float64 (normwise relative error: fp32 < 
     python bench/gemm.py                         # CPU defaults (smaller shapes)
     python bench/gemm.py --device cuda           # Llama-class shapes on a GPU
     python bench/gemm.py --shapes 4096x4096 --m 256 --dtypes fp32 --kinds sparse --plot
-    python bench/gemm.py --multi ARGS            # the same as python bench/gemm_multi.py ARGS (many fine-tunes)
 Writes bench/results/gemm_<device>.json and .md (and .png with --plot); --update-readme also rewrites the README's
 summary table.
 """
@@ -212,10 +211,6 @@ def plot(rows, path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--multi" in argv:
-        import gemm_multi
-
-        return gemm_multi.main([v for v in argv if v != "--multi"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shapes", nargs="+", help="N x K weight shapes, e.g. 4096x4096 (default: per device)")
@@ -226,8 +221,6 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/gemm_<device>)")
     p.add_argument("--plot", action="store_true", help="also write a PNG (matplotlib)")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's CPU summary table")
-    p.add_argument("--multi", action="store_true",
-                   help="run bench/gemm_multi.py (many fine-tunes per batch) with the other arguments instead")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")

@@ -18,7 +18,7 @@ dense stacks.
     python bench/gemm_multi.py --device cuda                     # D = 1, 4, 16, 64; small and dense deltas
     python bench/gemm_multi.py --device cuda --shapes 4096x4096 --d 16 --dists zipf --kinds small seed --model
     python bench/gemm_multi.py --device cpu --shapes 512x512 --d 4 --m 8   # dry run of the script on the CPU op
-Writes bench/results/gemm_multi_<device>.json and .md. (`python bench/gemm.py --multi ...` runs this too.)
+Writes bench/results/gemm_multi_<device>.json and .md.
 """
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def main(argv=None):
     p.add_argument("--m", type=int, nargs="+", help="token counts (default: D, 4 D and 256 for each D)")
     p.add_argument("--dists", nargs="+", choices=ROW_DISTRIBUTIONS, default=list(ROW_DISTRIBUTIONS),
                    help="how rows spread over fine-tunes")
-    p.add_argument("--kinds", "--multi-kinds", dest="kinds", nargs="+", choices=KINDS, default=["small", "dense"],
+    p.add_argument("--kinds", dest="kinds", nargs="+", choices=KINDS, default=["small", "dense"],
                    help="delta kinds")
     p.add_argument("--dtype", "--dtypes", dest="dtype", choices=sorted(FLOAT_DTYPES), default="bf16")
     p.add_argument("--model", action="store_true", help="also the model-level run over frozen shares")

@@ -27,9 +27,8 @@ inline format::TileGrid grid_of(const at::Tensor& t, int64_t tile_rows, int64_t 
   }
 }
 
-// Sections and their tile offsets: one contiguous uint8 section and one int64 offset per tile each, on the
-// weight's device. Sections on the CPU are also bounds-checked against their offsets (O(tiles)), so a bad
-// section is refused before any decode; sections on a GPU were checked when they were made resident.
+// Sections and their tile offsets: one contiguous uint8 section, at least its tile table long, and one int64
+// offset per tile each, on the weight's device. Their content: check_sections_on_host.
 inline void check_sections(at::TensorList sections, at::TensorList tile_offsets, const at::Device& device,
                            const format::TileGrid& g) {
   TORCH_CHECK(sections.size() == tile_offsets.size(), "xorgemm: ", sections.size(), " sections but ",
@@ -44,13 +43,19 @@ inline void check_sections(at::TensorList sections, at::TensorList tile_offsets,
     TORCH_CHECK(o.device() == device && o.scalar_type() == at::kLong && o.is_contiguous() &&
                     (uint64_t)o.numel() == g.num_tiles(),
                 "xorgemm: tile_offsets ", d, " must hold one int64 per tile (", g.num_tiles(), ") on ", device);
-    if (device.is_cpu()) {
-      try {
-        format::check_section_bounds(s.data_ptr<uint8_t>(), (uint64_t)s.numel(),
-                                     reinterpret_cast<const uint64_t*>(o.data_ptr<int64_t>()), g);
-      } catch (const format::FormatError& e) {
-        TORCH_CHECK(false, "xorgemm: section ", d, ": ", e.what());
-      }
+  }
+}
+
+// What makes decoding host-resident sections memory-safe: every entry well formed and every payload inside
+// its section (O(tiles); format::check_section_bounds), so a bad section is refused before any decode. The
+// CPU kernels call it after check_sections; sections on a GPU were checked when they were made resident.
+inline void check_sections_on_host(at::TensorList sections, at::TensorList tile_offsets, const format::TileGrid& g) {
+  for (size_t d = 0; d < sections.size(); ++d) {
+    try {
+      format::check_section_bounds(sections[d].data_ptr<uint8_t>(), (uint64_t)sections[d].numel(),
+                                   reinterpret_cast<const uint64_t*>(tile_offsets[d].data_ptr<int64_t>()), g);
+    } catch (const format::FormatError& e) {
+      TORCH_CHECK(false, "xorgemm: section ", d, ": ", e.what());
     }
   }
 }
@@ -126,7 +131,7 @@ inline std::vector<at::Tensor> group_rows(const std::optional<at::Tensor>& row_f
   std::vector<at::Tensor> out(n_finetunes + 1);
   const auto index = at::TensorOptions().dtype(at::kLong);
   if (!row_finetune.has_value()) {
-    out[n_finetunes] = at::arange(rows, index.device(device));
+    if (rows > 0) out[n_finetunes] = at::arange(rows, index.device(device));  // no rows: nothing to patch
     return out;
   }
   const at::Tensor ids = row_finetune->reshape({-1}).cpu().contiguous();

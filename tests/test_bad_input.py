@@ -275,3 +275,15 @@ def test_verify_false_still_checks_shape_and_chunks(delta, pair):
     d = xorgemm.load_delta(delta)
     with pytest.raises(BaseMismatchError, match="a.weight"):
         d["a.weight"].apply(torch.zeros(70, 130).bfloat16(), verify=False)
+
+
+def test_tile_integers_beyond_int64_are_a_format_error(delta, pair):
+    """A crafted index whose tile shape does not even fit the native integers: refused by name, no traceback."""
+    def edit(index, chunks, payload):
+        name = next(n for n, e in index["tensors"].items() if e["kind"] == "xor")
+        index["tensors"][name]["tile"] = [2 ** 64, 1]
+
+    rewrite(delta, edit)
+    with pytest.raises(DeltaFormatError, match="tile shape") as e:
+        xorgemm.load_delta(delta)
+    assert str(delta) in str(e.value)

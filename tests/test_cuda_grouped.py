@@ -8,11 +8,11 @@ from helpers import rel_err
 
 import xorgemm
 from xorgemm import XorLinear
-from xorgemm.nn import _has_kernel
+from xorgemm._native import has_kernel
 from xorgemm.testing import DELTA_KINDS, ROW_DISTRIBUTIONS, perturb, row_finetunes
 
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available() or not _has_kernel("cuda"),
+              pytest.mark.skipif(not torch.cuda.is_available() or not has_kernel("cuda"),
                                  reason="needs a CUDA GPU and the op's CUDA kernel")]
 
 

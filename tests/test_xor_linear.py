@@ -317,3 +317,13 @@ def test_add_finetune_section_validates_and_serves(device):
     with pytest.raises(xorgemm.InputError, match="1-D uint8"):
         layer.add_finetune_section("bad", src.deltas["a"].section.view(torch.int8).to(device))
     assert layer.finetunes == ["copy"]
+
+
+def test_apply_without_a_kernel_for_the_device_is_a_clear_error(tmp_path, monkeypatch):
+    """As on a CUDA base where xorgemm was built without its CUDA extension (faked here on the CPU)."""
+    base = torch.randn(64, 64)
+    xorgemm.pack({"w": base}, {"w": perturb(base, "sparse")}, tmp_path / "d.xor.safetensors")
+    t = xorgemm.load_delta(tmp_path / "d.xor.safetensors")["w"]
+    monkeypatch.setattr(xorgemm._native, "has_kernel", lambda device_type: False)
+    with pytest.raises(NotImplementedError, match="d.xor.safetensors: tensor 'w': xorgemm has no cpu kernel"):
+        t.apply(base)

@@ -1,4 +1,6 @@
 """Loads the compiled extensions, with an error that says how to build them."""
+import functools
+
 try:
     from xorgemm import _C  # noqa: F401
 except ImportError as e:  # pragma: no cover - only without a build
@@ -16,3 +18,21 @@ except ImportError as e:  # built, but it does not load: say so rather than sile
 
 C = _C
 CUDA = _C_cuda
+
+
+@functools.cache
+def has_kernel(device_type: str) -> bool:
+    """Whether the xorgemm ops have a kernel for this device type (fixed once the extensions are loaded:
+    cached, as XorLinear.forward asks on every call)."""
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("xorgemm::xor_linear", key)
+
+
+def require_kernel(device_type: str, what: str):
+    """Raises NotImplementedError naming `what` when the ops have no kernel for this device type."""
+    if not has_kernel(device_type):
+        hint = (" (xorgemm was built without its CUDA extension: rebuild where nvcc and a CUDA build of torch are "
+                "present)" if device_type == "cuda" else "")
+        raise NotImplementedError(f"{what}: xorgemm has no {device_type} kernel{hint}; use the CPU")

@@ -122,11 +122,12 @@ def inspect_rows(d) -> list[dict]:
     rows = []
     for name, t in d.tensors.items():
         disk = d.compressed_share(name)
+        codecs = dict(zip(CODEC_NAMES, t.tile_counts))
         rows.append({
             "name": name, "kind": t.kind + (f" ({t.reason})" if t.reason else ""), "dtype": dtype_name(t.dtype),
             "shape": list(t.shape), "tile": list(t.tile) if t.tile else None,
-            "tiles": sum(t.tile_counts), "zero_tiles": dict(zip(CODEC_NAMES, t.tile_counts)).get("zero", 0),
-            "codecs": dict(zip(CODEC_NAMES, t.tile_counts)), "bytes": t.nbytes, "stored_bytes": t.span[1],
+            "tiles": sum(t.tile_counts), "zero_tiles": codecs.get("zero", 0), "codecs": codecs, "bytes": t.nbytes,
+            "stored_bytes": t.span[1],
             "disk_bytes": round(disk), "ratio": disk / max(1, t.nbytes)})
     return rows
 

@@ -16,17 +16,16 @@ resident delta section.
 """
 from __future__ import annotations
 
-import functools
 import re
 
 import torch
 from torch import nn
 
-from xorgemm._native import C
+from xorgemm._native import C, require_kernel
 from xorgemm.errors import InputError
 from xorgemm.format.layout import DEFAULT_TILE, grid_of, tensor_bytes, tile_for
 from xorgemm.ops import xor_linear
-from xorgemm.resident import resident_section
+from xorgemm.resident import resident_section, section_offsets
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -187,10 +186,7 @@ class XorLinear(nn.Module):
             raise InputError(f"fine-tune {name!r}: a section is a 1-D uint8 tensor, got {section.dtype} "
                              f"{tuple(section.shape)}")
         try:
-            if section.device.type == "cpu":
-                offsets = C.validate_section(section.contiguous(), grid)
-            else:
-                offsets = C.table_offsets(section[: grid.table_bytes].cpu(), section.numel(), grid)
+            offsets = section_offsets(section, grid)
         except C.FormatError as e:
             raise InputError(f"fine-tune {name!r}: malformed delta section: {e}") from None
         self._add_slot(name, section, offsets, bias)
@@ -316,10 +312,8 @@ class XorLinear(nn.Module):
             raise InputError(f"XorLinear input is {x.dtype} but its weight is {w.dtype}; cast the input")
         if x.device != w.device:
             raise InputError(f"XorLinear input is on {x.device} but its weight is on {w.device}")
-        if w.device.type != "cpu" and not _has_kernel(w.device.type):
-            hint = (" (xorgemm was built without its CUDA extension: rebuild where nvcc and a CUDA build of torch "
-                    "are present)" if w.device.type == "cuda" else "")
-            raise NotImplementedError(f"XorLinear has no {w.device.type} kernel{hint}; run it on the CPU")
+        if w.device.type != "cpu":  # the CPU kernels are always built (and torch.compile traces this line)
+            require_kernel(w.device.type, "XorLinear")
         row_ids = self._row_ids(finetune, x)
         names = self.finetunes if row_ids is not None else [n for n in [self._resolve_name(finetune)] if n]
         sections = [self.deltas[n].section for n in names]
@@ -352,10 +346,3 @@ class XorLinear(nn.Module):
                 self.deltas[n] = _DeltaSlot(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-@functools.cache
-def _has_kernel(device_type: str) -> bool:
-    """Whether the op has a kernel for this device type (fixed once the extensions are loaded: cached, as
-    forward asks on every call)."""
-    key = {"cuda": "CUDA", "meta": "Meta"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("xorgemm::xor_linear", key)

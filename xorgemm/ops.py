@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from xorgemm._native import C  # noqa: F401  (loading the extension registers torch.ops.xorgemm)
+from xorgemm.format.layout import DEFAULT_TILE
 
 _ops = torch.ops.xorgemm
 
@@ -64,7 +65,7 @@ class XorLinearFunction(torch.autograd.Function):
         return grad_x, grad_bias, None, None, None, None, None, None
 
 
-def xor_linear(x, base, sections, tile_offsets, row_finetune=None, bias=None, *, tile=(64, 64)):
+def xor_linear(x, base, sections, tile_offsets, row_finetune=None, bias=None, *, tile=DEFAULT_TILE):
     """Differentiable xor_linear; see csrc/ops.cpp for the arguments."""
     if base.requires_grad:
         raise RuntimeError("xorgemm: the base weight of an XorLinear is frozen; set requires_grad=False")

@@ -41,6 +41,7 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
                           const std::optional<at::Tensor>& bias, int64_t tile_rows, int64_t tile_cols) {
   const LinearProblem p =
       prepare_linear("x", x, base, sections, tile_offsets, row_finetune, bias, tile_rows, tile_cols, false);
+  check_sections_on_host(sections, tile_offsets, p.grid);
   return patched_blocks_forward(p, base, (int64_t)sections.size(), row_finetune, bias, grid_rows_per_block(p.grid),
                                 CpuPatcher{base, sections, tile_offsets, p.grid})
       .reshape(p.out_shape);
@@ -51,6 +52,7 @@ at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
                                      int64_t tile_rows, int64_t tile_cols) {
   const LinearProblem p =
       prepare_linear("grad_y", grad_y, base, sections, tile_offsets, row_finetune, {}, tile_rows, tile_cols, true);
+  check_sections_on_host(sections, tile_offsets, p.grid);
   return patched_blocks_grad_input(p, base, (int64_t)sections.size(), row_finetune, grid_rows_per_block(p.grid),
                                    CpuPatcher{base, sections, tile_offsets, p.grid})
       .reshape(p.out_shape);
@@ -59,6 +61,7 @@ at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
 void apply_section_cpu(const at::Tensor& section, const at::Tensor& offsets, const at::Tensor& base, at::Tensor& out,
                        int64_t tile_rows, int64_t tile_cols) {
   const format::TileGrid g = check_apply_args(section, offsets, base, out, tile_rows, tile_cols);
+  check_sections_on_host({section}, {offsets}, g);
   const uint8_t* s = section.data_ptr<uint8_t>();
   const uint64_t* off = reinterpret_cast<const uint64_t*>(offsets.data_ptr<int64_t>());
   const uint8_t* b = static_cast<const uint8_t*>(base.data_ptr());

@@ -35,7 +35,7 @@ struct FusedArgs {
   int64_t n, k, m;
   const int64_t* perm;  // sorted row -> row of a; nullptr: identity
   const int32_t* seg;   // [n_groups + 1] segment bounds over sorted rows; nullptr: all rows in only_group
-  int n_groups;         // 1 + number of deltas; group 0 is the plain base
+  int n_groups;         // 1 + number of fine-tunes; group 0 is the plain base
   int only_group;
   bool staged;          // one fine-tune for every row: its payload rides the pipeline, patched in place
   const uint8_t* sections[kMaxFinetunes];
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
 template <typename T>
 __global__ void reduce_splits_kernel(const float* __restrict__ partial, int splits, int64_t m, int64_t out_cols,
                                      const int64_t* __restrict__ perm, const T* __restrict__ bias,
-                                     int64_t bias_rows, const int64_t* __restrict__ row_delta, int only_group,
+                                     int64_t bias_rows, const int64_t* __restrict__ row_finetune, int only_group,
                                      T* __restrict__ out) {
   const int64_t total = m * out_cols;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
@@ -314,7 +314,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial, int spli
     for (int sp = 0; sp < splits; ++sp) v += partial[sp * total + i];
     const int64_t row = perm != nullptr ? perm[s] : s;
     if (bias != nullptr) {
-      const int64_t br = bias_rows == 1 ? 0 : (row_delta != nullptr ? row_delta[row] + 1 : only_group);
+      const int64_t br = bias_rows == 1 ? 0 : (row_finetune != nullptr ? row_finetune[row] + 1 : only_group);
       v += static_cast<float>(bias[br * out_cols + o]);
     }
     out[row * out_cols + o] = static_cast<T>(v);

@@ -41,9 +41,9 @@ struct Aligned {
 struct Case {
   int64_t n, k, m;
   bool bf16, trans;
-  int n_delta;     // fine-tunes
+  int n_finetunes;     // fine-tunes
   bool grouped;    // per-row ids (with base rows); else every row uses the single fine-tune
-  int bias_rows;   // 0: none, 1: [N], else [n_delta + 1, N] (forward only)
+  int bias_rows;   // 0: none, 1: [N], else [n_finetunes + 1, N] (forward only)
   int sms;         // what plan_launch is told, to get split-K
   int kind0;       // fine-tune d is of kind (kind0 + d) % 3; kind0 3: every word, both bytes
   std::string what;
@@ -115,7 +115,7 @@ static void run(const Case& c) {
   std::vector<Aligned> sections;
   std::vector<std::vector<int64_t>> offsets;
   const format::TileGrid grid{(uint64_t)n, (uint64_t)k, 64, 64, 2};
-  for (int d = 0; d < c.n_delta; ++d) {
+  for (int d = 0; d < c.n_finetunes; ++d) {
     std::vector<uint16_t> ft = base;
     for (int64_t i = 0; i < n * k; ++i) {
       const int kind = c.kind0 == 3 ? 3 : (c.kind0 + d) % 3;
@@ -143,18 +143,18 @@ static void run(const Case& c) {
   const int64_t red = c.trans ? n : k, out_cols = c.trans ? k : n;
   std::vector<uint16_t> a(m * red);
   for (auto& v : a) v = to_bits(normal(rng) * 20);
-  std::vector<int64_t> ids(m, c.n_delta - 1);
+  std::vector<int64_t> ids(m, c.n_finetunes - 1);
   if (c.grouped && !c.dist.empty()) {
-    ids = row_ids(c.dist, m, c.n_delta, rng);
+    ids = row_ids(c.dist, m, c.n_finetunes, rng);
   } else if (c.grouped) {
-    // Ids -1 (base) to n_delta - 2 in runs of three, shuffled: the last fine-tune gets no rows.
-    for (int64_t i = 0; i < m; ++i) ids[i] = (int64_t)((i / 3) % c.n_delta) - 1;
+    // Ids -1 (base) to n_finetunes - 2 in runs of three, shuffled: the last fine-tune gets no rows.
+    for (int64_t i = 0; i < m; ++i) ids[i] = (int64_t)((i / 3) % c.n_finetunes) - 1;
     std::shuffle(ids.begin(), ids.end(), rng);
   }
   std::vector<int64_t> perm(m);
   std::iota(perm.begin(), perm.end(), 0);
   std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return ids[x] < ids[y]; });
-  std::vector<int32_t> seg(c.n_delta + 2, 0);
+  std::vector<int32_t> seg(c.n_finetunes + 2, 0);
   for (int64_t i = 0; i < m; ++i) ++seg[ids[i] + 2];
   for (int g = 1; g < (int)seg.size(); ++g) seg[g] += seg[g - 1];
 
@@ -172,8 +172,8 @@ static void run(const Case& c) {
   args.n = n;
   args.k = k;
   args.m = m;
-  args.n_groups = c.n_delta + 1;
-  for (int d = 0; d < c.n_delta; ++d) {
+  args.n_groups = c.n_finetunes + 1;
+  for (int d = 0; d < c.n_finetunes; ++d) {
     args.sections[d] = sections[d].data();
     args.offsets[d] = offsets[d].data();
   }
@@ -182,8 +182,8 @@ static void run(const Case& c) {
     args.seg = seg.data();
     args.only_group = -1;
   } else {
-    args.only_group = c.n_delta;
-    args.staged = c.n_delta == 1;
+    args.only_group = c.n_finetunes;
+    args.staged = c.n_finetunes == 1;
   }
   std::vector<float> partial((size_t)plan.splits * m * out_cols, NAN);
   args.partial = partial.data();

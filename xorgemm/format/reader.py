@@ -191,7 +191,7 @@ class DeltaFile:
                 bad("an empty tensor cannot have a tile section")
             try:
                 grid = grid_of(shape, tile, dtype)  # the native grid refuses tile shapes the format cannot hold
-            except ValueError as err:
+            except (ValueError, TypeError, OverflowError) as err:  # FormatError, or integers beyond int64
                 bad(f"tile shape {list(tile)} over shape {list(shape)}: {err}")
             if len(counts) != len(CODEC_NAMES) or not all(isinstance(c, int) and c >= 0 for c in counts) \
                     or sum(counts) != grid.num_tiles:

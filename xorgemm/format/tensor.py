@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from xorgemm._native import C
+from xorgemm._native import C, require_kernel
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, where
 from xorgemm.format.hashes import digest
 from xorgemm.format.layout import TileGrid, dtype_name, grid_of
@@ -30,6 +30,7 @@ class DeltaTensor:
     tile_counts: tuple[int, ...]  # tiles per codec, in CODEC_NAMES order
     reason: str | None = None  # why a "whole" tensor is whole: "new" or "reshaped"
     file: DeltaFile = field(repr=False, default=None)
+    _offsets: torch.Tensor | None = field(repr=False, default=None)  # validate once: a memo, not an interface
 
     @property
     def numel(self) -> int:
@@ -59,19 +60,13 @@ class DeltaTensor:
         """The delta section (tile table + payloads) as a uint8 CPU tensor, validated completely, and its tile
         payload offsets (int64)."""
         self.require_section()
-        sec = self.file.read_span(*self.span, tensor=self.name)
-        try:
-            return sec, C.validate_section(sec, self.grid)
-        except C.FormatError as e:
-            raise DeltaFormatError(f"{self.where()}: malformed delta section: {e}") from None
-
-    def offsets_from_table(self, table: torch.Tensor, section_len: int) -> torch.Tensor:
-        """Tile payload offsets of this tensor's section from its tile table alone (a uint8 CPU tensor of at least
-        grid.num_tiles entries), for a section of `section_len` bytes held elsewhere (e.g. decompressed on a GPU)."""
-        try:
-            return C.table_offsets(table, section_len, self.grid)
-        except C.FormatError as e:
-            raise DeltaFormatError(f"{self.where()}: malformed delta section: {e}") from None
+        sec = self.file.read_span(*self.span, tensor=self.name)  # chunk checksums checked on every read
+        if self._offsets is None:
+            try:
+                self._offsets = C.validate_section(sec, self.grid)
+            except C.FormatError as e:
+                raise DeltaFormatError(f"{self.where()}: malformed delta section: {e}") from None
+        return sec, self._offsets
 
     def tile_table(self) -> torch.Tensor:
         """Per tile (int64 [n_tiles, 3]): its number of exceptions, codec id (CODEC_NAMES) and low bytes."""
@@ -108,6 +103,7 @@ class DeltaTensor:
             raw = self.file.read_span(*self.span, tensor=self.name)
             out = raw.view(self.dtype).reshape(self.shape).clone()
         else:
+            require_kernel(base.device.type, self.where())
             sec, offsets = self.section()
             base = base.detach().contiguous()
             out = torch.empty_like(base)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from xorgemm.errors import where
-from xorgemm.format.layout import TILE_ENTRY_BYTES
+from xorgemm._native import C
+from xorgemm.errors import DeltaFormatError, where
+from xorgemm.format.layout import TileGrid
 from xorgemm.format.tensor import DeltaTensor
 from xorgemm.resident.gpu_decompress import GpuZstdBatch, decompressor_for, nvcomp_available
 
@@ -23,8 +24,23 @@ def resident_section(t: DeltaTensor, device) -> tuple[torch.Tensor, torch.Tensor
         return section.to(device), offsets.to(device)
     t.require_section()
     sec = read_span_on(t, device)
-    offsets = t.offsets_from_table(sec[: t.grid.num_tiles * TILE_ENTRY_BYTES].cpu(), sec.numel())
+    try:
+        offsets = section_offsets(sec, t.grid)
+    except C.FormatError as e:
+        raise DeltaFormatError(f"{t.where()}: malformed delta section: {e}") from None
     return sec, offsets.to(device)
+
+
+def section_offsets(section: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """The tile payload offsets (int64, on the CPU) of a section on any device, checked: completely on the
+    CPU; from its tile table alone on a GPU (one small copy back, no pass over the payloads). Raises
+    C.FormatError for a malformed section."""
+    if section.device.type == "cpu":
+        return C.validate_section(section.contiguous(), grid)
+    if section.numel() < grid.table_bytes:
+        raise C.FormatError(f"section of {section.numel()} bytes is shorter than its tile table "
+                            f"({grid.table_bytes} bytes)")
+    return C.table_offsets(section[: grid.table_bytes].cpu(), section.numel(), grid)
 
 
 def read_span_on(t: DeltaTensor, device) -> torch.Tensor:
@@ -37,4 +53,5 @@ def read_span_on(t: DeltaTensor, device) -> torch.Tensor:
     return raw[start:start + length].clone()  # its own allocation: aligned, and the rest is freed
 
 
-__all__ = ["resident_section", "read_span_on", "GpuZstdBatch", "decompressor_for", "nvcomp_available"]
+__all__ = ["resident_section", "section_offsets", "read_span_on", "GpuZstdBatch", "decompressor_for",
+           "nvcomp_available"]
