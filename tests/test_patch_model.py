@@ -255,3 +255,18 @@ def test_llama_full_finetunes_mixed_per_row_match_their_dense_models(tmp_path):
             want = refs[i + 1](input_ids=tokens[r:r + 1]).logits[0]
             assert close(got[r], want, 1e-4)
             assert torch.equal(got[r].argmax(-1), want.argmax(-1))
+
+
+def test_a_served_model_deep_copies(tmp_path):
+    """copy.deepcopy of a patched model (routed modules hold locks): the copy serves on its own."""
+    base, fts, patched = _two_finetunes(tmp_path)
+    twin = copy.deepcopy(patched)
+    x = torch.randn(4, 96)
+    ids = torch.tensor([0, 1, -1, 1])
+    with torch.no_grad(), xorgemm.use(twin, ids):
+        y = twin(x)
+        assert close(y[0], fts["a"](x[:1])[0]) and close(y[1], fts["b"](x[1:2])[0]) and close(y[2], base(x[2:3])[0])
+    with torch.no_grad():
+        assert close(patched(x), base(x))  # the original's own selection (the base) is unaffected
+    xorgemm.remove_finetune(twin, "a")
+    assert twin.xorgemm.finetunes == ["b"] and patched.xorgemm.finetunes == ["a", "b"]

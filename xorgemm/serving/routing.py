@@ -14,6 +14,7 @@ threads or tasks each see their own fine-tune's tensors and the base's are back 
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 import torch
@@ -31,6 +32,17 @@ class RoutedForward:
         self.forward = module.forward  # the module's own forward, bound
         self.tensors: dict[str, str] = {}  # path inside the module ("weight", "out_proj.weight") -> model name
         self.lock = threading.RLock()
+
+    def __deepcopy__(self, memo):  # copy.deepcopy of a served model: the copy routes its own module, own lock
+        routed = RoutedForward.__new__(RoutedForward)
+        memo[id(self)] = routed
+        routed.module = copy.deepcopy(self.module, memo)
+        routed.st = copy.deepcopy(self.st, memo)
+        routed.module_name = self.module_name
+        routed.forward = copy.deepcopy(self.forward, memo)
+        routed.tensors = dict(self.tensors)
+        routed.lock = threading.RLock()
+        return routed
 
     @staticmethod
     def install(module: nn.Module, st: ServedModel, module_name: str) -> RoutedForward:
