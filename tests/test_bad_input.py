@@ -287,3 +287,14 @@ def test_tile_integers_beyond_int64_are_a_format_error(delta, pair):
     with pytest.raises(DeltaFormatError, match="tile shape") as e:
         xorgemm.load_delta(delta)
     assert str(delta) in str(e.value)
+
+
+def test_check_chunks_finds_a_corrupted_chunk_up_front(delta):
+    d = xorgemm.load_delta(delta)
+    d.check_chunks()  # a good file passes
+    raw = bytearray(delta.read_bytes())
+    raw[-10] ^= 0xFF  # inside the last chunk
+    delta.write_bytes(bytes(raw))
+    with pytest.raises(DeltaFormatError, match=r"chunk \d+ is corrupted") as e:
+        xorgemm.load_delta(delta).check_chunks()
+    assert str(delta) in str(e.value)

@@ -13,7 +13,7 @@ LAYERS = {
     "xorgemm.packing": 2, "xorgemm.resident": 2,
     "xorgemm.ops": 3,
     "xorgemm.nn": 4,
-    "xorgemm.serving": 5,
+    "xorgemm.serving": 5, "xorgemm.vllm": 5,
     "xorgemm.testing": 6, "xorgemm.cli": 6, "xorgemm.__main__": 6, "xorgemm": 6,
 }
 

