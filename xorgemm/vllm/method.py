@@ -33,7 +33,9 @@ class FinetuneBank:
     def __init__(self):
         self.st = ServedModel()
         self.linears: dict[str, XorLinear] = {}  # HF weight name -> the XorLinear serving it
-        self.model = None  # the vLLM model, once LoRA modules are made (patches.py)
+        self.model = None  # the vLLM model, its LoRA manager and their shared Punica wrapper, once vLLM has
+        self.manager = None  # made its LoRA modules (patches.py)
+        self.punica = None
         self.id_to_name: dict[int, str] = {}  # LoRA int id -> fine-tune name in st.finetunes
 
     def dense_reader(self, tname: str):
@@ -55,7 +57,11 @@ class FinetuneBank:
             if t.kind == "same":
                 continue
             if tname in self.linears:
-                t.check_base(self.linears[tname].base_weight)
+                layer = self.linears[tname]
+                if t.kind != "xor" or t.tile != layer.tile:
+                    why = f"stored whole ({t.reason})" if t.kind == "whole" else f"tiled {t.tile}, not {layer.tile}"
+                    raise InputError(f"{d.path}: tensor '{tname}': {why}; vLLM's layer cannot serve it per request")
+                t.check_base(layer.base_weight)
                 linear[tname] = t
                 continue
             module, attr = self.dense_reader(tname)
@@ -80,7 +86,7 @@ class FinetuneBank:
 
     def sampler_ids(self) -> torch.Tensor | None:
         """Per-request fine-tune ids for the rows the head computes logits for (vLLM's sampler indices)."""
-        pw = getattr(self, "punica", None)
+        pw = self.punica
         if pw is None or pw.indices_len[1] is None:
             return None
         return self.ids(pw.sampler_indices, self.manager.lora_index_to_id)

@@ -81,7 +81,7 @@ def apply_patches():
 
 def _select_step(module, args):
     """Before each model step: the per-token fine-tune ids from vLLM's LoRA slots become the selection."""
-    pw = getattr(BANK, "punica", None)
+    pw = BANK.punica
     if pw is None or pw.indices_len[0] is None:
         BANK.st.default = None
         return
