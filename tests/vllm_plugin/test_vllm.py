@@ -150,3 +150,19 @@ def test_an_unsupported_vllm_version_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.1.0")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.0, not 0\.1\.0"):
         xorgemm.vllm.engine_args()
+
+
+def test_lru_eviction_frees_a_finetune_and_it_comes_back(models, dense, served):
+    """vLLM's LRU (max_loras=2 slots, as many on the CPU) evicts the oldest fine-tune when a third arrives: its
+    resident deltas go, and a later request for it loads it again and is served exactly."""
+    from xorgemm.vllm.method import BANK
+
+    root, _ = models
+    greedy(served, [lora(root, "ft1", 1), lora(root, "ft2", 2)] * 2)
+    before = BANK.resident_bytes()
+    assert len(before) == 2 and all(n > 0 for n in before.values())
+    third = type(lora(root, "ft1", 3))("ft1-again", 3, str(root / "ft1.xor.safetensors"))
+    assert greedy(served, [third] * len(PROMPTS))[0] == dense["ft1"][0]
+    assert len(BANK.resident_bytes()) == 2, "the oldest fine-tune must have been evicted"
+    assert greedy(served, [lora(root, "ft1", 1)] * len(PROMPTS))[0] == dense["ft1"][0]
+    assert greedy(served, [lora(root, "ft2", 2)] * len(PROMPTS))[0] == dense["ft2"][0]

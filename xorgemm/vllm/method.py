@@ -9,6 +9,7 @@ per-token ids that patches.py derives from vLLM's LoRA slots.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -22,6 +23,8 @@ from xorgemm.format.reader import load_delta
 from xorgemm.nn import XorLinear
 from xorgemm.serving.routing import RoutedForward
 from xorgemm.serving.state import ServedModel
+
+logger = logging.getLogger(__name__)
 
 # vLLM's merged layers and the Hugging Face sub-layers they stack, in row order.
 MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -83,6 +86,31 @@ class FinetuneBank:
             if not isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):  # the head reads them itself
                 RoutedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
         self.st.finetunes.append(name)
+        logger.info("xorgemm: loaded fine-tune %s from %s: %s bytes resident", name, path,
+                    f"{self.resident_bytes()[name]:,}")
+
+    def remove(self, lora_id: int):
+        """Frees what fine-tune `lora_id` keeps resident (vLLM's LRU evicted it); the base is untouched."""
+        name = self.id_to_name.pop(lora_id, None)
+        if name is None or name not in self.st.finetunes:
+            return
+        for layer in self.linears.values():
+            layer.remove_finetune(name)
+        self.st.overrides.drop(name)
+        self.st.finetunes.remove(name)
+        logger.info("xorgemm: evicted fine-tune %s; %d resident, %s bytes", name, len(self.st.finetunes),
+                    f"{sum(self.resident_bytes().values()):,}")
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes each resident fine-tune keeps: delta sections, tile offsets and biases of every layer, and its
+        dense copies (norms, embeddings, head)."""
+        out = dict.fromkeys(self.st.finetunes, 0)
+        for layer in self.linears.values():
+            for name in layer.finetunes:
+                out[name] += layer.resident_bytes(name)
+        for name, n in self.st.overrides.bytes_per_finetune().items():
+            out[name] += n
+        return out
 
     def sampler_ids(self) -> torch.Tensor | None:
         """Per-request fine-tune ids for the rows the head computes logits for (vLLM's sampler indices)."""

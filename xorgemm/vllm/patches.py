@@ -10,7 +10,8 @@ per-request fine-tune needs. A fine-tune enters as an *empty* LoRA whose weights
      Punica wrapper, and set each step's per-token fine-tune ids before the model runs;
   4. BaseLinearLayerWithLoRA._apply_lora_to_output: our linear layers have no LoRA product to add;
   5. InputProcessor._validate_lora (front end): a request's delta is validated against the served base
-     before the request reaches the engine (admission.py says why).
+     before the request reaches the engine (admission.py says why);
+  6. in 3, the registered adapters' LRU cache: an adapter vLLM evicts or removes frees its resident deltas.
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def apply_patches():
         BANK.punica = next((m.punica_wrapper for m in self.modules.values()
                             if getattr(m, "punica_wrapper", None) is not None), None)
         self.model.register_forward_pre_hook(_select_step)
+        # 6. Every way an adapter leaves the registered set (LRU eviction, remove_adapter) goes through this
+        # cache's deactivate_fn: the fine-tune's resident deltas go with it.
+        registered, deactivate = self._registered_adapters, self._registered_adapters.deactivate_fn
+
+        def _evict(lora_id):
+            deactivate(lora_id)
+            BANK.remove(lora_id)
+
+        registered.deactivate_fn = _evict
 
     def _add_adapter(self, lora):  # 2
         if not lora.loras:
