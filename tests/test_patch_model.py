@@ -270,3 +270,11 @@ def test_a_served_model_deep_copies(tmp_path):
         assert close(patched(x), base(x))  # the original's own selection (the base) is unaffected
     xorgemm.remove_finetune(twin, "a")
     assert twin.xorgemm.finetunes == ["b"] and patched.xorgemm.finetunes == ["a", "b"]
+
+
+def test_routed_modules_refuse_ids_over_more_than_the_batch_dimension(tmp_path):
+    """A norm routed per row takes one id per batch row; per-token ids are a clear error, not a wrong answer."""
+    _, _, patched = _two_finetunes(tmp_path)
+    with torch.no_grad(), xorgemm.use(patched, torch.tensor([[0, 1], [1, 0]])):
+        with pytest.raises(xorgemm.InputError, match="one id per batch row"):
+            patched(torch.randn(2, 2, 96))
