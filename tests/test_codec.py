@@ -129,3 +129,39 @@ def test_tile_grid_is_the_native_view_of_a_tensor():
     assert g.table_bytes == 48 and g.tensor_bytes == 130 * 75 * 2  # 6 entries of 8 bytes, padded to 16
     assert C.TileGrid.of_shape([], 1, 4, 4).rows == 1 and C.TileGrid.of_shape([7], 1, 4096, 4).cols == 7
     assert g == grid_of((130, 3, 25), (64, 64), torch.bfloat16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grid_rows=st.integers(1, 5), grid_cols=st.integers(1, 5),
+       ragged=st.tuples(st.integers(0, 15), st.integers(0, 15)), dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(DELTA_KINDS), data=st.data())
+def test_a_block_on_tile_boundaries_is_the_section_of_that_block(grid_rows, grid_cols, ragged, dtype, kind, data):
+    """A tensor-parallel shard taken from the tiles as they are equals encoding the shard's own tensors."""
+    tile = (16, 16)
+    rows, cols = grid_rows * 16 - ragged[0], grid_cols * 16 - ragged[1]
+    base = torch.randn(rows, cols).to(dtype)
+    ft = perturb(base, kind, seed=3)
+    section, grid = encode(base, ft, tile)
+    r0, r1 = sorted(data.draw(st.lists(st.integers(0, grid_rows), min_size=2, max_size=2, unique=True)))
+    c0, c1 = sorted(data.draw(st.lists(st.integers(0, grid_cols), min_size=2, max_size=2, unique=True)))
+    rows_, cols_ = (r0 * 16, min(r1 * 16, rows)), (c0 * 16, min(c1 * 16, cols))
+    part, sub = C.slice_section(section, C.validate_section(section, grid), grid, *rows_, *cols_)
+    block = (slice(*rows_), slice(*cols_))
+    want, want_grid = encode(base[block].contiguous(), ft[block].contiguous(), tile)
+    assert sub == want_grid
+    assert torch.equal(part, want)
+
+
+def test_a_block_off_tile_boundaries_is_refused():
+    base = torch.randn(100, 70)
+    section, grid = encode(base, perturb(base, "dense", seed=1))
+    offsets = C.validate_section(section, grid)
+    with pytest.raises(C.FormatError, match="row 32 is not on a 64-wide tile boundary"):
+        C.slice_section(section, offsets, grid, 0, 32, 0, 70)
+    with pytest.raises(C.FormatError, match="column 10 is not on a 64-wide"):
+        C.slice_section(section, offsets, grid, 0, 100, 10, 70)
+    with pytest.raises(C.FormatError, match="not inside"):
+        C.slice_section(section, offsets, grid, 64, 64, 0, 70)
+    part, sub = C.slice_section(section, offsets, grid, 64, 100, 64, 70)  # the ragged corner tile
+    assert (sub.rows, sub.cols, sub.num_tiles) == (36, 6, 1)
+    C.validate_section(part, sub)

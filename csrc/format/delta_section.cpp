@@ -102,6 +102,36 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
   return offsets;
 }
 
+static void check_tile_edge(uint64_t at, uint64_t tile, uint64_t edge, const char* what, bool is_end) {
+  if (at % tile != 0 && !(is_end && at == edge))
+    throw FormatError(std::string(what) + " " + std::to_string(at) + " is not on a " + std::to_string(tile) +
+                      "-wide tile boundary" + (is_end ? " or the tensor's edge (" + std::to_string(edge) + ")" : ""));
+}
+
+std::vector<uint8_t> slice_section(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t row0,
+                                   uint64_t row1, uint64_t col0, uint64_t col1, TileGrid* sub) {
+  g.check();
+  if (!(row0 < row1 && row1 <= g.rows && col0 < col1 && col1 <= g.cols))
+    throw FormatError("block rows [" + std::to_string(row0) + ", " + std::to_string(row1) + ") x columns [" +
+                      std::to_string(col0) + ", " + std::to_string(col1) + ") is not inside the " +
+                      std::to_string(g.rows) + " x " + std::to_string(g.cols) + " tensor");
+  check_tile_edge(row0, g.tile_rows, g.rows, "row", false);
+  check_tile_edge(row1, g.tile_rows, g.rows, "row", true);
+  check_tile_edge(col0, g.tile_cols, g.cols, "column", false);
+  check_tile_edge(col1, g.tile_cols, g.cols, "column", true);
+  *sub = TileGrid::make(row1 - row0, col1 - col0, g.tile_rows, g.tile_cols, g.elem_bytes);
+  const uint64_t gr0 = row0 / g.tile_rows, gc0 = col0 / g.tile_cols;
+  std::vector<uint8_t> out(sub->table_bytes(), 0);
+  for (uint64_t t = 0; t < sub->num_tiles(); ++t) {
+    const uint64_t src = (gr0 + t / sub->grid_cols()) * g.grid_cols() + gc0 + t % sub->grid_cols();
+    const TileEntry e = codec::load_entry(section, src);
+    const uint64_t size = codec::tile_payload_bytes(e, g.tile_height(src) * g.tile_width(src), g.elem_bytes);
+    memcpy(out.data() + t * sizeof(TileEntry), section + src * sizeof(TileEntry), sizeof(TileEntry));
+    out.insert(out.end(), section + offsets[src], section + offsets[src] + size);
+  }
+  return out;
+}
+
 void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* offsets, const TileGrid& g) {
   g.check();
   const uint64_t header = g.table_bytes();

@@ -47,6 +47,13 @@ void apply_section_block(const uint8_t* section, const uint64_t* offsets, const 
 // positions; decoders skip out-of-tile positions, so this is enough for safety, not for correctness.
 void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* offsets, const TileGrid& g);
 
+// The section of the block rows [row0, row1) x columns [col0, col1) of a validated section's tensor (2-D
+// view), made of its tiles as they are, no decoding: a tensor-parallel rank's shard. The block must lie on
+// tile boundaries (a start a multiple of the tile, an end a multiple of it or the tensor's edge), so every
+// tile keeps its shape; anything else throws FormatError. `sub` receives the block's grid.
+std::vector<uint8_t> slice_section(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t row0,
+                                   uint64_t row1, uint64_t col0, uint64_t col1, TileGrid* sub);
+
 // Per-codec tile counts of a validated section: counts[codec].
 void codec_counts(const uint8_t* section, const TileGrid& g, uint64_t counts[codec::kNumCodecs]);
 

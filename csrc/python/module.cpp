@@ -71,6 +71,23 @@ torch::Tensor tile_table(const torch::Tensor& section, const TileGrid& g) {
   return out;
 }
 
+// The shard of a validated section on tile boundaries: (section, its grid).
+std::pair<torch::Tensor, TileGrid> slice_section(const torch::Tensor& section, const torch::Tensor& offsets,
+                                                 const TileGrid& g, uint64_t row0, uint64_t row1, uint64_t col0,
+                                                 uint64_t col1) {
+  const uint8_t* s = bytes_of(section, "section");
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous() &&
+                  (uint64_t)offsets.numel() == g.num_tiles(),
+              "offsets must be the section's int64 tile payload offsets");
+  const uint64_t* o = reinterpret_cast<const uint64_t*>(offsets.data_ptr<int64_t>());
+  xorgemm::format::check_section_bounds(s, (uint64_t)section.numel(), o, g);
+  TileGrid sub{};
+  std::vector<uint8_t> part = xorgemm::format::slice_section(s, o, g, row0, row1, col0, col1, &sub);
+  auto out = torch::empty({(int64_t)part.size()}, torch::kUInt8);
+  memcpy(out.data_ptr<uint8_t>(), part.data(), part.size());
+  return {out, sub};
+}
+
 std::vector<int64_t> codec_counts(const torch::Tensor& section, const TileGrid& g) {
   const uint8_t* s = bytes_of(section, "section");
   TORCH_CHECK((uint64_t)section.numel() >= g.table_bytes(), "section is shorter than its tile table");
@@ -130,5 +147,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("table"), py::arg("section_len"), py::arg("grid"));
   m.def("tile_table", &tile_table, "A section's tile table as int64 [n_tiles, 3]: n_exc, codec, low_bytes",
         py::arg("section"), py::arg("grid"));
+  m.def("slice_section", &slice_section,
+        "The block rows [row0, row1) x columns [col0, col1) of a section, on tile boundaries: (section, grid)",
+        py::arg("section"), py::arg("offsets"), py::arg("grid"), py::arg("row0"), py::arg("row1"), py::arg("col0"),
+        py::arg("col1"));
   m.def("codec_counts", &codec_counts, "Tiles per codec in a validated section", py::arg("section"), py::arg("grid"));
 }

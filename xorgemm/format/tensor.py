@@ -68,6 +68,18 @@ class DeltaTensor:
                 raise DeltaFormatError(f"{self.where()}: malformed delta section: {e}") from None
         return sec, self._offsets
 
+    def block_section(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The section (and its tile offsets) of the block rows [rows) x columns [cols) of this tensor's 2-D
+        view, made of its tiles as they are: a tensor-parallel rank's shard. The block must lie on tile
+        boundaries (its end may be the tensor's edge); otherwise InputError."""
+        sec, offsets = self.section()
+        try:
+            part, grid = C.slice_section(sec, offsets, self.grid, rows[0], rows[1], cols[0], cols[1])
+        except C.FormatError as e:
+            raise InputError(f"{self.where()}: cannot take rows [{rows[0]}, {rows[1]}) x columns [{cols[0]}, "
+                             f"{cols[1]}) of {list(self.shape)} tiled {self.tile}: {e}") from None
+        return part, C.validate_section(part, grid)
+
     def tile_table(self) -> torch.Tensor:
         """Per tile (int64 [n_tiles, 3]): its number of exceptions, codec id (CODEC_NAMES) and low bytes."""
         sec, _ = self.section()
