@@ -37,19 +37,19 @@ void for_each_patched_block(const at::Tensor& base, const format::TileGrid& g, i
   }
 }
 
-// out += the bias of each row: [N] for all, or [n_finetunes + 1, N] picked by row_finetune + 1 (row 0 for
-// base rows; without ids every row uses the one fine-tune, row n_finetunes).
-inline void add_bias(at::Tensor& out, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& row_finetune, int64_t n_finetunes) {
-  if (!bias.has_value()) return;
-  if (bias->dim() == 1) {
-    out.add_(*bias);
-    return;
-  }
-  const at::Tensor ids = row_finetune.has_value()
-                             ? row_finetune->reshape({-1}) + 1
-                             : at::full({out.size(0)}, n_finetunes, out.options().dtype(at::kLong));
-  out.add_(bias->index_select(0, ids));
+// The bias of fine-tune f's rows (f = -1: the base rows): [N] for all, or row f + 1 of [n_finetunes + 1, N]
+// (without ids every row uses the one fine-tune, f = n_finetunes - 1, row n_finetunes). Undefined: none.
+inline at::Tensor bias_of(const std::optional<at::Tensor>& bias, int64_t f) {
+  if (!bias.has_value()) return at::Tensor();
+  return bias->dim() == 1 ? *bias : bias->select(0, f + 1);
+}
+
+// out = x w^T (+ bias, added inside the GEMM before its one rounding, as F.linear does).
+inline void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  if (bias.defined())
+    at::addmm_out(out, bias, x, w.t());
+  else
+    at::mm_out(out, x, w.t());
 }
 
 // Calls fn(f, rows, a_rows) for each group of rows of p.a2: f = -1 for the base rows, else the fine-tune;
@@ -72,21 +72,21 @@ at::Tensor patched_blocks_forward(const LinearProblem& p, const at::Tensor& base
   const int64_t m = p.a2.size(0), n = base.size(0);
   at::Tensor out = at::empty({m, n}, p.a2.options());
   for_each_group(p, n_finetunes, row_finetune, [&](int64_t f, const at::Tensor& rows, const at::Tensor& xg) {
-    if (f < 0) {  // base rows: the base weight as it is
-      out.index_copy_(0, rows, at::mm(xg, base.t()));
-      return;
-    }
-    // Each block's GEMM writes its columns of y in place (a column slice is a BLAS matrix with ld = N).
     const bool all = xg.size(0) == m;
     at::Tensor yg = all ? out : at::empty({xg.size(0), n}, p.a2.options());
-    for_each_patched_block(base, p.grid, grid_rows_per_block, f, patch,
-                           [&](int64_t r0, int64_t h, const at::Tensor& block) {
-                             at::Tensor yb = yg.narrow(1, r0, h);
-                             at::mm_out(yb, xg, block.t());
-                           });
+    const at::Tensor b = bias_of(bias, f);
+    if (f < 0) {  // base rows: the base weight as it is
+      linear_out(yg, xg, base, b);
+    } else {
+      // Each block's GEMM writes its columns of y in place (a column slice is a BLAS matrix with ld = N).
+      for_each_patched_block(base, p.grid, grid_rows_per_block, f, patch,
+                             [&](int64_t r0, int64_t h, const at::Tensor& block) {
+                               at::Tensor yb = yg.narrow(1, r0, h);
+                               linear_out(yb, xg, block, b.defined() ? b.narrow(0, r0, h) : b);
+                             });
+    }
     if (!all) out.index_copy_(0, rows, yg);
   });
-  add_bias(out, bias, row_finetune, n_finetunes);
   return out;
 }
 

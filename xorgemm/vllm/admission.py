@@ -2,8 +2,9 @@
 
 A delta that fails to load inside vLLM's worker fails the step it was scheduled in, and with it the engine
 (in-process, the next `generate` never returns). So every `.xor.safetensors` a request names is opened,
-validated and matched against the served base here first: a missing, corrupted or wrong-base file is a
-clear error for that request alone. A file is checked once per (path, size, mtime); the base tensors'
+validated and matched against the served base here first: a missing, corrupted or wrong-base file, or a
+tensor the plugin cannot serve per request (stored whole, tiled other than 64x64), is a clear error for that
+request alone. A file is checked once per (path, size, mtime); the base tensors'
 digests once per process.
 """
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import os
 import threading
 
-from xorgemm.errors import BaseMismatchError
+from xorgemm.errors import BaseMismatchError, InputError
 from xorgemm.format.hashes import digest
+from xorgemm.format.layout import DEFAULT_TILE
 from xorgemm.format.reader import load_delta
 from xorgemm.packing.sources import open_source
 
@@ -35,12 +37,16 @@ def check_request(model_dir: str, path: str):
         with load_delta(path) as d:
             d.check_chunks()  # the worker reads chunks lazily; a corrupted one must not first show up there
             for t in d.tensors.values():
+                if t.kind == "whole":  # new in the fine-tune or reshaped: no base to serve it from
+                    raise InputError(f"{t.where()}: stored whole ({t.reason}); the vLLM plugin serves deltas "
+                                     "of the served model's tensors only")
                 if t.kind == "xor":
+                    if len(t.shape) >= 2 and t.tile != DEFAULT_TILE:  # the layers' tile; shards cut on it
+                        raise InputError(f"{t.where()}: tiled {t.tile[0]}x{t.tile[1]}; the vLLM plugin serves "
+                                         f"{DEFAULT_TILE[0]}x{DEFAULT_TILE[1]} tiles (xorgemm pack's default)")
                     t.section()  # every tile entry and payload offset valid
             base = open_source(model_dir, "base")
             for name, t in d.tensors.items():
-                if t.kind == "whole":
-                    continue
                 if name not in base:
                     raise BaseMismatchError(f"{d.path}: tensor '{name}': the served model {model_dir} has no such "
                                             "tensor; this delta was made for another model")

@@ -6,21 +6,36 @@ slice of the merged base weight, sharing its storage) go through XorLinearMethod
 XorLMHeadMethod (one row per request, by vLLM's sampler indices); norms and embeddings through routed
 forwards (xorgemm.serving.routing) over dense per-fine-tune copies. The selection in force during a step is
 per-token ids that patches.py derives from vLLM's LoRA slots.
+
+Tensor parallel: each rank's XorLinear serves its block of the Hugging Face weight (rows for column-parallel
+layers, columns for row-parallel ones), and gets that block of each delta cut from the tiles as they are
+(DeltaTensor.block_section): shard boundaries must fall on 64-wide tiles, checked when the engine starts.
+Vocabulary-parallel embeddings and head get their shard of each dense copy through vLLM's own weight
+loader. The base hashes are checked against the whole tensors in the front end (admission.py).
 """
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
-from xorgemm.errors import InputError
+from xorgemm.errors import BaseMismatchError, InputError
+from xorgemm.format.layout import DEFAULT_TILE
 from xorgemm.format.reader import load_delta
 from xorgemm.nn import XorLinear
+from xorgemm.resident import resident_section
 from xorgemm.serving.routing import RoutedForward
 from xorgemm.serving.state import ServedModel
 
@@ -30,16 +45,28 @@ logger = logging.getLogger(__name__)
 MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+@dataclass
+class LinearShard:
+    """Where a Hugging Face Linear weight is served on this rank."""
+
+    xl: XorLinear  # over this rank's block of the weight (a view of vLLM's merged local weight)
+    block: tuple[tuple[int, int], tuple[int, int]]  # that block's rows and columns in the whole HF weight
+    full: bool  # the block is the whole weight (no tensor parallel split)
+    bias: str | None  # the layer's bias: added "here" by the XorLinear, on "another rank" (row-parallel), or
+    # "outside" the layer by the model (skip_bias_add); None: the layer has none
+
+
 class FinetuneBank:
     """This worker's fine-tunes: the served-model state the layers read, and where each tensor is served."""
 
     def __init__(self):
         self.st = ServedModel()
-        self.linears: dict[str, XorLinear] = {}  # HF weight name -> the XorLinear serving it
+        self.linears: dict[str, LinearShard] = {}  # HF weight name -> where it is served
         self.model = None  # the vLLM model, its LoRA manager and their shared Punica wrapper, once vLLM has
         self.manager = None  # made its LoRA modules (patches.py)
         self.punica = None
         self.id_to_name: dict[int, str] = {}  # LoRA int id -> fine-tune name in st.finetunes
+        self._lut, self._lut_key = None, None  # LoRA slot -> fine-tune index, on the slots' device
 
     def dense_reader(self, tname: str):
         """(module, path) of the module that reads HF tensor `tname`, for tensors no XorLinear serves."""
@@ -55,47 +82,71 @@ class FinetuneBank:
         """Loads fine-tune `name` from a .xor.safetensors delta and makes it resident beside the base. Every
         tensor is checked (served here, made from this base) before anything changes."""
         d = load_delta(path)
-        linear, dense = {}, {}
+        linear, biases, dense = {}, {}, {}
         for tname, t in d.tensors.items():
             if t.kind == "same":
                 continue
+            if t.kind == "whole":  # admission.py refuses these first; the worker holds the same line
+                raise InputError(f"{d.path}: tensor '{tname}': stored whole ({t.reason}); this vLLM model "
+                                 "cannot serve it per request")
             if tname in self.linears:
-                layer = self.linears[tname]
-                if t.kind != "xor" or t.tile != layer.tile:
-                    why = f"stored whole ({t.reason})" if t.kind == "whole" else f"tiled {t.tile}, not {layer.tile}"
-                    raise InputError(f"{d.path}: tensor '{tname}': {why}; vLLM's layer cannot serve it per request")
-                t.check_base(layer.base_weight)
-                linear[tname] = t
+                linear[tname] = self._linear_delta(t, self.linears[tname])
+                continue
+            weight = tname.removesuffix(".bias") + ".weight"
+            if tname.endswith(".bias") and weight in self.linears:
+                shard = self.linears[weight]
+                if shard.bias == "outside":
+                    raise InputError(f"{d.path}: tensor '{tname}': vLLM adds this layer's bias outside it; a "
+                                     "fine-tuned bias cannot be served per request here")
+                if shard.bias == "here":  # else a row-parallel layer's bias, which rank 0 serves
+                    biases[weight] = _local_copy(t, shard.xl.bias, shard.block[0])
                 continue
             module, attr = self.dense_reader(tname)
             base = getattr(module, attr, None) if module is not None else None
             served_here = isinstance(base, torch.Tensor) and (
                 isinstance(getattr(module, "quant_method", None), XorLMHeadMethod) or _row_wise(module))
-            if t.kind == "whole" or not served_here:
-                why = f"stored whole ({t.reason})" if t.kind == "whole" else "not a tensor xorgemm serves per row here"
-                raise InputError(f"{d.path}: tensor '{tname}': {why}; this vLLM model cannot serve it per request")
-            t.check_base(base.detach().cpu())
-            dense[tname] = (t, module, attr, base)
-        for tname, layer in self.linears.items():  # every layer gets the fine-tune: unchanged ones an empty delta
-            if tname in linear:
-                layer.add_finetune_from_file(name, linear[tname], check_base=False)
+            if not served_here:
+                raise InputError(f"{d.path}: tensor '{tname}': not a tensor xorgemm serves per row here; this "
+                                 "vLLM model cannot serve it per request")
+            dense[tname] = (_local_copy(t, base, loader=getattr(base, "weight_loader", None)), module, attr)
+        for tname, shard in self.linears.items():  # every layer gets the fine-tune: unchanged ones an empty delta
+            section, bias = linear.get(tname), biases.get(tname)
+            if section is None:
+                shard.xl.add_unchanged(name, bias)
             else:
-                layer.add_unchanged(name)
-        for tname, (t, module, attr, base) in dense.items():
-            self.st.overrides.add(tname, name, t.apply(base.detach().cpu(), verify=False).to(base.device))
-            if not isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):  # the head reads them itself
+                shard.xl.add_finetune_section(name, section, bias)
+        for tname, (value, module, attr) in dense.items():
+            self.st.overrides.add(tname, name, value)
+            if isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):
+                module._xorgemm_head = tname  # the head reads its copies itself
+            else:
                 RoutedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
         self.st.finetunes.append(name)
         logger.info("xorgemm: loaded fine-tune %s from %s: %s bytes resident", name, path,
                     f"{self.resident_bytes()[name]:,}")
+
+    @staticmethod
+    def _linear_delta(t, shard: LinearShard):
+        """The delta section that serves `t` on this rank: its whole section made resident beside the weight
+        (its base checked; on a GPU decompressed there), else the section of this rank's block of it, cut
+        on tile boundaries."""
+        if t.tile != shard.xl.tile:  # admission.py refuses these first
+            raise InputError(f"{t.where()}: tiled {t.tile}, not {shard.xl.tile}; vLLM's layer cannot serve it")
+        if shard.full:
+            t.check_base(shard.xl.base_weight)
+            return resident_section(t, shard.xl.base_weight.device)[0]
+        if t.dtype != shard.xl.base_weight.dtype:
+            raise BaseMismatchError(f"{t.where()}: the delta is {t.dtype}, the served weight "
+                                    f"{shard.xl.base_weight.dtype}")
+        return t.block_section(*shard.block)[0]
 
     def remove(self, lora_id: int):
         """Frees what fine-tune `lora_id` keeps resident (vLLM's LRU evicted it); the base is untouched."""
         name = self.id_to_name.pop(lora_id, None)
         if name is None or name not in self.st.finetunes:
             return
-        for layer in self.linears.values():
-            layer.remove_finetune(name)
+        for shard in self.linears.values():
+            shard.xl.remove_finetune(name)
         self.st.overrides.drop(name)
         self.st.finetunes.remove(name)
         logger.info("xorgemm: evicted fine-tune %s; %d resident, %s bytes", name, len(self.st.finetunes),
@@ -105,9 +156,9 @@ class FinetuneBank:
         """Bytes each resident fine-tune keeps: delta sections, tile offsets and biases of every layer, and its
         dense copies (norms, embeddings, head)."""
         out = dict.fromkeys(self.st.finetunes, 0)
-        for layer in self.linears.values():
-            for name in layer.finetunes:
-                out[name] += layer.resident_bytes(name)
+        for shard in self.linears.values():
+            for name in shard.xl.finetunes:
+                out[name] += shard.xl.resident_bytes(name)
         for name, n in self.st.overrides.bytes_per_finetune().items():
             out[name] += n
         return out
@@ -120,12 +171,51 @@ class FinetuneBank:
         return self.ids(pw.sampler_indices, self.manager.lora_index_to_id)
 
     def ids(self, slots: torch.Tensor, slot_to_id) -> torch.Tensor:
-        """Per-row fine-tune ids (indices into st.finetunes, -1 the base) from vLLM's per-row LoRA slots."""
-        lut = [self.st.finetunes.index(self.id_to_name[i]) if i in self.id_to_name else -1 for i in slot_to_id]
-        return torch.tensor(lut + [-1], dtype=torch.long)[slots.cpu().long()]
+        """Per-row fine-tune ids (indices into st.finetunes, -1 the base) from vLLM's per-row LoRA slots (-1
+        none), on the slots' device: a lookup table made when the adapters change, gathered without a host
+        sync."""
+        key = (tuple(slot_to_id), tuple(self.st.finetunes), dict(self.id_to_name), slots.device)
+        if key != self._lut_key:
+            lut = [self.st.finetunes.index(self.id_to_name[i]) if i in self.id_to_name else -1 for i in slot_to_id]
+            self._lut = torch.tensor(lut + [-1], dtype=torch.long, device=slots.device)  # slot -1: the last entry
+            self._lut_key = key
+        return self._lut[slots.long()]
 
 
 BANK = FinetuneBank()
+
+
+def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a XOR b, bit for bit, as a's dtype."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return (a.view(as_int) ^ b.to(a.device).view(as_int)).view(a.dtype)
+
+
+def _local_copy(t, base: torch.Tensor, rows: tuple[int, int] | None = None, loader=None) -> torch.Tensor:
+    """This rank's fine-tuned copy of tensor `t`, whose local base is `base`: `t` applied to it when it is the
+    whole tensor (its base hash checked), else base XOR this rank's part of the delta: rows `rows` of it, or
+    what vLLM's weight `loader` puts on this rank (vocabulary shards, their padding left unchanged)."""
+    attrs = {k: v for k, v in vars(base).items() if k != "weight_loader"}  # vLLM's sharding facts (output_dim...)
+    base = base.detach()
+    if tuple(base.shape) == t.shape:
+        t.check_base(base.cpu())
+        return t.apply(base.cpu(), verify=False).to(base.device)
+    if base.dtype != t.dtype:
+        raise BaseMismatchError(f"{t.where()}: the delta is {t.dtype}, the served tensor {base.dtype}")
+    xor = t.xor_bytes().view(t.dtype).reshape(t.shape)
+    if rows is not None:
+        part = xor[rows[0]:rows[1]]
+    elif loader is not None:
+        param = torch.nn.Parameter(torch.zeros_like(base, device="cpu"), requires_grad=False)
+        param.__dict__.update(attrs)
+        loader(param, xor)
+        part = param.data
+    else:
+        part = None
+    if part is None or tuple(part.shape) != tuple(base.shape):
+        raise BaseMismatchError(f"{t.where()}: the delta is {list(t.shape)}, this rank serves "
+                                f"{list(base.shape)} of it and cannot tell which part")
+    return _xor(base, part)
 
 
 def _row_wise(module) -> bool:
@@ -176,41 +266,72 @@ class XorLinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer):
         # Not the inherited one: on the CPU it repacks the weight for oneDNN and drops `layer.weight`.
-        from vllm.distributed import get_tensor_model_parallel_world_size
-
-        if get_tensor_model_parallel_world_size() > 1:  # deltas would need slicing on tile boundaries per rank
-            raise NotImplementedError("xorgemm's vLLM plugin serves tensor_parallel_size=1 only for now")
         parent, _, leaf = layer.prefix.rpartition(".")
-        w, row = layer.weight.data, 0
+        w = layer.weight.data
+        # The bias is added where this layer's forward passes it to apply(): not on the ranks > 0 of a
+        # row-parallel layer (after the all-reduce it would count tp_size times), nor with skip_bias_add.
+        bias = None
+        if layer.bias is not None:
+            bias = "here"
+            if getattr(layer, "skip_bias_add", False):
+                bias = "outside"
+            elif isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) > 0:
+                bias = "another rank"
         layer._xorgemm_subs = []
-        for sub, rows in zip(MERGED.get(leaf, (leaf,)), layer._xorgemm_parts):
-            xl = XorLinear(w[row:row + rows])  # a row slice: the base storage is shared, never copied
-            xl.active = BANK.st.current
-            row += rows
-            BANK.linears[f"{parent}.{sub}.weight"] = xl
+        for sub, (rows, block, full) in zip(MERGED.get(leaf, (leaf,)), _blocks(layer)):
+            name = f"{parent}.{sub}.weight"
+            for axis, what in enumerate(("rows", "columns")):
+                for edge in block[axis]:
+                    if edge % DEFAULT_TILE[axis] and edge != full[axis]:
+                        raise InputError(
+                            f"xorgemm: tensor parallel size {getattr(layer, 'tp_size', 1)} splits '{name}' at "
+                            f"{what} {edge} of {full[axis]}, not on a {DEFAULT_TILE[axis]}-wide tile boundary; "
+                            "serve this model with a tensor parallel size that splits it on tiles")
+            xl = XorLinear(w[rows[0]:rows[1]], layer.bias.data[rows[0]:rows[1]] if bias == "here" else None)
+            xl.active = BANK.st.current  # a row slice: the base storage is shared, never copied
+            BANK.linears[name] = LinearShard(xl, block, block == ((0, full[0]), (0, full[1])), bias)
             layer._xorgemm_subs.append(xl)
 
     def apply(self, layer, x, bias=None):
+        # The bias, where vLLM passes one, is the XorLinears' own (each fine-tune's, per row).
         outs = [xl(x) for xl in layer._xorgemm_subs]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        return y if bias is None else y + bias
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _blocks(layer):
+    """Per Hugging Face sub-layer of a vLLM linear layer, in row order: its rows in the layer's local
+    (merged) weight, this rank's block of the sub-layer's whole weight as ((row0, row1), (col0, col1)), and
+    that whole weight's (rows, cols)."""
+    rank, size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+    cols = layer.weight.shape[1]
+    col0, full_cols = (rank * cols, cols * size) if isinstance(layer, RowParallelLinear) else (0, cols)
+    out, row = [], 0
+    for i, part in enumerate(layer._xorgemm_parts):
+        shard, shards = 0, 1
+        if isinstance(layer, ColumnParallelLinear):
+            shard, shards = rank, size
+            if isinstance(layer, QKVParallelLinear) and i > 0:  # k and v: heads replicated over ranks
+                shard, shards = rank // layer.num_kv_head_replicas, size // layer.num_kv_head_replicas
+        block = ((shard * part, (shard + 1) * part), (col0, col0 + cols))
+        out.append(((row, row + part), block, (part * shards, full_cols)))
+        row += part
+    return out
 
 
 class XorLMHeadMethod(UnquantizedEmbeddingMethod):
     """The output head, one row per request: each request's fine-tune's head where it changed it."""
 
     def apply(self, layer, x, bias=None):
-        sampler = BANK.sampler_ids()
         out = F.linear(x, layer.weight, bias)
-        if sampler is None or not BANK.st.overrides.tuned.get("lm_head.weight"):
+        heads = BANK.st.overrides.tuned.get(getattr(layer, "_xorgemm_head", None))
+        sampler = BANK.sampler_ids() if heads else None
+        if sampler is None:
             return out
-        for f in sampler.unique().tolist():
-            if f < 0:
-                continue
-            w = BANK.st.overrides.value("lm_head.weight", BANK.st.finetunes[f])
-            if w is not None:
-                rows = (sampler == f).nonzero().reshape(-1)
-                out[rows] = F.linear(x[rows], w, bias)
+        # Every row through each tuned head, kept where the row asks for it: no host sync on the ids (a
+        # decode step reads each head once either way).
+        for name, w in heads.items():
+            mine = (sampler == BANK.st.finetunes.index(name)).unsqueeze(-1)
+            out = torch.where(mine, F.linear(x, w, bias), out)
         return out
 
 
