@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one script a lent GPU machine runs (see "GPU runs" in README.md): it builds the extensions there,
 # runs the CUDA tests, compute-sanitizer memcheck on small cases, and the GPU benchmarks, and writes under
-# $OUT at most 8 files: device_check.log (every step's output), build.log, and the benchmarks' results
-# (gemm_cuda.{json,md}, gemm_multi_cuda.{json,md}), which are what bench/results/ receives. Meant to finish
-# inside 8 minutes.
+# $OUT at most 10 files: device_check.log (every step's output), build.log, and the benchmarks' results
+# (gemm_cuda.{json,md}, gemm_multi_cuda.{json,md}, serve_cuda.{json,md} where vLLM is installed), which are
+# what bench/results/ receives. Meant to finish inside 8 minutes.
 #
 #   bench/fetch_device_wheels.sh        # here, once: wheels the device lacks (zstandard, nvCOMP), into .whl/
 #   run (carry .whl): bash bench/device_check.sh
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 status=0
 step() { echo "== $* ($(date +%T))" | tee -a "$LOGS/steps.log"; }
 collect() {  # one log file back, whatever happened
-  for f in steps env pytest memcheck bench bench_multi; do
+  for f in steps env pytest memcheck bench bench_multi serve; do
     [ -f "$LOGS/$f.log" ] && { echo "######## $f.log"; cat "$LOGS/$f.log"; }
   done > "$OUT/device_check.log" 2>&1
 }
@@ -64,6 +64,15 @@ step "benchmark: many fine-tunes per batch"
 python3 bench/gemm_multi.py --device cuda --shapes 4096x4096 14336x4096 --d 16 --dists distinct zipf skewed \
   --kinds small seed --model --out "$OUT/gemm_multi_cuda" > "$LOGS/bench_multi.log" 2>&1 || status=1
 tail -n 30 "$LOGS/bench_multi.log"
+
+step "benchmark: serving through vLLM"
+if python3 -c "import vllm" > /dev/null 2>&1; then
+  python3 bench/serve.py --device cuda --hidden 2048 --inter 5632 --layers 4 --vocab 16384 --requests 64 \
+    --out "$OUT/serve_cuda" > "$LOGS/serve.log" 2>&1 || status=1
+  tail -n 12 "$LOGS/serve.log"
+else  # the device image has no vLLM and no index to install it from; its wheel is more than a run carries
+  echo "skipped: vLLM is not installed on this machine" | tee "$LOGS/serve.log"
+fi
 
 step "done (status $status)"
 exit $status

@@ -11,6 +11,11 @@ force is that group's fine-tune, so modules nested inside (XorLinear, other rout
 
 Tensors are put in place for one call at a time under the module's lock, so concurrent requests in
 threads or tasks each see their own fine-tune's tensors and the base's are back after every call.
+
+SelectedForward routes the same modules without reading the ids on the host, for engines that capture
+their steps in CUDA graphs: the module runs on every row once for the base and once per fine-tune that
+changed one of its tensors, and each row keeps its own fine-tune's result. Fixed shapes and no sync, at the
+price of those extra passes, which for norms and embedding lookups are small.
 """
 from __future__ import annotations
 
@@ -100,6 +105,52 @@ class RoutedForward:
             finally:
                 for path, value in saved.items():
                     _put(self.module, path, value)
+
+
+class SelectedForward(RoutedForward):
+    """A routed forward that never reads per-row ids on the host (see the module docstring)."""
+
+    @staticmethod
+    def install(module: nn.Module, st: ServedModel, module_name: str) -> SelectedForward:
+        routed = module.__dict__.get("forward")
+        if not isinstance(routed, SelectedForward):
+            routed = SelectedForward(module, st, module_name)
+            module.forward = routed
+        return routed
+
+    def __call__(self, *args, **kwargs):
+        ids = self.st.current()
+        if not isinstance(ids, torch.Tensor):
+            return self._run(ids, args, kwargs)
+        tuned = [(i, f) for i, f in enumerate(self.st.finetunes)
+                 if any(self.st.overrides.value(name, f) is not None for name in self.tensors.values())]
+        if not tuned:
+            return self._run(None, args, kwargs)
+        ids = ids.reshape(-1)
+        # Every pass on copies: the module may work in place on its inputs (vLLM's fused residual norms do).
+        out = self._run(None, *_copies(args, kwargs))
+        for i, f in tuned:
+            out = _select(ids == i, self._run(f, *_copies(args, kwargs)), out, self.module_name)
+        return out
+
+
+def _copies(args, kwargs):
+    copy_ = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return [copy_(a) for a in args], {k: copy_(v) for k, v in kwargs.items()}
+
+
+def _select(mine: torch.Tensor, part, out, where: str):
+    """`part`'s rows where `mine`, else `out`'s, through tuples and lists of outputs."""
+    if isinstance(part, torch.Tensor):
+        if part.dim() == 0 or part.shape[0] != mine.shape[0]:
+            raise InputError(f"{where or 'the model'}: an output without the batch's rows first cannot be routed "
+                             "per row")
+        return torch.where(mine.to(part.device).reshape(-1, *[1] * (part.dim() - 1)), part, out)
+    if isinstance(part, (tuple, list)):
+        return type(part)(_select(mine, p, o, where) if isinstance(p, torch.Tensor) else p for p, o in zip(part, out))
+    if part is None:
+        return None
+    raise InputError(f"{where or 'the model'}: a {type(part).__name__} output cannot be routed per row")
 
 
 def _put(module: nn.Module, path: str, value):

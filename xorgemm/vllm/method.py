@@ -3,9 +3,10 @@ fine-tune deltas, and the worker-side bank of fine-tunes they read.
 
 Linear layers (merged q/k/v and gate/up included: one XorLinear per Hugging Face sub-layer, each on a row
 slice of the merged base weight, sharing its storage) go through XorLinearMethod; the head through
-XorLMHeadMethod (one row per request, by vLLM's sampler indices); norms and embeddings through routed
-forwards (xorgemm.serving.routing) over dense per-fine-tune copies. The selection in force during a step is
-per-token ids that patches.py derives from vLLM's LoRA slots.
+XorLMHeadMethod (one row per request, by vLLM's sampler indices); norms and embeddings through selected
+forwards (xorgemm.serving.routing.SelectedForward) over dense per-fine-tune copies. The selection in force
+during a step is per-token ids that patches.py derives from vLLM's LoRA slots, on the device: nothing in a
+step reads them on the host.
 
 Tensor parallel: each rank's XorLinear serves its block of the Hugging Face weight (rows for column-parallel
 layers, columns for row-parallel ones), and gets that block of each delta cut from the tiles as they are
@@ -36,7 +37,7 @@ from xorgemm.format.layout import DEFAULT_TILE
 from xorgemm.format.reader import load_delta
 from xorgemm.nn import XorLinear
 from xorgemm.resident import resident_section
-from xorgemm.serving.routing import RoutedForward
+from xorgemm.serving.routing import SelectedForward
 from xorgemm.serving.state import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class FinetuneBank:
             if isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):
                 module._xorgemm_head = tname  # the head reads its copies itself
             else:
-                RoutedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
+                SelectedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
         self.st.finetunes.append(name)
         logger.info("xorgemm: loaded fine-tune %s from %s: %s bytes resident", name, path,
                     f"{self.resident_bytes()[name]:,}")
