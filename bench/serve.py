@@ -85,9 +85,12 @@ class Bench:
                         for _ in range(args.requests)]
 
     def engine(self, model_dir, **kwargs):
-        return vllm.LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=self.args.device == "cpu",
-                        max_model_len=self.args.prompt_len + self.args.tokens + 8, seed=0, skip_tokenizer_init=True,
-                        max_num_seqs=self.args.requests, **kwargs)
+        # Dense engines as vLLM runs them by default (CUDA graphs on a GPU); the plugin's engine_args ask for
+        # eager mode (docs/vllm.md says why).
+        kwargs.setdefault("enforce_eager", self.args.device == "cpu")
+        return vllm.LLM(model=str(model_dir), dtype="bfloat16", seed=0, skip_tokenizer_init=True,
+                        max_model_len=self.args.prompt_len + self.args.tokens + 8, max_num_seqs=self.args.requests,
+                        **kwargs)
 
     def _seconds(self, llm, prompts, lora, tokens) -> float:
         sp = vllm.SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, detokenize=False)

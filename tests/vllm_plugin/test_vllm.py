@@ -110,8 +110,9 @@ def greedy(llm, lora_request=None):
 
 
 def engine(model_dir, **kwargs):
-    return vllm.LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, max_model_len=128, seed=0,
-                    skip_tokenizer_init=True, **kwargs)
+    kwargs.setdefault("enforce_eager", True)  # the dense engines too: the same kernels as the plugin's engine
+    return vllm.LLM(model=str(model_dir), dtype="bfloat16", max_model_len=128, seed=0, skip_tokenizer_init=True,
+                    **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_a_bad_delta_fails_alone(models, dense, served, bad, error):
 
 def test_engine_args_and_the_serve_flags(tmp_path):
     a = xorgemm.vllm.engine_args(max_finetunes=3)
-    assert a["quantization"] == "xorgemm" and a["enable_lora"] and a["max_loras"] == 3
+    assert a["quantization"] == "xorgemm" and a["enable_lora"] and a["max_loras"] == 3 and a["enforce_eager"]
     out = subprocess.run([sys.executable, "-m", "xorgemm.vllm", "args", "--max-finetunes", "3"], capture_output=True,
                          text=True, check=True, cwd=tmp_path).stdout.split()  # not the checkout's in-place build
     assert out[:2] == ["--quantization", "xorgemm"] and "--enable-lora" in out

@@ -33,8 +33,10 @@ def engine_args(max_finetunes: int = 4) -> dict:
     check_version()
     if max_finetunes < 1:
         raise ValueError(f"max_finetunes must be at least 1, got {max_finetunes}")
+    # enforce_eager: a captured CUDA graph would keep the fine-tunes resident at capture (docs/vllm.md), and
+    # torch.compile has not been tested over the plugin's layers.
     return {"quantization": "xorgemm", "enable_lora": True, "max_loras": int(max_finetunes), "max_lora_rank": 8,
-            "hf_overrides": {"quantization_config": {"quant_method": "xorgemm"}}}
+            "enforce_eager": True, "hf_overrides": {"quantization_config": {"quant_method": "xorgemm"}}}
 
 
 def cli_args(max_finetunes: int = 4) -> list[str]:
@@ -44,7 +46,7 @@ def cli_args(max_finetunes: int = 4) -> list[str]:
     a = engine_args(max_finetunes)
     # Compact JSON, no spaces: the flags survive the shell's word splitting of `$(python -m xorgemm.vllm args)`.
     return ["--quantization", a["quantization"], "--enable-lora", "--max-loras", str(a["max_loras"]),
-            "--max-lora-rank", str(a["max_lora_rank"]), "--hf-overrides",
+            "--max-lora-rank", str(a["max_lora_rank"]), "--enforce-eager", "--hf-overrides",
             json.dumps(a["hf_overrides"], separators=(",", ":"))]
 
 
