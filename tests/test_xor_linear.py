@@ -222,6 +222,29 @@ def test_state_dict_round_trip():
     assert torch.equal(fresh(x, finetune=ids), layer(x, finetune=ids))
 
 
+@pytest.mark.parametrize("damage,error", [("entry", "malformed delta section"), ("length", "malformed delta section"),
+                                          ("offsets", "do not match the section's tile table")])
+def test_a_state_dict_with_a_bad_section_is_refused_before_anything_changes(damage, error):
+    """The kernels trust the sections they are given (a wild offset on a GPU kills the CUDA context): a state
+    dict's sections are checked as they load, and a bad one leaves the layer as it was."""
+    base = torch.randn(100, 60)
+    layer = XorLinear(base)
+    layer.add_finetune("a", perturb(base, "dense", seed=1))
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    if damage == "entry":
+        sd["deltas.a.section"][4] = 7  # tile 0's codec byte: no such codec
+    elif damage == "length":
+        sd["deltas.a.section"] = sd["deltas.a.section"][:-16]
+    else:
+        sd["deltas.a.offsets"][1] += 16
+    fresh = XorLinear(base.clone())
+    fresh.add_finetune("b", perturb(base, "sparse", seed=2))
+    with pytest.raises(xorgemm.InputError, match=error) as e:
+        fresh.load_state_dict(sd, strict=False)
+    assert "deltas.a." in str(e.value)
+    assert fresh.finetunes == ["b"]
+
+
 def test_to_device_moves_state():
     layer = XorLinear.from_linear(_linear(torch.randn(32, 16)), torch.randn(32, 16))
     moved = layer.to("meta")

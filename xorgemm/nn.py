@@ -341,6 +341,20 @@ class XorLinear(nn.Module):
                 n = k[len(prefix) + len("deltas."):].split(".")[0]
                 if n not in names:
                     names.append(n)
+        grid = grid_of(self.base_weight.shape, self.tile, self.base_weight.dtype)
+        for n in names:  # every section checked before anything changes: the kernels trust what they are given
+            section, offsets = (state_dict.get(f"{prefix}deltas.{n}.{b}") for b in ("section", "offsets"))
+            if section is None or offsets is None:
+                continue  # a missing key: load_state_dict's own report
+            if section.dtype != torch.uint8 or section.dim() != 1:
+                raise InputError(f"{prefix}deltas.{n}.section: a section is a 1-D uint8 tensor, got {section.dtype} "
+                                 f"{tuple(section.shape)}")
+            try:
+                want = section_offsets(section.contiguous(), grid)
+            except C.FormatError as e:
+                raise InputError(f"{prefix}deltas.{n}.section: malformed delta section: {e}") from None
+            if not torch.equal(offsets.detach().cpu().to(torch.long).reshape(-1), want):
+                raise InputError(f"{prefix}deltas.{n}.offsets: do not match the section's tile table")
         for n in names:
             if n not in self.deltas:
                 self.deltas[n] = _DeltaSlot(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None)
