@@ -77,7 +77,7 @@ if _want_cuda():
         CUDAExtension(
             "xorgemm._C_cuda",
             sources=[f"{CSRC}/cuda/xor_linear_cuda.cpp", f"{CSRC}/cuda/apply_section.cu",
-                     f"{CSRC}/cuda/fused_gemm.cu"],
+                     f"{CSRC}/cuda/fused_gemm.cu", f"{CSRC}/cuda/device_errors.cpp"],
             include_dirs=[str(ROOT / CSRC)] + _cuda_include_dirs(),
             extra_compile_args={
                 "cxx": cxx_flags,

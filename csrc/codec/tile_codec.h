@@ -113,6 +113,16 @@ XG_HD bool tile_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
   }
 }
 
+// Whether a tile whose payload starts at `offset` of a section of `len` bytes (its table taking the first
+// `table_bytes`) can be read safely: a well-formed entry, a payload inside the section, 16-byte aligned.
+// What the kernels check per tile, so that a section nobody validated cannot make them read elsewhere.
+XG_HD bool tile_readable(TileEntry e, uint32_t elems, uint32_t elem_bytes, uint64_t offset, uint64_t table_bytes,
+                         uint64_t len) {
+  if (!tile_entry_valid(e, elems, elem_bytes)) return false;
+  const uint64_t size = tile_payload_bytes(e, elems, elem_bytes);
+  return offset >= table_bytes && offset <= len && size <= len - offset && offset % kTileAlign == 0;
+}
+
 // Exception x: its position inside the tile and the high bytes it contributes, already shifted in place.
 XG_HD uint32_t exception_position(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t x) {
   const uint8_t* pos = payload + (uint64_t)elems * e.low_bytes;

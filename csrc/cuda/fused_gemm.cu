@@ -10,8 +10,10 @@
 #include <mutex>
 #include <vector>
 
+#include "cuda/device_errors.h"
 #include "cuda/fused_gemm.h"
 #include "cuda/fused_gemm_kernel.cuh"
+#include "format/tile_grid.h"
 
 namespace xorgemm {
 namespace cuda {
@@ -74,7 +76,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   const bool bf16 = base.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.get_device());
   at::Tensor out = at::empty({m, out_cols}, a2.options());
-  if (m == 0) return out;
+  if (m == 0 || out_cols == 0) return out;
+  at::Tensor error = device_error_word(base.device());
 
   FusedArgs args{};
   args.a = reinterpret_cast<const uint16_t*>(a2.data_ptr());
@@ -87,11 +90,19 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   for (int d = 0; d < n_finetunes; ++d) {
     args.sections[d] = sections[d].data_ptr<uint8_t>();
     args.offsets[d] = tile_offsets[d].data_ptr<int64_t>();
+    args.section_bytes[d] = (uint64_t)sections[d].numel();
   }
+  args.table_bytes = format::TileGrid::make(n, k, kTile, kTile, 2).table_bytes();
+  args.error = reinterpret_cast<uint32_t*>(error.data_ptr<int32_t>());
   at::Tensor perm, seg, ids;
   if (row_finetune.has_value()) {
+    // Ids out of range are served the base and reported through the error word, on the device: a device
+    // assert would kill the CUDA context, a host check would wait for the GPU.
+    ids = row_finetune->reshape({-1});
+    const at::Tensor bad = (ids < -1).logical_or(ids >= n_finetunes);
+    error.bitwise_or_(bad.any().to(at::kInt) * (int32_t)kErrorRowId);
+    ids = ids.masked_fill(bad, -1).contiguous();
     // Segments by fine-tune, computed on the device: a stable sort and a histogram, no host round trip.
-    ids = row_finetune->reshape({-1}).contiguous();
     perm = std::get<1>(at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
     at::Tensor counts = at::zeros({n_finetunes + 1}, ids.options()).index_add_(0, ids + 1, at::ones_like(ids));
     seg = at::cat({at::zeros({1}, ids.options()), counts.cumsum(0)}).to(at::kInt);
@@ -136,6 +147,7 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
         out.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  publish_device_errors(base.device(), stream);
   return out;
 }
 

@@ -9,6 +9,7 @@
 
 #include "codec/tile_codec.h"
 #include "cuda/emulatable.cuh"
+#include "cuda/error_bits.h"
 
 namespace xorgemm {
 namespace cuda {
@@ -40,6 +41,9 @@ struct FusedArgs {
   bool staged;          // one fine-tune for every row: its payload rides the pipeline, patched in place
   const uint8_t* sections[kMaxFinetunes];
   const int64_t* offsets[kMaxFinetunes];
+  uint64_t section_bytes[kMaxFinetunes];  // each section's length: no tile is read outside it
+  uint64_t table_bytes;                   // the tile table's share of every section (same grid)
+  uint32_t* error;                        // device error word: kErrorTile when a tile lies outside its section
   float* partial;  // [splits, m, out_cols]
   int64_t out_cols;
   int red_tiles, tiles_per_split;
@@ -109,12 +113,37 @@ __device__ __forceinline__ TileEntry entry_of(const uint8_t* section, int64_t t)
   return codec::load_entry(static_cast<const uint8_t*>(__builtin_assume_aligned(section, 16)), t);
 }
 
-// Multiplies the BM activation rows [lo, hi) (CTA-local) of one segment by the 64x64 weight tile `w` held
-// in shared memory, accumulating into acc. kTrans: the tile's rows are the reduction (backward).
+// Tile t of fine-tune d as the kernel may read it: its entry when the tile is readable (codec::tile_readable),
+// else a zero tile, skipped, with the launch's error word raised. Sections are validated when they are made
+// resident; this keeps one that was not (a direct op call) from reading memory outside it, which on a GPU
+// would kill the process's CUDA context and every tenant's work with it. ~10 integer ops per tile.
+__device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, int d, int64_t t, uint32_t elems) {
+  const TileEntry e = entry_of(args.sections[d], t);
+  if (codec::tile_readable(e, elems, 2, (uint64_t)args.offsets[d][t], args.table_bytes, args.section_bytes[d]))
+    return e;
+  if (threadIdx.x == 0) *args.error |= kErrorTile;  // every thread skips the tile alike
+  return TileEntry{0, codec::kZero, 0, 0};
+}
+
+// Multiplies the BM activation rows of this CTA by the 64x64 weight tile `w` held in shared memory and adds
+// the products of the rows [lo, hi) (CTA-local: one segment) into acc. kTrans: the tile's rows are the
+// reduction (backward).
+// Each 16-row slice is multiplied whole into a zeroed temporary, and only the segment's rows are added:
+// - isolation: another segment's rows never meet this tile in acc, so one tenant's Inf/NaN weight (0 * Inf
+//   = NaN under masking) cannot reach another tenant's rows;
+// - batch invariance: a row gains exactly one rounded addition per tile, whoever shares its slice, so its
+//   bits do not depend on the rest of its batch.
 template <bool kBf16, int MT, bool kTrans>
 __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, int lo, int hi,
                                          float (&acc)[MT][2][4]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane >> 2, tig = lane & 3;
+  float t[MT][2][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) t[mt][nt][i] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < kTile; kk += 16) {
     uint32_t b[2][2];
@@ -134,14 +163,23 @@ __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, i
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       if (mt * 16 >= hi || mt * 16 + 16 <= lo) continue;  // slice outside the segment (warp-uniform)
-      const int r0 = mt * 16 + gid, r1 = r0 + 8;
-      const bool in0 = r0 >= lo && r0 < hi, in1 = r1 >= lo && r1 < hi;
-      const uint16_t* p0 = a + r0 * kStride + kk + tig * 2;
-      const uint16_t* p1 = a + r1 * kStride + kk + tig * 2;
-      const uint32_t af[4] = {in0 ? ld32(p0) : 0u, in1 ? ld32(p1) : 0u, in0 ? ld32(p0 + 8) : 0u,
-                              in1 ? ld32(p1 + 8) : 0u};
-      mma16816<kBf16>(acc[mt][0], af, b[0]);
-      mma16816<kBf16>(acc[mt][1], af, b[1]);
+      const uint16_t* p0 = a + (mt * 16 + gid) * kStride + kk + tig * 2;
+      const uint16_t* p1 = p0 + 8 * kStride;
+      const uint32_t af[4] = {ld32(p0), ld32(p1), ld32(p0 + 8), ld32(p1 + 8)};
+      mma16816<kBf16>(t[mt][0], af, b[0]);
+      mma16816<kBf16>(t[mt][1], af, b[1]);
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r0 = mt * 16 + gid, r1 = r0 + 8;  // C fragment rows: elements 0, 1 and 2, 3
+    const bool in0 = r0 >= lo && r0 < hi, in1 = r1 >= lo && r1 < hi;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      acc[mt][nt][0] += in0 ? t[mt][nt][0] : 0.f;  // a select, not a product: NaN outside stays outside
+      acc[mt][nt][1] += in0 ? t[mt][nt][1] : 0.f;
+      acc[mt][nt][2] += in1 ? t[mt][nt][2] : 0.f;
+      acc[mt][nt][3] += in1 ? t[mt][nt][3] : 0.f;
     }
   }
 }
@@ -211,8 +249,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       if (args.staged) {
         const int d = args.only_group - 1;
         const int64_t t = gr * grid_cols + gc;
-        const TileEntry e = entry_of(args.sections[d], t);
         const uint32_t h = (uint32_t)min64(kTile, args.n - n0), w = (uint32_t)min64(kTile, args.k - k0);
+        const TileEntry e = checked_entry(args, d, t, h * w);
         const uint64_t bytes = codec::tile_payload_bytes(e, h * w, 2);  // 0 for zero tiles: no loads at all
         if (bytes <= (uint64_t)kPayloadCap) {
           const uint8_t* src = args.sections[d] + args.offsets[d][t];
@@ -255,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       bool patched_copy = false;
       if (g > 0) {
         const int d = g - 1;
-        const TileEntry e = entry_of(args.sections[d], t);
+        const TileEntry e = checked_entry(args, d, t, h * w);
         if (e.codec != codec::kZero) {
           uint16_t* dst = tile;
           const uint8_t* payload = codec::tile_payload_bytes(e, h * w, 2) <= (uint64_t)kPayloadCap
@@ -327,19 +365,21 @@ struct LaunchPlan {
   int64_t chunks, out_blocks;
   int red_tiles, tiles_per_split, splits;
 };
-// Split the reduction until about four CTAs per SM are in flight, keeping >= 4 tiles per split so the
-// pipeline has something to overlap.
+// The split of the reduction depends on the shape and the device only, never on m: a row's bits must not
+// depend on how many rows share its batch (with mma_tile's per-tile additions, each row's sum runs in the
+// same order in any batch). Split until a 16-row batch fills three CTAs per SM (what fits at 16 rows: three
+// staged stages take 58 KiB of the 227 KiB), keeping >= 4 tiles per split so the pipeline has something
+// to overlap. A reduction of no tiles (K = 0) is one empty split: the output is the bias alone.
 inline LaunchPlan plan_launch(int64_t m, int64_t out_cols, int64_t red, int sms) {
   LaunchPlan p;
   p.mt = m <= 16 ? 1 : (m <= 32 ? 2 : 4);
   p.chunks = (m + 16 * p.mt - 1) / (16 * p.mt);
   p.out_blocks = (out_cols + kTile - 1) / kTile;
   p.red_tiles = (int)((red + kTile - 1) / kTile);
-  const int64_t ctas = p.out_blocks * p.chunks;
-  const int64_t want = (4 * (int64_t)sms + ctas - 1) / ctas;
+  const int64_t want = (3 * (int64_t)sms + p.out_blocks - 1) / std::max<int64_t>(1, p.out_blocks);
   const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(want, std::max(1, p.red_tiles / 4)));
-  p.tiles_per_split = (int)((p.red_tiles + splits0 - 1) / splits0);
-  p.splits = (p.red_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  p.tiles_per_split = (int)std::max<int64_t>(1, (p.red_tiles + splits0 - 1) / splits0);
+  p.splits = std::max(1, (p.red_tiles + p.tiles_per_split - 1) / p.tiles_per_split);
   return p;
 }
 

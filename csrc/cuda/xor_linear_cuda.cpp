@@ -10,8 +10,10 @@
 //                  setting (torch.backends.cuda.matmul.allow_tf32).
 //
 // XORGEMM_CUDA_PATH=fused|blocks forces a path (tests and benchmarks); unset, a shape heuristic picks.
-// Sections on the GPU are trusted to be the ones validated when they were made resident (XorLinear, the
-// loaders); here only their sizes are checked, never their content (that would cost a device round trip).
+// Sections on the GPU are validated when they are made resident (XorLinear, the loaders); here only their
+// sizes are checked (their content would cost a device round trip). The kernels check each tile against its
+// section's length and report, through the device error word (device_errors.h), what they had to skip: an
+// earlier call's report is raised at the start of each call.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -20,6 +22,7 @@
 #include <cstring>
 
 #include "cuda/apply_section.h"
+#include "cuda/device_errors.h"
 #include "cuda/fused_gemm.h"
 #include "op_args.h"
 #include "patched_blocks.h"
@@ -75,6 +78,7 @@ int64_t grid_rows_per_block(const format::TileGrid& g) {
 at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,
                            at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                            const std::optional<at::Tensor>& bias_in, int64_t tile_rows, int64_t tile_cols) {
+  raise_device_errors(base.device());
   const LinearProblem p =
       prepare_linear("x", x, base, sections, tile_offsets, row_finetune, bias_in, tile_rows, tile_cols, false);
   // The fused kernel reads the bias by pointer; it is small, so a strided one is simply copied.
@@ -98,6 +102,7 @@ at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::Tens
 at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
                                       at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                                       int64_t tile_rows, int64_t tile_cols) {
+  raise_device_errors(base.device());
   const LinearProblem p =
       prepare_linear("grad_y", grad_y, base, sections, tile_offsets, row_finetune, {}, tile_rows, tile_cols, true);
   const c10::cuda::CUDAGuard guard(base.device());
@@ -119,6 +124,7 @@ at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
 void apply_section_cuda(const at::Tensor& section, const at::Tensor& offsets, const at::Tensor& base, at::Tensor& out,
                         int64_t tile_rows, int64_t tile_cols) {
   const format::TileGrid g = check_apply_args(section, offsets, base, out, tile_rows, tile_cols);
+  raise_device_errors(base.device());
   const c10::cuda::CUDAGuard guard(base.device());
   apply_section_rows(section, offsets, base, out, g, 0, (int64_t)g.grid_rows());
 }

@@ -141,8 +141,7 @@ void check_section_bounds(const uint8_t* section, uint64_t len, const uint64_t* 
     const uint32_t elems = g.tile_height(t) * g.tile_width(t);
     if (!codec::tile_entry_valid(e, elems, g.elem_bytes))
       throw FormatError("tile " + std::to_string(t) + " has an invalid entry");
-    const uint64_t size = codec::tile_payload_bytes(e, elems, g.elem_bytes);
-    if (offsets[t] < header || offsets[t] > len || size > len - offsets[t])
+    if (!codec::tile_readable(e, elems, g.elem_bytes, offsets[t], header, len))
       throw FormatError("tile " + std::to_string(t) + " has a payload offset outside the section");
   }
 }

@@ -49,7 +49,8 @@ struct Case {
   std::string what;
   std::string dist = "";  // grouped: how rows spread over fine-tunes (see row_ids); "" = runs of three + base
   bool big_payload = false;  // encode tile 0 as byteplane with every word an exception: too big to stage
-
+  int corrupt = 0;  // fine-tune 0's section: 1 tile 1's entry malformed, 2 tile 1's offset far outside it
+  bool inf = false;  // fine-tune 0's weight holds an Inf: its rows may be non-finite, no other row may
 };
 
 // A valid section whose tile 0 is byteplane (1 low byte) with exceptions for every word whose high byte
@@ -98,23 +99,27 @@ static std::vector<int64_t> row_ids(const std::string& dist, int64_t m, int d, s
   return ids;
 }
 
+// The weights of a case (base first, then each fine-tune) and the fine-tunes' sections.
+struct Problem {
+  std::vector<std::vector<uint16_t>> weights;
+  std::vector<Aligned> sections;
+  std::vector<std::vector<int64_t>> offsets;
+  format::TileGrid grid;
+};
+
 template <typename T>
-static void run(const Case& c) {
-  std::mt19937 rng(1234 + (uint32_t)(c.n * 7 + c.k * 3 + c.m));
+static Problem make_problem(const Case& c, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.f, 0.05f);
   std::uniform_real_distribution<double> u(0, 1);
   const auto to_bits = [&](float f) { return T(f).bits; };
-  const auto to_float = [&](uint16_t b) { T t; t.bits = b; return (float)t; };
-
-  const int64_t n = c.n, k = c.k, m = c.m;
+  const int64_t n = c.n, k = c.k;
   std::vector<uint16_t> base(n * k);
   for (auto& w : base) w = to_bits(normal(rng));
   // Fine-tune d: kind (kind0 + d) % 3 = dense low-mantissa noise everywhere / 3% of elements with any bits flipped
   // (sign and exponent included) / only the first tile row changed, densely (zero tiles elsewhere).
-  std::vector<std::vector<uint16_t>> weights{base};
-  std::vector<Aligned> sections;
-  std::vector<std::vector<int64_t>> offsets;
-  const format::TileGrid grid{(uint64_t)n, (uint64_t)k, 64, 64, 2};
+  Problem p{{base}, {}, {}, format::TileGrid{(uint64_t)n, (uint64_t)k, 64, 64, 2}};
+  std::vector<std::vector<uint16_t>>& weights = p.weights;
+  const format::TileGrid& grid = p.grid;
   for (int d = 0; d < c.n_finetunes; ++d) {
     std::vector<uint16_t> ft = base;
     for (int64_t i = 0; i < n * k; ++i) {
@@ -124,6 +129,7 @@ static void run(const Case& c) {
       if (kind == 2 && i / k < 64) ft[i] ^= (uint16_t)(rng() & 0x3ff);
       if (kind == 3) ft[i] ^= (uint16_t)(rng() & 0x3fff);  // both bytes, exponent's top bit kept: finite
     }
+    if (c.inf && d == 0) ft[(n / 2) * k + 1] = std::is_same_v<T, emulate::bf16> ? 0x7f80 : 0x7c00;  // +Inf
     const auto section = c.big_payload && d == 0
                              ? section_with_big_tile(base.data(), ft.data(), grid)
                              : format::encode_section(reinterpret_cast<const uint8_t*>(base.data()),
@@ -135,22 +141,23 @@ static void run(const Case& c) {
             c.what + ": tile 0's payload is larger than a stage holds");
     }
     const auto off = format::validate_section(section.data(), section.size(), grid);
-    sections.emplace_back(section);
-    offsets.emplace_back(off.begin(), off.end());
+    p.sections.emplace_back(section);
+    p.offsets.emplace_back(off.begin(), off.end());
     weights.push_back(ft);
   }
+  if (c.corrupt == 1) const_cast<uint8_t*>(p.sections[0].data())[8 + 4] = 7;  // tile 1's codec: no such codec
+  if (c.corrupt == 2) p.offsets[0][1] = (int64_t)1 << 40;                   // tile 1's payload: far away
+  return p;
+}
 
+// The fused kernel and the split reduction on rows `a` with fine-tune ids `ids` (grouped) or every row on the
+// last fine-tune; returns the output. `error` receives the launch's error word.
+template <typename T>
+static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::vector<uint16_t>& a,
+                                   const std::vector<int64_t>& ids, const std::vector<uint16_t>& bias,
+                                   uint32_t* error) {
+  const int64_t n = c.n, k = c.k, m = (int64_t)ids.size();
   const int64_t red = c.trans ? n : k, out_cols = c.trans ? k : n;
-  std::vector<uint16_t> a(m * red);
-  for (auto& v : a) v = to_bits(normal(rng) * 20);
-  std::vector<int64_t> ids(m, c.n_finetunes - 1);
-  if (c.grouped && !c.dist.empty()) {
-    ids = row_ids(c.dist, m, c.n_finetunes, rng);
-  } else if (c.grouped) {
-    // Ids -1 (base) to n_finetunes - 2 in runs of three, shuffled: the last fine-tune gets no rows.
-    for (int64_t i = 0; i < m; ++i) ids[i] = (int64_t)((i / 3) % c.n_finetunes) - 1;
-    std::shuffle(ids.begin(), ids.end(), rng);
-  }
   std::vector<int64_t> perm(m);
   std::iota(perm.begin(), perm.end(), 0);
   std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return ids[x] < ids[y]; });
@@ -158,25 +165,22 @@ static void run(const Case& c) {
   for (int64_t i = 0; i < m; ++i) ++seg[ids[i] + 2];
   for (int g = 1; g < (int)seg.size(); ++g) seg[g] += seg[g - 1];
 
-  std::vector<uint16_t> bias;
-  if (c.bias_rows) {
-    bias.resize((size_t)c.bias_rows * out_cols);
-    for (auto& v : bias) v = to_bits(normal(rng) * 10);
-  }
-
   const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
   fused::FusedArgs args{};
   args.a = a.data();
   args.lda = red;
-  args.base = base.data();
+  args.base = p.weights[0].data();
   args.n = n;
   args.k = k;
   args.m = m;
   args.n_groups = c.n_finetunes + 1;
   for (int d = 0; d < c.n_finetunes; ++d) {
-    args.sections[d] = sections[d].data();
-    args.offsets[d] = offsets[d].data();
+    args.sections[d] = p.sections[d].data();
+    args.offsets[d] = p.offsets[d].data();
+    args.section_bytes[d] = p.sections[d].size;
   }
+  args.table_bytes = p.grid.table_bytes();
+  args.error = error;
   if (c.grouped) {
     args.perm = perm.data();
     args.seg = seg.data();
@@ -209,12 +213,45 @@ static void run(const Case& c) {
                                    c.bias_rows ? reinterpret_cast<const T*>(bias.data()) : nullptr, c.bias_rows,
                                    c.grouped ? ids.data() : nullptr, args.only_group, out.data());
   });
+  return out;
+}
 
-  // float64 reference on the fine-tuned weights, row by row.
+template <typename T>
+static void run(const Case& c) {
+  std::mt19937 rng(1234 + (uint32_t)(c.n * 7 + c.k * 3 + c.m));
+  std::normal_distribution<float> normal(0.f, 0.05f);
+  const auto to_bits = [&](float f) { return T(f).bits; };
+  const auto to_float = [&](uint16_t b) { T t; t.bits = b; return (float)t; };
+  const int64_t n = c.n, k = c.k, m = c.m;
+  const Problem p = make_problem<T>(c, rng);
+
+  const int64_t red = c.trans ? n : k, out_cols = c.trans ? k : n;
+  std::vector<uint16_t> a(m * red);
+  for (auto& v : a) v = to_bits(normal(rng) * 20);
+  std::vector<int64_t> ids(m, c.n_finetunes - 1);
+  if (c.grouped && !c.dist.empty()) {
+    ids = row_ids(c.dist, m, c.n_finetunes, rng);
+  } else if (c.grouped) {
+    // Ids -1 (base) to n_finetunes - 2 in runs of three, shuffled: the last fine-tune gets no rows.
+    for (int64_t i = 0; i < m; ++i) ids[i] = (int64_t)((i / 3) % c.n_finetunes) - 1;
+    std::shuffle(ids.begin(), ids.end(), rng);
+  }
+  std::vector<uint16_t> bias;
+  if (c.bias_rows) {
+    bias.resize((size_t)c.bias_rows * out_cols);
+    for (auto& v : bias) v = to_bits(normal(rng) * 10);
+  }
+  uint32_t error = 0;
+  const std::vector<T> out = launch_fused<T>(c, p, a, ids, bias, &error);
+
+  // float64 reference on the fine-tuned weights, row by row. With a corrupted section or an Inf weight,
+  // fine-tune 0's rows are not checked: every other row must still be finite and right.
+  const bool skip0 = c.corrupt != 0 || c.inf;
   double err2 = 0, ref2 = 0;
   bool finite = true;
   for (int64_t i = 0; i < m; ++i) {
-    const std::vector<uint16_t>& w = weights[ids[i] + 1];
+    if (skip0 && ids[i] == 0) continue;
+    const std::vector<uint16_t>& w = p.weights[ids[i] + 1];
     for (int64_t o = 0; o < out_cols; ++o) {
       double want = 0;
       for (int64_t r = 0; r < red; ++r)
@@ -226,10 +263,43 @@ static void run(const Case& c) {
       ref2 += want * want;
     }
   }
-  const double rel = std::sqrt(err2 / ref2);
-  char buf[64];
-  snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d)", rel, plan.mt, plan.splits);
-  check(finite && rel < 8e-3, c.what + buf);
+  const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;  // no row checked: the error word alone
+  const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
+  char buf[96];
+  snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d, error word %u)", rel, plan.mt, plan.splits, error);
+  check(finite && rel < 8e-3 && error == (c.corrupt ? cuda::kErrorTile : 0u), c.what + buf);
+}
+
+// A row's output bits do not depend on the rest of its batch: the same rows served alone, in batches of other
+// sizes (other rows per CTA) and beside other fine-tunes' rows give bitwise the same outputs.
+template <typename T>
+static void batch_invariance(bool trans) {
+  // 130 rows: three row chunks of 64 in the whole batch, one in the small ones; a reduction of 16 tiles, so
+  // the split of the reduction would change with the chunk count if it were allowed to.
+  const Case c{trans ? 1024 : 136, trans ? 136 : 1024, 130, std::is_same_v<T, emulate::bf16>, trans, 4, true,
+               trans ? 0 : 5, 8, 0, "batch invariance"};
+  std::mt19937 rng(99);
+  const Problem p = make_problem<T>(c, rng);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int64_t red = trans ? c.n : c.k, out_cols = trans ? c.k : c.n;
+  std::vector<uint16_t> a(c.m * red);
+  for (auto& v : a) v = T(normal(rng)).bits;
+  std::vector<int64_t> ids(c.m);
+  for (int64_t i = 0; i < c.m; ++i) ids[i] = (int64_t)(rng() % 5) - 1;
+  std::vector<uint16_t> bias(c.bias_rows * out_cols);
+  for (auto& v : bias) v = T(normal(rng)).bits;
+  uint32_t error = 0;
+  const std::vector<T> whole = launch_fused<T>(c, p, a, ids, bias, &error);
+  bool same = error == 0;
+  for (const auto& [lo, hi] : std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {3, 8}, {5, 30}, {17, 60}, {40, 130}}) {
+    const std::vector<uint16_t> part_a(a.begin() + lo * red, a.begin() + hi * red);
+    const std::vector<int64_t> part_ids(ids.begin() + lo, ids.begin() + hi);
+    const std::vector<T> part = launch_fused<T>(c, p, part_a, part_ids, bias, &error);
+    for (int64_t i = lo; i < hi; ++i)
+      same = same && !memcmp(&part[(i - lo) * out_cols], &whole[i * out_cols], out_cols * sizeof(T));
+  }
+  check(same, std::string("batch invariance, ") + (trans ? "backward" : "forward") +
+                  (std::is_same_v<T, emulate::bf16> ? ", bf16" : ", fp16") + ": rows 0-1, 3-8, 5-30, 17-60, 40-130 of 130");
 }
 
 // The apply kernel over grid rows [gr0, gr1) (all of them: the whole tensor) must give exactly the
@@ -249,15 +319,54 @@ static void run_apply(const format::TileGrid& g, double density, uint64_t gr0, u
   const uint64_t row0 = gr0 * g.tile_rows, row1 = std::min<uint64_t>(gr1 * g.tile_rows, g.rows);
   std::vector<Word> out((row1 - row0) * g.cols, (Word)0x5a);
   const dim3 grid{(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1};
+  uint32_t error = 0;
   emulate::launch(grid, [&] {
-    cuda::apply_section_kernel<Word>(section.data(), offsets.data(), reinterpret_cast<const Word*>(base.data()),
-                                     out.data(), g, (int64_t)(gr0 * g.grid_cols()));
+    cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size,
+                                     reinterpret_cast<const Word*>(base.data()), out.data(), g,
+                                     (int64_t)(gr0 * g.grid_cols()), &error);
   });
-  const bool same = !memcmp(out.data(), ft.data() + row0 * g.cols * sizeof(Word), out.size() * sizeof(Word));
+  const bool same = error == 0 &&
+                    !memcmp(out.data(), ft.data() + row0 * g.cols * sizeof(Word), out.size() * sizeof(Word));
   check(same, "apply kernel, " + std::to_string(g.rows) + "x" + std::to_string(g.cols) + " tiles " +
                   std::to_string(g.tile_rows) + "x" + std::to_string(g.tile_cols) + " eb=" +
                   std::to_string(sizeof(Word)) + " density " + std::to_string(density) + ", grid rows " +
                   std::to_string(gr0) + ".." + std::to_string(gr1));
+}
+
+// A section nobody validated: the apply kernel leaves the unreadable tile as the base, raises its error word,
+// and reads nothing outside the section (under the emulation a wild read would crash this test).
+static void apply_refuses_unreadable_tiles() {
+  const format::TileGrid g{130, 136, 64, 64, 2};
+  std::vector<uint8_t> base(g.tensor_bytes()), ft;
+  std::mt19937 rng(5);
+  for (auto& b : base) b = (uint8_t)rng();
+  ft = base;
+  for (auto& b : ft) b ^= (uint8_t)(rng() & 3);
+  const Aligned section(format::encode_section(base.data(), ft.data(), g));
+  const auto off = format::validate_section(section.data(), section.size, g);
+  bool ok = true;
+  for (int bad = 0; bad < 3; ++bad) {
+    std::vector<int64_t> offsets(off.begin(), off.end());
+    uint64_t len = section.size;
+    if (bad == 0) offsets[4] = (int64_t)1 << 40;  // tile 4's payload far outside
+    if (bad == 1) offsets[4] += 8;                // misaligned: a cp.async would fault
+    if (bad == 2) len = offsets[5] - 16;          // the section cut short inside tile 4's payload
+    std::vector<uint16_t> out(g.rows * g.cols);
+    uint32_t error = 0;
+    emulate::launch({(unsigned)g.num_tiles(), 1, 1}, [&] {
+      cuda::apply_section_kernel<uint16_t>(section.data(), offsets.data(), len,
+                                           reinterpret_cast<const uint16_t*>(base.data()), out.data(), g, 0, &error);
+    });
+    ok = ok && error == cuda::kErrorTile;
+    for (uint64_t t = 0; t < g.num_tiles(); ++t) {  // unreadable tiles stay the base, the others are patched
+      const bool skipped = t == 4 || (bad == 2 && t > 4);  // cut short: every later payload is outside too
+      for (uint64_t r = g.tile_row0(t); r < g.tile_row0(t) + g.tile_height(t); ++r) {
+        const uint64_t at = r * g.cols + g.tile_col0(t);
+        ok = ok && !memcmp(&out[at], (skipped ? base : ft).data() + 2 * at, 2 * g.tile_width(t));
+      }
+    }
+  }
+  check(ok, "apply kernel: an unreadable tile (wild, misaligned or cut-short payload) is skipped and flagged");
 }
 
 int main() {
@@ -296,6 +405,17 @@ int main() {
                        std::string("grouped ") + dist + ", D=" + std::to_string(d) + ", M=" + std::to_string(m)});
   for (Case& c : all)
     if (c.what.rfind("grouped ", 0) == 0) c.dist = c.what.substr(8, c.what.find(',') - 8);
+  Case corrupt_entry{136, 200, 30, true, false, 3, true, 4, 132, 0, "grouped, fine-tune 0's tile 1 entry malformed"};
+  corrupt_entry.corrupt = 1;
+  Case corrupt_offset{200, 136, 30, false, true, 3, true, 0, 132, 1, "backward, fine-tune 0's tile 1 offset wild"};
+  corrupt_offset.corrupt = 2;
+  Case staged_corrupt{136, 200, 7, true, false, 1, false, 1, 132, 0, "staged, tile 1 entry malformed"};
+  staged_corrupt.corrupt = 1;
+  Case inf{136, 200, 30, true, false, 3, true, 4, 132, 1, "grouped, fine-tune 0 holds an Inf weight"};
+  inf.inf = true;
+  Case inf_fp16{200, 136, 30, false, true, 3, true, 0, 4, 2, "backward, fp16, split-K, an Inf weight"};
+  inf_fp16.inf = true;
+  for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16}) all.push_back(c);
   for (const Case& c : all) {
     if (c.bf16) {
       run<emulate::bf16>(c);
@@ -303,5 +423,14 @@ int main() {
       run<emulate::fp16>(c);
     }
   }
+  batch_invariance<emulate::bf16>(false);
+  batch_invariance<emulate::fp16>(false);
+  batch_invariance<emulate::bf16>(true);
+  apply_refuses_unreadable_tiles();
+  const fused::LaunchPlan empty = fused::plan_launch(5, 128, 0, 132);  // K = 0: no division by zero
+  check(empty.splits == 1 && empty.tiles_per_split >= 1 && empty.red_tiles == 0, "plan_launch with K = 0");
+  const fused::LaunchPlan p16 = fused::plan_launch(16, 4096, 4096, 132), p64 = fused::plan_launch(64, 4096, 4096, 132);
+  check(p16.splits == p64.splits && p16.tiles_per_split == p64.tiles_per_split,
+        "plan_launch: the split of the reduction does not depend on the batch size");
   return report();
 }
