@@ -13,10 +13,13 @@ P prompt tokens, T generated greedily) is served:
                     (what serving D fine-tunes costs without xorgemm on one machine: D times the weights)
   xorgemm mixed     the plugin's engine, one batch whose requests name the D fine-tunes in turn
 
-Columns: output tokens/s over the whole generate() (prefill included) and ms per decode step, measured as
-(time of T tokens - time of 1 token) / (T - 1): every request gains one token per step, so that is the
-per-token latency a request sees. Medians of --repeats runs after a warm-up run. Engine start-up is not
-timed. Runs in vLLM's own virtual environment (`make test-vllm` makes one):
+Columns: output tokens/s over the whole generate() (prefill included) and ms per decode step of the whole
+batch, measured as (time of T tokens - time of 1 token) / (T - 1): in one engine every request gains one
+token per step, so that is the per-token latency its requests see; for D engines run one after the other
+it is the sum of theirs (each engine's own requests see only its share). Medians of --repeats runs after a
+warm-up run; engine start-up is not timed. The plugin's greedy tokens are checked against the dense
+engines' (same model, same requests), and the bytes the plugin keeps resident per fine-tune are reported
+beside the base's. Runs in vLLM's own virtual environment (`make test-vllm` makes one):
 
     .venv-vllm/bin/python bench/serve.py                 # CPU defaults, ~10 min on 2 cores
     .venv-vllm/bin/python bench/serve.py --device cuda --hidden 4096 --layers 8 --requests 64
@@ -92,20 +95,21 @@ class Bench:
                         max_model_len=self.args.prompt_len + self.args.tokens + 8, max_num_seqs=self.args.requests,
                         **kwargs)
 
-    def _seconds(self, llm, prompts, lora, tokens) -> float:
+    def _seconds(self, llm, prompts, lora, tokens):
         sp = vllm.SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, detokenize=False)
         t = time.perf_counter()
         outs = llm.generate(prompts, sp, lora_request=lora, use_tqdm=False)
         elapsed = time.perf_counter() - t
         assert all(len(o.outputs[0].token_ids) == tokens for o in outs)
-        return elapsed
+        return elapsed, [list(o.outputs[0].token_ids) for o in outs]
 
-    def measure(self, llm, prompts, lora=None) -> tuple[float, float]:
-        """(seconds for T tokens, seconds for 1 token), medians over the repeats, after a warm-up."""
-        self._seconds(llm, prompts, lora, self.args.tokens)
-        full = [self._seconds(llm, prompts, lora, self.args.tokens) for _ in range(self.args.repeats)]
-        first = [self._seconds(llm, prompts, lora, 1) for _ in range(self.args.repeats)]
-        return statistics.median(full), statistics.median(first)
+    def measure(self, llm, prompts, lora=None):
+        """(seconds for T tokens, seconds for 1 token, requests), medians over the repeats after a warm-up,
+        and the greedy tokens."""
+        _, tokens = self._seconds(llm, prompts, lora, self.args.tokens)
+        full = [self._seconds(llm, prompts, lora, self.args.tokens)[0] for _ in range(self.args.repeats)]
+        first = [self._seconds(llm, prompts, lora, 1)[0] for _ in range(self.args.repeats)]
+        return (statistics.median(full), statistics.median(first), len(prompts)), tokens
 
     def row(self, name, parts, engines, note=""):
         """A result row from (seconds for T, seconds for 1, requests) per engine run one after the other."""
@@ -119,31 +123,51 @@ class Bench:
 
 
 def dense_runs(bench, paths, args):
-    out = {}
+    """Timings and greedy tokens of vLLM's dense engines: the base and fine-tune 1 on every request, and each
+    fine-tune j on its share of the requests (k % D == j - 1)."""
+    out, tokens = {}, {}
     d = args.finetunes
     for name in ["base"] + [f"ft{j}" for j in range(1, d + 1)]:
         llm = bench.engine(paths[name])
         if name in ("base", "ft1"):
-            out[name] = (*bench.measure(llm, bench.prompts), len(bench.prompts))
-        share = bench.prompts[int(name[2:]) - 1::d] if name != "base" else None
-        if share is not None:
-            out[f"share-{name}"] = (*bench.measure(llm, share), len(share))
+            out[name], tokens[name] = bench.measure(llm, bench.prompts)
+        if name != "base":
+            out[f"share-{name}"], tokens[f"share-{name}"] = bench.measure(llm, bench.prompts[int(name[2:]) - 1::d])
         del llm
         gc.collect()
-    return out
+    mixed = [None] * len(bench.prompts)
+    for j in range(1, d + 1):
+        mixed[j - 1::d] = tokens[f"share-ft{j}"]
+    tokens["mixed"] = mixed
+    return out, tokens
 
 
 def xorgemm_runs(bench, root, paths, args):
+    """The plugin's timings and greedy tokens (base, fine-tune 1, the mix), and its resident bytes per
+    fine-tune with all D loaded (the engine runs in this process: its bank is this module's)."""
+    from xorgemm.vllm.method import BANK
+
     d = args.finetunes
     llm = bench.engine(paths["base"], **xorgemm.vllm.engine_args(max_finetunes=d))
     loras = [LoRARequest(f"ft{j}", j, str(root / f"ft{j}.xor.safetensors")) for j in range(1, d + 1)]
     n = len(bench.prompts)
-    out = {"base": (*bench.measure(llm, bench.prompts), n),
-           "ft1": (*bench.measure(llm, bench.prompts, [loras[0]] * n), n),
-           "mixed": (*bench.measure(llm, bench.prompts, [loras[k % d] for k in range(n)]), n)}
+    out, tokens = {}, {}
+    out["base"], tokens["base"] = bench.measure(llm, bench.prompts)
+    out["ft1"], tokens["ft1"] = bench.measure(llm, bench.prompts, [loras[0]] * n)
+    out["mixed"], tokens["mixed"] = bench.measure(llm, bench.prompts, [loras[k % d] for k in range(n)])
+    resident = BANK.resident_bytes()
     del llm
     gc.collect()
-    return out
+    return out, tokens, resident
+
+
+def resident_mib(m) -> str:
+    return ", ".join(f"{b / 2**20:.1f} MiB" for b in m["resident_bytes"].values())
+
+
+def copies(m) -> float:
+    """The plugin's resident bytes (base + every fine-tune's deltas and dense copies) in copies of the base."""
+    return (m["base_bytes"] + sum(m["resident_bytes"].values())) / m["base_bytes"]
 
 
 def table(rows, meta) -> str:
@@ -167,7 +191,11 @@ def table(rows, meta) -> str:
             f"change every tensor (delta {m['delta_ratio']:.0%} of the fine-tuned bytes). {m['requests']} requests "
             f"of {m['prompt_len']} prompt tokens, {m['tokens']} generated greedily; medians of {m['repeats']} "
             f"runs. The dense {m['finetunes']} engines run one after the other, each on its share of the "
-            "requests, and hold one copy of the weights each.\n\n"
+            "requests (their ms per step is the sum of theirs), and hold one copy of the weights each.\n\n"
+            f"Memory: the plugin keeps the base ({m['base_bytes'] / 2**20:.0f} MiB) and per fine-tune "
+            f"{resident_mib(m)} resident: {copies(m):.2f} copies of the weights for {m['finetunes']} fine-tunes "
+            f"and the base, against {m['finetunes'] + 1} for dense engines. Greedy tokens equal to the dense "
+            f"engines': {', '.join(f'{k} {v}' for k, v in m['tokens_match'].items())}.\n\n"
             f"`{m['command']}`\n")
 
 
@@ -197,8 +225,8 @@ def main(argv=None):
         delta = sum((root / f"ft{j}.xor.safetensors").stat().st_size for j in range(1, args.finetunes + 1))
         dense_bytes = sum(f.stat().st_size for f in (root / "ft1").glob("*.safetensors")) * args.finetunes
         bench = Bench(args)
-        dense = dense_runs(bench, paths, args)
-        xg = xorgemm_runs(bench, root, paths, args)
+        dense, dense_tokens = dense_runs(bench, paths, args)
+        xg, xg_tokens, resident = xorgemm_runs(bench, root, paths, args)
     d = args.finetunes
     rows = [bench.row("dense base", [dense["base"]], 1),
             bench.row("xorgemm base", [xg["base"]], 1),
@@ -218,6 +246,8 @@ def main(argv=None):
             "hidden": args.hidden, "inter": args.inter, "layers": args.layers, "vocab": args.vocab,
             "params": params, "finetunes": d, "requests": args.requests, "prompt_len": args.prompt_len,
             "tokens": args.tokens, "repeats": args.repeats, "delta_ratio": delta / dense_bytes,
+            "base_bytes": 2 * params, "resident_bytes": resident,
+            "tokens_match": {case: xg_tokens[case] == dense_tokens[case] for case in ("base", "ft1", "mixed")},
             "command": command_line("bench/serve.py", sys.argv[1:] if argv is None else argv)}
     path = write_results(out, f"Serving through vLLM ({args.device})", table(rows, meta), meta=meta, rows=rows)
     print(f"wrote {path}.json and .md")

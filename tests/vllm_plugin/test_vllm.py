@@ -37,12 +37,13 @@ TOKENS = 8
 LOGPROB_TOL = 0.15
 
 
-def tiny_llama(seed):
+def tiny_llama(seed, tied=False):
     """Head size 64, so that tensor parallel size 2 splits every projection on 64-wide tiles (k and v: 64 rows
-    per rank), as real models' head size 128 does."""
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    per rank), as real models' head size 128 does. A vocabulary of 500, which vLLM pads to 512 (and to 256
+    a rank at TP=2): the dense copies are cut to the padded shards."""
+    cfg = transformers.LlamaConfig(vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+                                   tie_word_embeddings=tied, attention_bias=True, mlp_bias=True)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -88,6 +89,11 @@ def models(tmp_path_factory):
     other.save_pretrained(root / "other")
     full_finetune(other, 3).save_pretrained(root / "other-ft")
     xorgemm.pack(root / "other", root / "other-ft", root / "wrong-base.xor.safetensors")
+    tied = tiny_llama(2, tied=True)
+    tied.save_pretrained(root / "tied")
+    full_finetune(tied, 4).save_pretrained(root / "tied-ft")
+    xorgemm.pack(root / "tied", root / "tied-ft", root / "tied-ft.xor.safetensors")
+    paths.update({"tied": root / "tied", "tied-ft": root / "tied-ft"})
     save_tokenizer(root / "base")  # only the OpenAI server needs one: the engines here take token ids
     from safetensors.torch import load_file
 
@@ -249,6 +255,25 @@ def test_openai_server_routes_each_request_by_its_model_name(models, dense, tmp_
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_tied_embeddings_serve_each_finetunes_head(models):
+    """With tie_word_embeddings the head is the embedding's tensor: a fine-tune's copy of it must serve both."""
+    root, paths = models
+    want = {}
+    for name in ("tied", "tied-ft"):
+        llm = engine(paths[name])
+        want[name] = greedy(llm)[0]
+        del llm
+        gc.collect()
+    assert want["tied"] != want["tied-ft"]
+    llm = engine(paths["tied"], **xorgemm.vllm.engine_args(max_finetunes=1))
+    names = ["tied-ft", "tied", "tied-ft", "tied"]
+    tokens, _ = greedy(llm, [lora(root, n, 7) if n == "tied-ft" else None for n in names])
+    del llm
+    gc.collect()
+    for k, name in enumerate(names):
+        assert tokens[k] == want[name][k], f"request {k} ({name})"
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel size 2 binds one CPU per rank")

@@ -39,7 +39,7 @@ class RoutedForward:
         self.lock = threading.RLock()
 
     def __deepcopy__(self, memo):  # copy.deepcopy of a served model: the copy routes its own module, own lock
-        routed = RoutedForward.__new__(RoutedForward)
+        routed = type(self).__new__(type(self))
         memo[id(self)] = routed
         routed.module = copy.deepcopy(self.module, memo)
         routed.st = copy.deepcopy(self.st, memo)

@@ -96,9 +96,10 @@ class FinetuneBank:
             weight = tname.removesuffix(".bias") + ".weight"
             if tname.endswith(".bias") and weight in self.linears:
                 shard = self.linears[weight]
-                if shard.bias == "outside":
-                    raise InputError(f"{d.path}: tensor '{tname}': vLLM adds this layer's bias outside it; a "
-                                     "fine-tuned bias cannot be served per request here")
+                if shard.bias in ("outside", None):
+                    why = "vLLM adds this layer's bias outside it" if shard.bias else "vLLM's layer has no bias"
+                    raise InputError(f"{d.path}: tensor '{tname}': {why}; a fine-tuned bias cannot be served per "
+                                     "request here")
                 if shard.bias == "here":  # else a row-parallel layer's bias, which rank 0 serves
                     biases[weight] = _local_copy(t, shard.xl.bias, shard.block[0])
                 continue
@@ -116,12 +117,16 @@ class FinetuneBank:
                 shard.xl.add_unchanged(name, bias)
             else:
                 shard.xl.add_finetune_section(name, section, bias)
+        heads = [m for m in self.model.modules() if isinstance(getattr(m, "quant_method", None), XorLMHeadMethod)]
         for tname, (value, module, attr) in dense.items():
             self.st.overrides.add(tname, name, value)
             if isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):
                 module._xorgemm_head = tname  # the head reads its copies itself
-            else:
-                SelectedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
+                continue
+            SelectedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
+            for head in heads:  # tied embeddings: the head is this very tensor, and serves its copies too
+                if getattr(head, "weight", None) is getattr(module, attr):
+                    head._xorgemm_head = tname
         self.st.finetunes.append(name)
         logger.info("xorgemm: loaded fine-tune %s from %s: %s bytes resident", name, path,
                     f"{self.resident_bytes()[name]:,}")
@@ -193,26 +198,30 @@ def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _local_copy(t, base: torch.Tensor, rows: tuple[int, int] | None = None, loader=None) -> torch.Tensor:
-    """This rank's fine-tuned copy of tensor `t`, whose local base is `base`: `t` applied to it when it is the
-    whole tensor (its base hash checked), else base XOR this rank's part of the delta: rows `rows` of it, or
-    what vLLM's weight `loader` puts on this rank (vocabulary shards, their padding left unchanged)."""
+    """This rank's fine-tuned copy of tensor `t`, whose local base is `base`: base XOR this rank's part of the
+    delta, which is rows `rows` of it, or what vLLM's weight `loader` puts on this rank (vocabulary shards,
+    padding rows left as the base's; a replicated tensor whole), else the whole delta for a tensor of the
+    same shape (`t` applied, its base hash checked). The front end checked the base hashes of the whole
+    tensors (admission.py)."""
     attrs = {k: v for k, v in vars(base).items() if k != "weight_loader"}  # vLLM's sharding facts (output_dim...)
     base = base.detach()
-    if tuple(base.shape) == t.shape:
+    if rows is None and loader is None and tuple(base.shape) == t.shape:
         t.check_base(base.cpu())
         return t.apply(base.cpu(), verify=False).to(base.device)
     if base.dtype != t.dtype:
         raise BaseMismatchError(f"{t.where()}: the delta is {t.dtype}, the served tensor {base.dtype}")
     xor = t.xor_bytes().view(t.dtype).reshape(t.shape)
+    part = None
     if rows is not None:
         part = xor[rows[0]:rows[1]]
     elif loader is not None:
         param = torch.nn.Parameter(torch.zeros_like(base, device="cpu"), requires_grad=False)
         param.__dict__.update(attrs)
-        loader(param, xor)
-        part = param.data
-    else:
-        part = None
+        try:
+            loader(param, xor)
+            part = param.data
+        except (AssertionError, RuntimeError, ValueError):  # vLLM's loaders assert shapes
+            part = None
     if part is None or tuple(part.shape) != tuple(base.shape):
         raise BaseMismatchError(f"{t.where()}: the delta is {list(t.shape)}, this rank serves "
                                 f"{list(base.shape)} of it and cannot tell which part")
