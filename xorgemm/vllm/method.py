@@ -117,7 +117,9 @@ class FinetuneBank:
                 shard.xl.add_unchanged(name, bias)
             else:
                 shard.xl.add_finetune_section(name, section, bias)
-        heads = [m for m in self.model.modules() if isinstance(getattr(m, "quant_method", None), XorLMHeadMethod)]
+        tied = getattr(getattr(self.model, "config", None), "tie_word_embeddings", False)
+        heads = [m for m in self.model.modules()
+                 if tied and isinstance(getattr(m, "quant_method", None), XorLMHeadMethod)]
         for tname, (value, module, attr) in dense.items():
             self.st.overrides.add(tname, name, value)
             if isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):
@@ -188,7 +190,18 @@ class FinetuneBank:
         return self._lut[slots.long()]
 
 
-BANK = FinetuneBank()
+# The bank of the engine whose model was made last in this process (each engine has its own: XorgemmConfig
+# makes it), for in-process inspection: tests and bench/serve.py read its resident bytes.
+BANK: FinetuneBank | None = None
+
+
+def bank_of(model) -> FinetuneBank | None:
+    """The fine-tune bank of a vLLM model served through the plugin (its layers' methods hold it)."""
+    for m in model.modules():
+        bank = getattr(getattr(m, "quant_method", None), "bank", None)
+        if isinstance(bank, FinetuneBank):
+            return bank
+    return None
 
 
 def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -239,6 +252,10 @@ class XorgemmConfig(QuantizationConfig):
 
     def __init__(self):
         super().__init__()
+        self.bank = None  # this engine's fine-tunes, made with its first layer
+
+    def __getstate__(self):  # the config travels to worker processes before any layer: each makes its own
+        return {**self.__dict__, "bank": None}
 
     def get_name(self):
         return "xorgemm"
@@ -259,15 +276,22 @@ class XorgemmConfig(QuantizationConfig):
         return cls()
 
     def get_quant_method(self, layer, prefix):
+        global BANK
+        if self.bank is None:
+            self.bank = BANK = FinetuneBank()
         if isinstance(layer, ParallelLMHead):
-            return XorLMHeadMethod()
+            return XorLMHeadMethod(self.bank)
         if isinstance(layer, LinearBase):
-            return XorLinearMethod()
+            return XorLinearMethod(self.bank)
         return None
 
 
 class XorLinearMethod(UnquantizedLinearMethod):
     """A vLLM linear layer as XorLinears over row slices of its (merged) base weight."""
+
+    def __init__(self, bank: FinetuneBank):
+        super().__init__()
+        self.bank = bank
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, *args, **kwargs):
         # vLLM passes these by keyword: keep the parameter names.
@@ -298,8 +322,8 @@ class XorLinearMethod(UnquantizedLinearMethod):
                             f"{what} {edge} of {full[axis]}, not on a {DEFAULT_TILE[axis]}-wide tile boundary; "
                             "serve this model with a tensor parallel size that splits it on tiles")
             xl = XorLinear(w[rows[0]:rows[1]], layer.bias.data[rows[0]:rows[1]] if bias == "here" else None)
-            xl.active = BANK.st.current  # a row slice: the base storage is shared, never copied
-            BANK.linears[name] = LinearShard(xl, block, block == ((0, full[0]), (0, full[1])), bias)
+            xl.active = self.bank.st.current  # a row slice: the base storage is shared, never copied
+            self.bank.linears[name] = LinearShard(xl, block, block == ((0, full[0]), (0, full[1])), bias)
             layer._xorgemm_subs.append(xl)
 
     def apply(self, layer, x, bias=None):
@@ -331,18 +355,23 @@ def _blocks(layer):
 class XorLMHeadMethod(UnquantizedEmbeddingMethod):
     """The output head, one row per request: each request's fine-tune's head where it changed it."""
 
+    def __init__(self, bank: FinetuneBank):
+        super().__init__()
+        self.bank = bank
+
     def apply(self, layer, x, bias=None):
         out = F.linear(x, layer.weight, bias)
-        heads = BANK.st.overrides.tuned.get(getattr(layer, "_xorgemm_head", None))
-        sampler = BANK.sampler_ids() if heads else None
+        bank = self.bank
+        heads = bank.st.overrides.tuned.get(getattr(layer, "_xorgemm_head", None))
+        sampler = bank.sampler_ids() if heads else None
         if sampler is None:
             return out
         # Every row through each tuned head, kept where the row asks for it: no host sync on the ids (a
         # decode step reads each head once either way).
         for name, w in heads.items():
-            mine = (sampler == BANK.st.finetunes.index(name)).unsqueeze(-1)
+            mine = (sampler == bank.st.finetunes.index(name)).unsqueeze(-1)
             out = torch.where(mine, F.linear(x, w, bias), out)
         return out
 
 
-__all__ = ["XorgemmConfig", "XorLinearMethod", "XorLMHeadMethod", "BANK"]
+__all__ = ["XorgemmConfig", "XorLinearMethod", "XorLMHeadMethod", "FinetuneBank", "bank_of"]

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from xorgemm.errors import InputError
 from xorgemm.vllm.admission import check_request
-from xorgemm.vllm.method import BANK, XorLinearMethod
+from xorgemm.vllm.method import XorLinearMethod, bank_of
 
 _APPLIED = False
 
@@ -38,17 +39,20 @@ def apply_patches():
 
     def _create_lora_modules(self):  # 3
         create_modules(self)
-        BANK.model, BANK.manager = self.model, self
-        BANK.punica = next((m.punica_wrapper for m in self.modules.values()
+        bank = self._xorgemm_bank = bank_of(self.model)  # None: a model the plugin does not serve
+        if bank is None:
+            return
+        bank.model, bank.manager = self.model, self
+        bank.punica = next((m.punica_wrapper for m in self.modules.values()
                             if getattr(m, "punica_wrapper", None) is not None), None)
-        self.model.register_forward_pre_hook(_select_step)
+        self.model.register_forward_pre_hook(lambda module, args: _select_step(bank))
         # 6. Every way an adapter leaves the registered set (LRU eviction, remove_adapter) goes through this
         # cache's deactivate_fn: the fine-tune's resident deltas go with it.
         registered, deactivate = self._registered_adapters, self._registered_adapters.deactivate_fn
 
         def _evict(lora_id):
             deactivate(lora_id)
-            BANK.remove(lora_id)
+            bank.remove(lora_id)
 
         registered.deactivate_fn = _evict
 
@@ -62,10 +66,14 @@ def apply_patches():
         path = str(request.lora_path)
         if not path.endswith(".xor.safetensors"):
             return load_adapter(self, request)
+        bank = getattr(self._adapter_manager, "_xorgemm_bank", None)
+        if bank is None:
+            raise ValueError(f"{path}: a .xor.safetensors fine-tune needs the engine started with "
+                             "xorgemm.vllm.engine_args (quantization='xorgemm')")
         name = f"lora{request.lora_int_id}"
-        if name not in BANK.st.finetunes:
-            BANK.add(name, path)
-        BANK.id_to_name[request.lora_int_id] = name
+        if name not in bank.st.finetunes:
+            bank.add(name, path)
+        bank.id_to_name[request.lora_int_id] = name
         return LoRAModel(request.lora_int_id, 1, {})
 
     def _apply_lora_to_output(self, x, output):  # 4
@@ -81,6 +89,9 @@ def apply_patches():
     def _validate_lora(self, lora_request):  # 5
         validate_lora(self, lora_request)
         if lora_request is not None and str(lora_request.lora_path).endswith(".xor.safetensors"):
+            if self.model_config.quantization != "xorgemm":
+                raise InputError(f"{lora_request.lora_path}: a .xor.safetensors fine-tune needs the engine started "
+                                 "with xorgemm.vllm.engine_args (quantization='xorgemm')")
             check_request(self.model_config.model, str(lora_request.lora_path))
 
     processor._validate_lora = _validate_lora
@@ -89,11 +100,11 @@ def apply_patches():
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
 
 
-def _select_step(module, args):
+def _select_step(bank):
     """Before each model step: the per-token fine-tune ids from vLLM's LoRA slots become the selection."""
-    pw = BANK.punica
+    pw = bank.punica
     if pw is None or pw.indices_len[0] is None:
-        BANK.st.default = None
+        bank.st.default = None
         return
     with torch.inference_mode(False):
-        BANK.st.default = BANK.ids(pw.token_lora_indices, BANK.manager.lora_index_to_id)
+        bank.st.default = bank.ids(pw.token_lora_indices, bank.manager.lora_index_to_id)
