@@ -145,7 +145,7 @@ def dense_runs(bench, paths, args):
 def xorgemm_runs(bench, root, paths, args):
     """The plugin's timings and greedy tokens (base, fine-tune 1, the mix), and its resident bytes per
     fine-tune with all D loaded (the engine runs in this process: its bank is this module's)."""
-    from xorgemm.vllm.method import BANK
+    from xorgemm.vllm import method
 
     d = args.finetunes
     llm = bench.engine(paths["base"], **xorgemm.vllm.engine_args(max_finetunes=d))
@@ -155,7 +155,7 @@ def xorgemm_runs(bench, root, paths, args):
     out["base"], tokens["base"] = bench.measure(llm, bench.prompts)
     out["ft1"], tokens["ft1"] = bench.measure(llm, bench.prompts, [loras[0]] * n)
     out["mixed"], tokens["mixed"] = bench.measure(llm, bench.prompts, [loras[k % d] for k in range(n)])
-    resident = BANK.resident_bytes()
+    resident = method.BANK.resident_bytes()  # the bank of the engine made last here: this one
     del llm
     gc.collect()
     return out, tokens, resident
