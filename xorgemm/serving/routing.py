@@ -49,12 +49,12 @@ class RoutedForward:
         routed.lock = threading.RLock()
         return routed
 
-    @staticmethod
-    def install(module: nn.Module, st: ServedModel, module_name: str) -> RoutedForward:
-        """The module's routed forward, installed on first use."""
+    @classmethod
+    def install(cls, module: nn.Module, st: ServedModel, module_name: str) -> RoutedForward:
+        """The module's routed forward (of this class), installed on first use."""
         routed = module.__dict__.get("forward")
-        if not isinstance(routed, RoutedForward):
-            routed = RoutedForward(module, st, module_name)
+        if not isinstance(routed, cls):
+            routed = cls(module, st, module_name)
             module.forward = routed
         return routed
 
@@ -109,14 +109,6 @@ class RoutedForward:
 
 class SelectedForward(RoutedForward):
     """A routed forward that never reads per-row ids on the host (see the module docstring)."""
-
-    @staticmethod
-    def install(module: nn.Module, st: ServedModel, module_name: str) -> SelectedForward:
-        routed = module.__dict__.get("forward")
-        if not isinstance(routed, SelectedForward):
-            routed = SelectedForward(module, st, module_name)
-            module.forward = routed
-        return routed
 
     def __call__(self, *args, **kwargs):
         ids = self.st.current()
