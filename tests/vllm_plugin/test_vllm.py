@@ -261,8 +261,8 @@ def test_openai_server_routes_each_request_by_its_model_name(models, dense, tmp_
 def test_tensor_parallel_2_serves_each_rank_its_shard(models, monkeypatch):
     """At tensor parallel size 2 each rank serves its block of every weight, delta cut on 64-wide tiles, and its
     vocabulary shard of the embeddings and the head: one batch mixing the fine-tunes and the base gives each
-    request the tokens of vLLM serving that dense checkpoint at the same tensor parallel size. `make test-vllm`
-    runs it in a pytest process of its own (an open bug beside the other tests' engines: docs/vllm.md)."""
+    request the tokens of vLLM serving that dense checkpoint at the same tensor parallel size. (Ranks may load
+    the fine-tunes in different orders: passes that end in collectives must still pair up.)"""
     root, paths = models
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's automatic binding wants a NUMA node per rank
     vllm.envs.disable_envs_cache()  # the engines before this one cached the environment

@@ -114,8 +114,12 @@ class SelectedForward(RoutedForward):
         ids = self.st.current()
         if not isinstance(ids, torch.Tensor):
             return self._run(ids, args, kwargs)
-        tuned = [(i, f) for i, f in enumerate(self.st.finetunes)
-                 if any(self.st.overrides.value(name, f) is not None for name in self.tensors.values())]
+        # In name order, not load order: under tensor parallelism every rank must run its passes (each may end
+        # in a collective, like a vocabulary-parallel embedding's all-reduce) in the same order, and ranks may
+        # load the same fine-tunes in different orders.
+        tuned = sorted(((i, f) for i, f in enumerate(self.st.finetunes)
+                        if any(self.st.overrides.value(name, f) is not None for name in self.tensors.values())),
+                       key=lambda pair: pair[1])
         if not tuned:
             return self._run(None, args, kwargs)
         ids = ids.reshape(-1)
