@@ -113,6 +113,17 @@ __device__ __forceinline__ TileEntry entry_of(const uint8_t* section, int64_t t)
   return codec::load_entry(static_cast<const uint8_t*>(__builtin_assume_aligned(section, 16)), t);
 }
 
+// Zeroes a CTA's accumulator fragments (MT row slices x two 8-column halves x four fp32 values a lane).
+template <int MT>
+__device__ __forceinline__ void zero_fragments(float (&f)[MT][2][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) f[mt][nt][i] = 0.f;
+}
+
 // Tile t of fine-tune d as the kernel may read it: its entry when the tile is readable (codec::tile_readable),
 // else a zero tile, skipped, with the launch's error word raised. Sections are validated when they are made
 // resident; this keeps one that was not (a direct op call) from reading memory outside it, which on a GPU
@@ -138,12 +149,7 @@ __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, i
                                          float (&acc)[MT][2][4]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane >> 2, tig = lane & 3;
   float t[MT][2][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) t[mt][nt][i] = 0.f;
+  zero_fragments(t);
 #pragma unroll
   for (int kk = 0; kk < kTile; kk += 16) {
     uint32_t b[2][2];
@@ -263,12 +269,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   };
 
   float acc[MT][2][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  zero_fragments(acc);
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(kt0 + s, s);
