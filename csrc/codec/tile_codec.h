@@ -65,6 +65,9 @@ XG_HD T load_as(const void* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const T*>(p);
 #else
+#if defined(XORGEMM_EMULATE)
+  emulate::check_access(p, sizeof(T));  // the alignment and bounds the GPU needs (tests/cpp/cuda_emulation.h)
+#endif
   T v;
   memcpy(&v, p, sizeof v);
   return v;
@@ -75,6 +78,9 @@ XG_HD void store_as(void* p, const T& v) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<T*>(p) = v;
 #else
+#if defined(XORGEMM_EMULATE)
+  emulate::check_access(p, sizeof(T));
+#endif
   memcpy(p, &v, sizeof v);
 #endif
 }
@@ -85,6 +91,9 @@ XG_HD void store_as(void* p, const T& v) {
 // one 64-bit load.
 XG_HD TileEntry load_entry(const uint8_t* table, uint64_t t) {
   uint64_t raw;
+#if defined(XORGEMM_EMULATE)
+  emulate::check_access(table + t * sizeof(TileEntry), sizeof raw);  // one 64-bit load on the GPU
+#endif
   memcpy(&raw, table + t * sizeof(TileEntry), sizeof raw);
   TileEntry e;
   e.n_exc = (uint32_t)raw;

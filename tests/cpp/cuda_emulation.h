@@ -2,11 +2,18 @@
 //
 // A CTA is 128 std::threads; __syncthreads is a barrier over them; __shared__ variables become statics and
 // dynamic shared memory one buffer, refilled with NaN patterns before every CTA so a read of data never
-// loaded shows up. cp.async is deferred faithfully: copies queue per thread in commit groups and land only
-// when that thread's cp.async.wait_group retires their group. mma.sync m16n8k16 is a warp-level
-// exchange: the 32 lanes publish their fragments, each computes its four outputs from the PTX fragment
-// layout, in fp32 from the bf16/fp16 inputs. What this cannot show: timing, bank conflicts, and whether
-// the PTX layouts written here match the hardware (the GPU tests do).
+// loaded shows up. mma.sync m16n8k16 is a warp-level exchange: the 32 lanes publish their fragments, each
+// computes its four outputs from the PTX fragment layout, in fp32 from the bf16/fp16 inputs.
+//
+// cp.async has two landing modes, the two ends of what hardware may do: late (copies queue per thread in
+// commit groups and land only when that thread's cp.async.wait_group retires their group) and eager
+// (`eager_landing`: a copy also lands at issue, so refilling a stage another warp still reads is a data race
+// ThreadSanitizer reports). Every typed access, cp.async and mapped pointer is checked: aligned to its
+// size (a misaligned access faults on the GPU), and inside the dynamic shared memory the launch asked for;
+// bytes past that size must still hold their poison after each CTA. CTAs run one at a time, in grid order
+// or, with `cta_order_seed`, shuffled, so a result cannot depend on which CTA of a split-K group arrives
+// last. What this cannot show: timing, bank conflicts, CTAs running at once, memory ordering between CTAs,
+// and whether the PTX layouts written here match the hardware (the GPU tests do).
 #pragma once
 
 #define XORGEMM_EMULATE 1
@@ -14,10 +21,16 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -74,6 +87,31 @@ alignas(16) inline unsigned char smem_buffer[228 * 1024];
 inline void syncthreads() { cta_barrier.wait(); }
 inline unsigned char* dynamic_smem() { return smem_buffer; }
 
+inline bool eager_landing = false;  // cp.async: land at issue too (see the top of this file)
+inline unsigned cta_order_seed = 0;  // nonzero: run the CTAs of a launch in a shuffled order
+inline size_t smem_requested = sizeof smem_buffer;  // the dynamic shared memory of the running launch
+constexpr size_t kMaxDynamicSmem = 227 * 1024;      // what a CTA may opt in to on sm_90 (sm_80: 163 KiB)
+
+[[noreturn]] inline void fail(const char* what, const void* p, size_t n) {
+  fprintf(stderr, "emulation: %s (%zu bytes at %p, CTA %u,%u,%u thread %u)\n", what, n, p, blockIdx.x, blockIdx.y,
+          blockIdx.z, threadIdx.x);
+  abort();
+}
+// What the GPU requires of an access of n bytes at p: natural alignment, and inside the requested dynamic
+// shared memory when it is shared memory at all.
+inline void check_access(const void* p, size_t n) {
+  if (reinterpret_cast<uintptr_t>(p) % n != 0) fail("misaligned access", p, n);
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b >= smem_buffer && b < smem_buffer + sizeof smem_buffer && b + n > smem_buffer + smem_requested)
+    fail("shared-memory access beyond the launch's dynamic size", p, n);
+}
+
+template <typename T>
+T atomic_add(T* p, T v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+inline void threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
 struct Copy {
   void* dst;
   const void* src;
@@ -82,20 +120,26 @@ struct Copy {
 inline thread_local std::vector<Copy> open_group;
 inline thread_local std::deque<std::vector<Copy>> committed;
 
-inline void cp_async16(void* dst, const void* src, bool valid) { open_group.push_back({dst, src, valid}); }
+inline void land(const Copy& c) {
+  if (c.valid) {
+    memcpy(c.dst, c.src, 16);
+  } else {
+    memset(c.dst, 0, 16);
+  }
+}
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  check_access(dst, 16);
+  if (valid) check_access(src, 16);
+  open_group.push_back({dst, src, valid});
+  if (eager_landing) land(open_group.back());  // and again at the wait: the same bytes
+}
 inline void cp_async_commit() {
   committed.push_back(std::move(open_group));
   open_group.clear();
 }
 inline void cp_async_wait(int n) {
   while ((int)committed.size() > n) {
-    for (const Copy& c : committed.front()) {
-      if (c.valid) {
-        memcpy(c.dst, c.src, 16);
-      } else {
-        memset(c.dst, 0, 16);
-      }
-    }
+    for (const Copy& c : committed.front()) land(c);
     committed.pop_front();
   }
 }
@@ -205,27 +249,36 @@ inline void mma16816(bool is_bf16, float (&c)[4], const uint32_t (&a)[4], const 
 }
 
 // Runs `kernel` (a callable taking no arguments: the kernel bound to its parameters) over `grid` CTAs of
-// kThreads threads, one CTA at a time.
-inline void launch(dim3 grid, const std::function<void()>& kernel) {
+// kThreads threads with `smem_bytes` of dynamic shared memory, one CTA at a time.
+inline void launch(dim3 grid, const std::function<void()>& kernel, size_t smem_bytes = 0) {
+  if (smem_bytes > kMaxDynamicSmem) fail("a launch asks for more dynamic shared memory than an SM has", nullptr, smem_bytes);
   blockDim = {kThreads, 1, 1};
   gridDim = grid;
+  smem_requested = smem_bytes;
+  std::vector<dim3> order;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) order.push_back({x, y, z});
+  if (cta_order_seed != 0) std::shuffle(order.begin(), order.end(), std::mt19937(cta_order_seed));
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       threadIdx = {(unsigned)t, 0, 0};
-      for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-          for (unsigned x = 0; x < grid.x; ++x) {
-            blockIdx = {x, y, z};
-            if (t == 0) memset(smem_buffer, 0xff, sizeof smem_buffer);  // NaN in bf16 and fp16
-            syncthreads();
-            kernel();
-            cp_async_wait(0);
-            syncthreads();
-          }
+      for (const dim3& cta : order) {
+        blockIdx = cta;
+        if (t == 0) memset(smem_buffer, 0xff, sizeof smem_buffer);  // NaN in bf16 and fp16
+        syncthreads();
+        kernel();
+        cp_async_wait(0);
+        syncthreads();
+        if (t == 0)
+          for (size_t i = smem_bytes; i < sizeof smem_buffer; ++i)
+            if (smem_buffer[i] != 0xff) fail("a write beyond the launch's dynamic shared memory", smem_buffer + i, 1);
+      }
     });
   }
   for (auto& th : threads) th.join();
+  smem_requested = sizeof smem_buffer;
 }
 
 // A grid-stride kernel run by one thread covering the whole grid.

@@ -197,7 +197,9 @@ static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::v
 
   const dim3 grid3{(unsigned)plan.out_blocks, (unsigned)plan.splits, (unsigned)plan.chunks};
   constexpr bool kBf16 = std::is_same_v<T, emulate::bf16>;
-  const auto go = [&](auto kernel) { emulate::launch(grid3, [&] { kernel(args); }); };
+  const auto go = [&](auto kernel) {
+    emulate::launch(grid3, [&] { kernel(args); }, fused::smem_bytes(plan.mt, args.staged));
+  };
   switch (plan.mt * 2 + c.trans) {
     case 2: go(fused::fused_xor_gemm_kernel<kBf16, 1, false>); break;
     case 3: go(fused::fused_xor_gemm_kernel<kBf16, 1, true>); break;
@@ -320,11 +322,14 @@ static void run_apply(const format::TileGrid& g, double density, uint64_t gr0, u
   std::vector<Word> out((row1 - row0) * g.cols, (Word)0x5a);
   const dim3 grid{(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1};
   uint32_t error = 0;
-  emulate::launch(grid, [&] {
-    cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size,
-                                     reinterpret_cast<const Word*>(base.data()), out.data(), g,
-                                     (int64_t)(gr0 * g.grid_cols()), &error);
-  });
+  emulate::launch(
+      grid,
+      [&] {
+        cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size,
+                                         reinterpret_cast<const Word*>(base.data()), out.data(), g,
+                                         (int64_t)(gr0 * g.grid_cols()), &error);
+      },
+      (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
   const bool same = error == 0 &&
                     !memcmp(out.data(), ft.data() + row0 * g.cols * sizeof(Word), out.size() * sizeof(Word));
   check(same, "apply kernel, " + std::to_string(g.rows) + "x" + std::to_string(g.cols) + " tiles " +
@@ -353,10 +358,14 @@ static void apply_refuses_unreadable_tiles() {
     if (bad == 2) len = offsets[5] - 16;          // the section cut short inside tile 4's payload
     std::vector<uint16_t> out(g.rows * g.cols);
     uint32_t error = 0;
-    emulate::launch({(unsigned)g.num_tiles(), 1, 1}, [&] {
-      cuda::apply_section_kernel<uint16_t>(section.data(), offsets.data(), len,
-                                           reinterpret_cast<const uint16_t*>(base.data()), out.data(), g, 0, &error);
-    });
+    emulate::launch(
+        {(unsigned)g.num_tiles(), 1, 1},
+        [&] {
+          cuda::apply_section_kernel<uint16_t>(section.data(), offsets.data(), len,
+                                               reinterpret_cast<const uint16_t*>(base.data()), out.data(), g, 0,
+                                               &error);
+        },
+        64 * 64 * 2);
     ok = ok && error == cuda::kErrorTile;
     for (uint64_t t = 0; t < g.num_tiles(); ++t) {  // unreadable tiles stay the base, the others are patched
       const bool skipped = t == 4 || (bad == 2 && t > 4);  // cut short: every later payload is outside too
@@ -369,13 +378,38 @@ static void apply_refuses_unreadable_tiles() {
   check(ok, "apply kernel: an unreadable tile (wild, misaligned or cut-short payload) is skipped and flagged");
 }
 
-int main() {
-  for (double density : {0.0, 0.02, 1.0}) {
-    run_apply<uint16_t>({200, 136, 64, 64, 2}, density, 0, 4);
-    run_apply<uint16_t>({200, 136, 64, 64, 2}, density, 1, 4);  // the last, ragged grid row included
-    run_apply<uint32_t>({100, 70, 32, 48, 4}, density, 1, 3);
-    run_apply<uint8_t>({33, 65, 16, 16, 1}, density, 0, 3);
-    run_apply<unsigned long long>({20, 9, 8, 8, 8}, density, 2, 3);
+static const char* kUsage =
+    "usage: kernel_emulation_test [--eager] [--cta-order SEED] [--only SUBSTRING]\n"
+    "  --eager           cp.async copies land at issue too (default: only at their wait_group)\n"
+    "  --cta-order SEED  run each launch's CTAs in a shuffled order\n"
+    "  --only SUBSTRING  run only the cases whose name contains it\n";
+
+int main(int argc, char** argv) {
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--eager") {
+      emulate::eager_landing = true;
+    } else if (arg == "--cta-order" && i + 1 < argc) {
+      emulate::cta_order_seed = (unsigned)std::stoul(argv[++i]);
+    } else if (arg == "--only" && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      fputs(kUsage, stderr);
+      return 2;
+    }
+  }
+  printf("cp.async landing: %s; CTA order: %s\n", emulate::eager_landing ? "eager" : "late",
+         emulate::cta_order_seed ? ("shuffled, seed " + std::to_string(emulate::cta_order_seed)).c_str() : "grid");
+  const auto wanted = [&](const std::string& what) { return only.empty() || what.find(only) != std::string::npos; };
+  if (wanted("apply kernel")) {
+    for (double density : {0.0, 0.02, 1.0}) {
+      run_apply<uint16_t>({200, 136, 64, 64, 2}, density, 0, 4);
+      run_apply<uint16_t>({200, 136, 64, 64, 2}, density, 1, 4);  // the last, ragged grid row included
+      run_apply<uint32_t>({100, 70, 32, 48, 4}, density, 1, 3);
+      run_apply<uint8_t>({33, 65, 16, 16, 1}, density, 0, 3);
+      run_apply<unsigned long long>({20, 9, 8, 8, 8}, density, 2, 3);
+    }
   }
   const std::vector<Case> cases = {
       {136, 200, 5, true, false, 1, false, 1, 132, 0, "forward, bf16, staged byteplane delta, ragged N and K, M=5"},
@@ -417,16 +451,19 @@ int main() {
   inf_fp16.inf = true;
   for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16}) all.push_back(c);
   for (const Case& c : all) {
+    if (!wanted(c.what)) continue;
     if (c.bf16) {
       run<emulate::bf16>(c);
     } else {
       run<emulate::fp16>(c);
     }
   }
-  batch_invariance<emulate::bf16>(false);
-  batch_invariance<emulate::fp16>(false);
-  batch_invariance<emulate::bf16>(true);
-  apply_refuses_unreadable_tiles();
+  if (wanted("batch invariance")) {
+    batch_invariance<emulate::bf16>(false);
+    batch_invariance<emulate::fp16>(false);
+    batch_invariance<emulate::bf16>(true);
+  }
+  if (wanted("apply kernel")) apply_refuses_unreadable_tiles();
   const fused::LaunchPlan empty = fused::plan_launch(5, 128, 0, 132);  // K = 0: no division by zero
   check(empty.splits == 1 && empty.tiles_per_split >= 1 && empty.red_tiles == 0, "plan_launch with K = 0");
   const fused::LaunchPlan p16 = fused::plan_launch(16, 4096, 4096, 132), p64 = fused::plan_launch(64, 4096, 4096, 132);
