@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import perf_model
 import torch
 import torch.nn.functional as F
 from common import (
@@ -83,7 +84,7 @@ class UnfusedNvcomp:
         return F.linear(x, self.out)
 
 
-def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs):
+def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs, model=None):
     """Rows for one weight shape, dtype and delta kind, at every token count in `ms`."""
     n, k = shape
     dtype = FLOAT_DTYPES[dtype_name]
@@ -133,6 +134,12 @@ def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs):
                 row["xorgemm_eager_ms"] = timer(lambda i, x_d=x_d: layers[i](x_d), rot)
         err = rel_err(y.cpu(), F.linear(x.double(), ft.double()))
         row["rel_err"], row["correct"] = err, err < TOL[dtype_name]
+        if model is not None and dtype_name != "fp32":  # bench/perf_model.py: predicted beside measured
+            frac = row["delta_bytes"] / weight_bytes
+            xg, dense = perf_model.xor_linear(n, k, m, frac, model), perf_model.cublas(n, k, m, model)
+            row["xorgemm_predicted_ms"], row["xorgemm_predicted_bound"] = xg.ms, xg.bound
+            row["xorgemm_predicted_detail"] = xg.detail
+            row["dense_predicted_ms"] = dense.ms
         if copy_gbs:
             moved = weight_bytes + row["delta_bytes"] + x_d.numel() * x_d.element_size() * (1 + n / k)
             row["xorgemm_gbs"] = moved / (row["xorgemm_ms"] * 1e-3) / 1e9
@@ -155,10 +162,12 @@ def markdown(rows, meta) -> str:
             + (" `GB/s` counts base + resident delta + activations read and output written, `% copy` is that over "
                "the copy bandwidth. GPU times are CUDA-graph replays (the GPU's time, no Python launch overhead) "
                "where the method can be captured, marked `(e)` where it was timed eagerly (always the unfused "
-               "baseline: nvCOMP's decoder is not captured); `eager ms` is xorgemm called from Python."
+               "baseline: nvCOMP's decoder is not captured); `eager ms` is xorgemm called from Python. `predicted` "
+               "is bench/perf_model.py's time for this row from its assumptions (this run's SM count and copy "
+               "bandwidth), with what bounds xorgemm's; a miss names the assumption to revisit."
                if gpu else ""), ""]
     cols = "| N x K | M | dtype | delta | resident delta | dense ms | unfused ms | xorgemm ms | x dense | vs unfused |"
-    cols += " GB/s | % copy | eager ms |" if gpu else ""
+    cols += " GB/s | % copy | eager ms | predicted dense / xorgemm ms (bound) |" if gpu else ""
     out = head + [cols + " correct |", "|---" * (cols.count("|")) + "|"]
     for r in rows:
         xg = r["xorgemm_ms"]
@@ -170,6 +179,8 @@ def markdown(rows, meta) -> str:
                 f"{ms('xorgemm')} | {xg / r['dense_ms']:.2f} | {r['unfused_ms'] / xg:.1f}x |")
         if gpu:
             line += f" {r['xorgemm_gbs']:.0f} | {100 * r['copy_frac']:.0f}% | {r['xorgemm_eager_ms']:.3f} |"
+            line += (f" {r['dense_predicted_ms']:.3f} / {r['xorgemm_predicted_ms']:.3f} "
+                     f"({r['xorgemm_predicted_bound']}) |" if "xorgemm_predicted_ms" in r else " - |")
         out.append(line + f" {'yes' if r['correct'] else 'NO'} |")
     return "\n".join(out) + "\n"
 
@@ -231,10 +242,13 @@ def main(argv=None):
             "device": (torch.cuda.get_device_name() if a.device == "cuda"
                        else f"{cpu_name()}, {torch.get_num_threads()} threads"),
             "command": command_line("bench/gemm.py", argv, drop=("--update-readme",))}
-    copy_gbs = None
+    copy_gbs = model = None
     if a.device == "cuda":
         copy_gbs = copy_bandwidth(timer)
         meta["copy_gbs"] = copy_gbs
+        model = perf_model.for_this_gpu(torch.cuda.get_device_name(),
+                                        torch.cuda.get_device_properties(0).multi_processor_count, copy_gbs)
+        meta["perf_model"] = model.__dict__
         meta["driver"] = driver_version()
         meta["cuda"] = torch.version.cuda
         meta["xorgemm_cuda_path"] = os.environ.get("XORGEMM_CUDA_PATH", "auto")
@@ -249,7 +263,7 @@ def main(argv=None):
             for dtype in a.dtypes or d["dtypes"]:
                 for kind in a.kinds:
                     print(f"{shape[0]}x{shape[1]} {dtype} {kind} ...", file=sys.stderr, flush=True)
-                    rows += bench_case(shape, a.m or d["m"], dtype, kind, a.device, timer, work, copy_gbs)
+                    rows += bench_case(shape, a.m or d["m"], dtype, kind, a.device, timer, work, copy_gbs, model)
     table = markdown(rows, meta)
     print(table)
     out = write_results(a.out or RESULTS / f"gemm_{a.device}", f"xorgemm GEMM benchmark ({a.device})", table,

@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sys
 
+import perf_model
 import torch
 import torch.nn.functional as F
 from common import (
@@ -86,7 +87,7 @@ class Case:
         self.weight_bytes, self.delta_bytes = weight_bytes, delta_bytes
 
 
-def bench_multi(shapes, ds, dists, kinds, dtype_name, ms, timer, copy_gbs):
+def bench_multi(shapes, ds, dists, kinds, dtype_name, ms, timer, copy_gbs, model=None):
     """Rows for every shape, D, delta kind, row distribution and token count M (`ms`, or D, 4 D and 256 for
     each D when None), on the timer's device."""
     rows = []
@@ -97,14 +98,14 @@ def bench_multi(shapes, ds, dists, kinds, dtype_name, ms, timer, copy_gbs):
                 c = Case(n, k, d, kind, dtype_name, timer.device)
                 for dist in dists:
                     for m in ms or sorted({d, 4 * d, 256}):
-                        rows.append(one_row(c, dist, m, timer, copy_gbs))
+                        rows.append(one_row(c, dist, m, timer, copy_gbs, model))
                 del c
                 if timer.device == "cuda":
                     torch.cuda.empty_cache()
     return rows
 
 
-def one_row(c, dist, m, timer, copy_gbs):
+def one_row(c, dist, m, timer, copy_gbs, model=None):
     n, k, d, device = c.n, c.k, c.d, c.device
     ids = row_finetunes(dist, m, d, seed=m)
     x = torch.randn(m, k, device=device).to(c.dtype)
@@ -127,7 +128,14 @@ def one_row(c, dist, m, timer, copy_gbs):
                / (xs[f].double() @ c.fts[f].double().T).norm()).item() for f in active)
     moved = c.weight_bytes + sum(c.delta_bytes[f] for f in active) + x.numel() * x.element_size() * (1 + n / k)
     gbs = moved / (grouped_ms * 1e-3) / 1e9
-    return {"n": n, "k": k, "d": d, "kind": c.kind, "dist": dist, "m": m, "dtype": c.dtype_name,
+    predicted = {}
+    if model is not None:  # bench/perf_model.py: predicted beside measured
+        frac = statistics.mean(c.delta_bytes) / c.weight_bytes
+        g = perf_model.grouped(n, k, m, len(active), frac, model)
+        dense = perf_model.dense_many(n, k, [int((ids == f).sum()) for f in active], model)
+        predicted = {"grouped_predicted_ms": g.ms, "grouped_predicted_detail": g.detail,
+                     "dense_predicted_ms": dense.ms}
+    return {**predicted,"n": n, "k": k, "d": d, "kind": c.kind, "dist": dist, "m": m, "dtype": c.dtype_name,
             "active": len(active), "weight_bytes": c.weight_bytes,
             "resident_delta_frac": statistics.mean(c.delta_bytes) / c.weight_bytes,
             "dense_ms": dense_ms, "single_ms": single_ms, "grouped_ms": grouped_ms,
@@ -206,10 +214,11 @@ def markdown(rows, model_rows, meta) -> str:
            "`dense`: one cuBLAS GEMM per fine-tune with rows, on materialized weights; "
            "`single`: one single-fine-tune fused call per fine-tune; `grouped`: one call for the whole batch. "
            "`x dense` is dense over grouped (higher is better). `GB/s` counts the base, the active fine-tunes' "
-           "resident deltas and the activations; `% copy` is that over the copy bandwidth.", "",
+           "resident deltas and the activations; `% copy` is that over the copy bandwidth. `predicted` is "
+           "bench/perf_model.py's dense and grouped time for the row (this run's SM count and copy bandwidth).", "",
            "| N x K | D | delta | resident | rows | M | active | dense ms | single ms | grouped ms | x dense | "
-           "x single | GB/s | % copy | correct |",
-           "|---" * 15 + "|"]
+           "x single | GB/s | % copy | predicted dense / grouped ms | correct |",
+           "|---" * 16 + "|"]
     for r in rows:
         def ms(key, r=r):
             return f"{r[key + '_ms']:.3f}" + (" (e)" if r["timing"][key] == "eager" else "")
@@ -218,7 +227,9 @@ def markdown(rows, model_rows, meta) -> str:
                    f"{r['dist']} | {r['m']} | {r['active']} | {ms('dense')} | {ms('single')} | "
                    f"{ms('grouped')} | {r['dense_ms'] / r['grouped_ms']:.1f}x | "
                    f"{r['single_ms'] / r['grouped_ms']:.1f}x | {r['grouped_gbs']:.0f} | {100 * r['copy_frac']:.0f}% | "
-                   f"{'yes' if r['correct'] else 'NO'} |")
+                   + (f"{r['dense_predicted_ms']:.3f} / {r['grouped_predicted_ms']:.3f} | "
+                      if "grouped_predicted_ms" in r else "- | ")
+                   + f"{'yes' if r['correct'] else 'NO'} |")
     if model_rows:
         out += ["", "Model level: a decoder-shaped stack (q, k, v, o, up, down per block), D fine-tunes one row "
                 "each, some projections frozen in every fine-tune (those cost the base alone).", "",
@@ -260,7 +271,12 @@ def main(argv=None):
             "device": torch.cuda.get_device_name() if gpu else "CPU (dry run)", "cuda": torch.version.cuda,
             "driver": driver_version() if gpu else "n/a", "copy_gbs": copy_gbs,
             "command": command_line("bench/gemm_multi.py", argv)}
-    rows = bench_multi(parse_shapes(a.shapes), a.d, a.dists, a.kinds, a.dtype, a.m, timer, copy_gbs)
+    model = None
+    if gpu:
+        model = perf_model.for_this_gpu(torch.cuda.get_device_name(),
+                                        torch.cuda.get_device_properties(0).multi_processor_count, copy_gbs)
+        meta["perf_model"] = model.__dict__
+    rows = bench_multi(parse_shapes(a.shapes), a.d, a.dists, a.kinds, a.dtype, a.m, timer, copy_gbs, model)
     model_rows = bench_model(16, 2, 2048 if gpu else 128, FLOAT_DTYPES[a.dtype], timer, 16) if a.model else []
     table = markdown(rows, model_rows, meta)
     print(table)

@@ -62,7 +62,6 @@ def test_cuda_extension_has_sm80_and_sm90a_cubins_and_ptx():
 HOT_KERNELS = {
     "apply_section_kernel": 8,  # 4 word sizes x 2 architectures
     "fused_xor_gemm_kernel": 24,  # bf16/fp16 x 3 row tiles x forward/backward x 2 architectures
-    "reduce_splits_kernel": 4,
 }
 
 

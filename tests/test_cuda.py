@@ -11,9 +11,10 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available() or CUDA is None, reason="needs a CUDA GPU and _C_cuda")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", DELTA_KINDS)
-@pytest.mark.parametrize("shape", [(256, 192), (130, 70), (1, 1), (300,), (8, 3, 5, 5)])
+@pytest.mark.parametrize("shape", [(256, 192), (130, 70), (1, 1), (300,), (8, 3, 5, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_gpu_apply_matches_cpu(tmp_path, dtype, kind, shape):
     base = torch.randn(shape).to(dtype)
     ft = perturb(base, kind, seed=3)

@@ -3,6 +3,8 @@ kernel exist and skip cleanly elsewhere. Fresh random inputs (never zeros), outp
 dtype, many M, ragged N/K, every delta kind; the CUDA op against the CPU op and against F.linear on the
 reconstructed weight in float64 (normwise: bf16/fp16 < 1e-2; fp32 < 1e-5, TF32 off as torch's default is:
 fp32 weights take cuBLAS SGEMM on patched blocks)."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,20 +37,32 @@ def poison(nbytes: int):
     del junk
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("kind", DELTA_KINDS)
-@pytest.mark.parametrize("nk", [(4096, 4096), (1000, 776), (130, 70)])
-@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 128, 1024])
-def test_forward_against_cpu_and_float64(dtype, kind, nk, m):
-    n, k = nk
-    g = torch.Generator().manual_seed(n * 31 + k * 7 + m)
+DTYPE_IDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@functools.lru_cache(maxsize=4)
+def layers(dtype, kind, n, k):
+    """Base, fine-tune, bias and the layer on the CPU and on the GPU: encoded once per weight, not per M
+    (encoding 4096x4096 twice for each of 7 M was most of this file's time)."""
+    g = torch.Generator().manual_seed(n * 31 + k * 7)
     base = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
-    ft = perturb(base, kind, seed=m, magnitude=1e-3)
+    ft = perturb(base, kind, seed=n + k, magnitude=1e-3)
     bias = torch.randn(n, generator=g).to(dtype)
     cpu = XorLinear(base, bias)
     cpu.add_finetune("ft", ft)
     gpu = XorLinear(base.cuda(), bias.cuda())
     gpu.add_finetune("ft", ft.cuda())
+    return base, ft, bias, cpu, gpu
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 128, 1024], ids=lambda m: f"m{m}")  # fastest: one weight, every M
+@pytest.mark.parametrize("nk", [(4096, 4096), (1000, 776), (130, 70)], ids=lambda nk: f"{nk[0]}x{nk[1]}")
+@pytest.mark.parametrize("kind", DELTA_KINDS)
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
+def test_forward_against_cpu_and_float64(dtype, kind, nk, m):
+    n, k = nk
+    base, ft, bias, cpu, gpu = layers(dtype, kind, n, k)
+    g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(dtype)
     xd = x.cuda()
     poison(m * n * 4 * 8)  # the output and the split-K workspace
@@ -59,7 +73,7 @@ def test_forward_against_cpu_and_float64(dtype, kind, nk, m):
     assert rel_err(y, y_cpu.double()) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
 def test_mixed_rows_and_backward(dtype):
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(512, 384, generator=g) * 0.02).to(dtype)
@@ -92,8 +106,8 @@ def test_output_is_fully_written():
 
 
 @pytest.mark.parametrize("path", ["fused", "blocks"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 33, 200])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("m", [1, 33, 200], ids=lambda m: f"m{m}")
 def test_both_paths_forward_and_backward(monkeypatch, path, dtype, m):
     """Each CUDA path forced in turn (XORGEMM_CUDA_PATH): forward and input gradient against float64."""
     monkeypatch.setenv("XORGEMM_CUDA_PATH", path)

@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "cuda/device_errors.h"
@@ -39,6 +41,21 @@ void launch_fused(const FusedArgs& args, dim3 grid, cudaStream_t stream) {
   }
   kernel<<<grid, kThreads, smem_bytes(MT, args.staged), stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The split-K arrival counters of a launch on `stream`: `n` zeroed words. The kernel's last CTA of each output
+// block resets its own, so a buffer is zero again when the launch ends and is kept for the next one: no memset
+// per call, and nothing allocated once a shape has run (a CUDA graph captured after a warm-up call replays it).
+// One buffer per stream, since launches on two streams may overlap; grown, on its stream, when a launch needs
+// more.
+uint32_t* split_counters(const at::Device& device, cudaStream_t stream, int64_t n) {
+  static std::mutex mu;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> buffers;
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& buf = buffers[{device.index(), stream}];
+  if (!buf.defined() || buf.numel() < n)
+    buf = at::zeros({std::max<int64_t>(n, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
+  return reinterpret_cast<uint32_t*>(buf.data_ptr<int32_t>());
 }
 
 template <bool kBf16, bool kTrans>
@@ -115,38 +132,34 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
     args.staged = n_finetunes == 1;
   }
 
+  if (bias.has_value()) {
+    args.bias = reinterpret_cast<const uint16_t*>(bias->data_ptr());
+    args.bias_rows = bias->dim() == 1 ? 1 : bias->size(0);
+  }
+  args.out = reinterpret_cast<uint16_t*>(out.data_ptr());
+
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const LaunchPlan plan = plan_launch(m, out_cols, red, sms);
-  const int mt = plan.mt, splits = plan.splits;
   args.tiles_per_split = plan.tiles_per_split;
   args.red_tiles = plan.red_tiles;
+  args.splits = plan.splits;
   args.out_cols = out_cols;
-  TORCH_CHECK(plan.chunks <= 65535 && splits <= 65535, "xorgemm: batch of ", m, " rows is too large for one launch");
-  at::Tensor partial = at::empty({splits, m, out_cols}, a2.options().dtype(at::kFloat));
-  args.partial = partial.data_ptr<float>();
-
-  const dim3 grid((unsigned)plan.out_blocks, (unsigned)splits, (unsigned)plan.chunks);
-  if (bf16) {
-    transposed ? launch_by_rows<true, true>(mt, args, grid, stream)
-               : launch_by_rows<true, false>(mt, args, grid, stream);
-  } else {
-    transposed ? launch_by_rows<false, true>(mt, args, grid, stream)
-               : launch_by_rows<false, false>(mt, args, grid, stream);
+  TORCH_CHECK(plan.chunks <= 65535 && plan.splits <= 65535, "xorgemm: batch of ", m, " rows is too large for one launch");
+  at::Tensor partial;
+  if (plan.splits > 1) {
+    partial = at::empty({plan.splits, m, out_cols}, a2.options().dtype(at::kFloat));
+    args.partial = partial.data_ptr<float>();
+    args.counters = split_counters(base.device(), stream, plan.chunks * plan.out_blocks);
   }
 
-  const int64_t total = m * out_cols;
-  const int threads = 256;
-  const int blocks = (int)std::min<int64_t>((total + threads - 1) / threads, 8ll * sms);
-  const int64_t* perm_ptr = row_finetune.has_value() ? perm.data_ptr<int64_t>() : nullptr;
-  const int64_t* ids_ptr = row_finetune.has_value() ? ids.data_ptr<int64_t>() : nullptr;
-  const int64_t bias_rows = bias.has_value() ? (bias->dim() == 1 ? 1 : bias->size(0)) : 0;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(a2.scalar_type(), "xorgemm_reduce_splits", [&] {
-    reduce_splits_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        partial.data_ptr<float>(), splits, m, out_cols, perm_ptr,
-        bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, bias_rows, ids_ptr, args.only_group,
-        out.data_ptr<scalar_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid((unsigned)plan.out_blocks, (unsigned)plan.splits, (unsigned)plan.chunks);
+  if (bf16) {
+    transposed ? launch_by_rows<true, true>(plan.mt, args, grid, stream)
+               : launch_by_rows<true, false>(plan.mt, args, grid, stream);
+  } else {
+    transposed ? launch_by_rows<false, true>(plan.mt, args, grid, stream)
+               : launch_by_rows<false, false>(plan.mt, args, grid, stream);
+  }
   publish_device_errors(base.device(), stream);
   return out;
 }

@@ -11,6 +11,11 @@
 #include "cuda/emulatable.cuh"
 #include "cuda/error_bits.h"
 
+#if !defined(XORGEMM_EMULATE)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace xorgemm {
 namespace cuda {
 namespace fused {
@@ -44,9 +49,13 @@ struct FusedArgs {
   uint64_t section_bytes[kMaxFinetunes];  // each section's length: no tile is read outside it
   uint64_t table_bytes;                   // the tile table's share of every section (same grid)
   uint32_t* error;                        // device error word: kErrorTile when a tile lies outside its section
-  float* partial;  // [splits, m, out_cols]
+  uint16_t* out;         // [m, out_cols] bf16/fp16, rows in the order of `a`
+  const uint16_t* bias;  // [bias_rows, out_cols] or nullptr; row g is group g's (bias_rows 1: every row's)
+  int64_t bias_rows;
+  float* partial;        // [splits, m, out_cols] fp32, sorted rows: each split's sums (splits > 1 only)
+  uint32_t* counters;    // [row chunks x output blocks]: splits done; zero before a launch, and again after it
   int64_t out_cols;
-  int red_tiles, tiles_per_split;
+  int red_tiles, tiles_per_split, splits;
 };
 
 __host__ __device__ constexpr int a_smem_bytes(int mt) { return 16 * mt * kStride * 2; }
@@ -100,6 +109,56 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#endif
+}
+
+// bf16/fp16 bits <-> fp32, rounding to nearest even.
+template <bool kBf16>
+__device__ __forceinline__ float half_to_float(uint16_t h) {
+#if defined(XORGEMM_EMULATE)
+  return kBf16 ? emulate::bf16_to_float(h) : emulate::fp16_to_float(h);
+#else
+  if constexpr (kBf16) {
+    return __bfloat162float(__ushort_as_bfloat16(h));
+  } else {
+    return __half2float(__ushort_as_half(h));
+  }
+#endif
+}
+template <bool kBf16>
+__device__ __forceinline__ uint16_t float_to_half(float v) {
+#if defined(XORGEMM_EMULATE)
+  return kBf16 ? emulate::float_to_bf16(v) : emulate::float_to_fp16(v);
+#else
+  if constexpr (kBf16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  } else {
+    return __half_as_ushort(__float2half_rn(v));
+  }
+#endif
+}
+
+// What the split-K fixup needs between CTAs: an atomic count, a device-wide fence, and loads that bypass L1
+// (another SM wrote the partial sums; L1 is not coherent).
+__device__ __forceinline__ uint32_t atomic_add(uint32_t* p, uint32_t v) {
+#if defined(XORGEMM_EMULATE)
+  return emulate::atomic_add(p, v);
+#else
+  return atomicAdd(p, v);
+#endif
+}
+__device__ __forceinline__ void fence() {
+#if defined(XORGEMM_EMULATE)
+  emulate::threadfence();
+#else
+  __threadfence();
+#endif
+}
+__device__ __forceinline__ float load_l2(const float* p) {
+#if defined(XORGEMM_EMULATE)
+  return *p;
+#else
+  return __ldcg(p);
 #endif
 }
 
@@ -196,6 +255,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   XG_DYNAMIC_SMEM(smem);
   __shared__ int seg_lo[kMaxFinetunes + 1], seg_hi[kMaxFinetunes + 1];
   __shared__ int64_t a_row[BM];
+  __shared__ int row_group[BM];
+  __shared__ uint32_t arrived;
 
   const int tid = threadIdx.x;
   const int64_t out_block = blockIdx.x;
@@ -227,6 +288,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   for (int r = tid; r < BM; r += kThreads)
     a_row[r] = r < rows_here ? (args.perm != nullptr ? args.perm[row0 + r] : row0 + r) : -1;
   __syncthreads();
+  for (int r = tid; r < BM; r += kThreads) {  // each row's group: which bias row it adds
+    int g = args.seg != nullptr ? 0 : args.only_group;
+    for (int j = 0; j < args.n_groups && args.seg != nullptr; ++j)
+      if (r >= seg_lo[j] && r < seg_hi[j]) g = j;
+    row_group[r] = args.bias_rows == 1 ? 0 : g;
+  }
+  __syncthreads();  // with no reduction tiles (K = 0) the epilogue comes next
 
   // Tile coordinates of reduction step kt.
   auto tile_rc = [&](int kt, int64_t& gr, int64_t& gc) {
@@ -321,43 +389,52 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   }
   cp_async_wait<0>();
 
-  // Partial sums of this split: rows in sorted order, outputs of this block.
+  // The epilogue. With split-K, every CTA of an output block writes its fp32 partial sums; the last to
+  // arrive adds them all, in split order whoever arrived last (deterministic), then the bias, and writes the
+  // output: no second launch and no fp32 round trip when the reduction is not split.
   const int lane = tid % 32, warp = tid / 32, gid = lane >> 2, tig = lane & 3;
-  float* part = args.partial + (int64_t)blockIdx.y * args.m * args.out_cols;
+  const int64_t total = args.m * args.out_cols;
+  if (args.splits > 1) {
+    float* part = args.partial + (int64_t)blockIdx.y * total;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = mt * 16 + gid + (i >> 1) * 8;
+          const int64_t o = out_block * kTile + warp * 16 + nt * 8 + tig * 2 + (i & 1);
+          if (r < rows_here && o < args.out_cols) part[(row0 + r) * args.out_cols + o] = acc[mt][nt][i];
+        }
+    fence();  // release: the partial sums are visible device-wide before the count says so
+    __syncthreads();
+    if (tid == 0) {
+      uint32_t* counter = args.counters + blockIdx.z * gridDim.x + blockIdx.x;
+      arrived = atomic_add(counter, 1u);
+      if (arrived == (uint32_t)args.splits - 1) *counter = 0;  // the last: ready for the next launch
+    }
+    __syncthreads();
+    if (arrived != (uint32_t)args.splits - 1) return;  // uniform: every thread read the same count
+    fence();  // acquire: the other splits' partial sums
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int64_t o = out_block * kTile + warp * 16 + nt * 8 + tig * 2;
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = mt * 16 + gid + half * 8;
-        if (r >= rows_here) continue;
-        float* dst = part + (row0 + r) * args.out_cols + o;
-        if (o < args.out_cols) dst[0] = acc[mt][nt][half * 2];
-        if (o + 1 < args.out_cols) dst[1] = acc[mt][nt][half * 2 + 1];
+      for (int i = 0; i < 4; ++i) {
+        const int r = mt * 16 + gid + (i >> 1) * 8;
+        const int64_t o = out_block * kTile + warp * 16 + nt * 8 + tig * 2 + (i & 1);
+        if (r >= rows_here || o >= args.out_cols) continue;
+        float v = acc[mt][nt][i];
+        if (args.splits > 1) {
+          const float* p = args.partial + (row0 + r) * args.out_cols + o;
+          v = 0.f;
+          for (int sp = 0; sp < args.splits; ++sp) v += sp == (int)blockIdx.y ? acc[mt][nt][i] : load_l2(p + sp * total);
+        }
+        if (args.bias != nullptr) v += half_to_float<kBf16>(args.bias[row_group[r] * args.out_cols + o]);
+        args.out[a_row[r] * args.out_cols + o] = float_to_half<kBf16>(v);
       }
-    }
-}
-
-// out[perm[s], o] = sum over splits of partial[split, s, o] (fixed order) + bias, cast to the output type.
-template <typename T>
-__global__ void reduce_splits_kernel(const float* __restrict__ partial, int splits, int64_t m, int64_t out_cols,
-                                     const int64_t* __restrict__ perm, const T* __restrict__ bias,
-                                     int64_t bias_rows, const int64_t* __restrict__ row_finetune, int only_group,
-                                     T* __restrict__ out) {
-  const int64_t total = m * out_cols;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t s = i / out_cols, o = i % out_cols;
-    float v = 0.f;
-    for (int sp = 0; sp < splits; ++sp) v += partial[sp * total + i];
-    const int64_t row = perm != nullptr ? perm[s] : s;
-    if (bias != nullptr) {
-      const int64_t br = bias_rows == 1 ? 0 : (row_finetune != nullptr ? row_finetune[row] + 1 : only_group);
-      v += static_cast<float>(bias[br * out_cols + o]);
-    }
-    out[row * out_cols + o] = static_cast<T>(v);
-  }
 }
 
 // How a problem is cut into CTAs: rows per CTA (16 * mt), row chunks, and the split of the reduction.
@@ -367,20 +444,33 @@ struct LaunchPlan {
   int red_tiles, tiles_per_split, splits;
 };
 // The split of the reduction depends on the shape and the device only, never on m: a row's bits must not
-// depend on how many rows share its batch (with mma_tile's per-tile additions, each row's sum runs in the
-// same order in any batch). Split until a 16-row batch fills three CTAs per SM (what fits at 16 rows: three
-// staged stages take 58 KiB of the 227 KiB), keeping >= 4 tiles per split so the pipeline has something
-// to overlap. A reduction of no tiles (K = 0) is one empty split: the output is the bias alone.
+// depend on how many rows share its batch (with mma_tile's per-tile additions and the fixed-order split sum,
+// each row's sum runs in the same order in any batch). A CTA at decode shapes is bound by the loads it keeps
+// in flight, so its time is about its tile count: a plan costs its waves (three 16-row CTAs per SM is what fits:
+// three staged stages take 58 KiB of the 227 KiB) times the tiles per CTA, plus one for the split-K epilogue.
+// The cheapest split wins, the fewer splits on a tie; each split keeps >= 4 tiles so the pipeline overlaps
+// something. A reduction of no tiles (K = 0) is one empty split: the output is the bias alone.
 inline LaunchPlan plan_launch(int64_t m, int64_t out_cols, int64_t red, int sms) {
   LaunchPlan p;
   p.mt = m <= 16 ? 1 : (m <= 32 ? 2 : 4);
   p.chunks = (m + 16 * p.mt - 1) / (16 * p.mt);
   p.out_blocks = (out_cols + kTile - 1) / kTile;
   p.red_tiles = (int)((red + kTile - 1) / kTile);
-  const int64_t want = (3 * (int64_t)sms + p.out_blocks - 1) / std::max<int64_t>(1, p.out_blocks);
-  const int64_t splits0 = std::max<int64_t>(1, std::min<int64_t>(want, std::max(1, p.red_tiles / 4)));
-  p.tiles_per_split = (int)std::max<int64_t>(1, (p.red_tiles + splits0 - 1) / splits0);
-  p.splits = std::max(1, (p.red_tiles + p.tiles_per_split - 1) / p.tiles_per_split);
+  const int64_t slots = 3 * (int64_t)std::max(1, sms);
+  p.splits = 1;
+  p.tiles_per_split = std::max(1, p.red_tiles);
+  int64_t best = -1;
+  for (int s = 1; s <= std::max(1, p.red_tiles / 4); ++s) {
+    const int per = std::max(1, (p.red_tiles + s - 1) / s);
+    if ((p.red_tiles + per - 1) / per != s && s > 1) continue;  // the same cut as fewer splits
+    const int64_t waves = (p.out_blocks * s + slots - 1) / slots;
+    const int64_t cost = waves * (per + (s > 1 ? 1 : 0));
+    if (best < 0 || cost < best) {
+      best = cost;
+      p.splits = s;
+      p.tiles_per_split = per;
+    }
+  }
   return p;
 }
 

@@ -190,10 +190,18 @@ static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::v
     args.staged = c.n_finetunes == 1;
   }
   std::vector<float> partial((size_t)plan.splits * m * out_cols, NAN);
-  args.partial = partial.data();
+  std::vector<uint32_t> counters(plan.chunks * plan.out_blocks, 0);
+  std::vector<T> out(m * out_cols);
+  for (auto& v : out) v.bits = 0xffff;  // NaN: every element must be written
+  args.out = reinterpret_cast<uint16_t*>(out.data());
+  args.bias = c.bias_rows ? bias.data() : nullptr;
+  args.bias_rows = c.bias_rows;
+  args.partial = plan.splits > 1 ? partial.data() : nullptr;
+  args.counters = plan.splits > 1 ? counters.data() : nullptr;
   args.out_cols = out_cols;
   args.red_tiles = plan.red_tiles;
   args.tiles_per_split = plan.tiles_per_split;
+  args.splits = plan.splits;
 
   const dim3 grid3{(unsigned)plan.out_blocks, (unsigned)plan.splits, (unsigned)plan.chunks};
   constexpr bool kBf16 = std::is_same_v<T, emulate::bf16>;
@@ -208,13 +216,8 @@ static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::v
     case 8: go(fused::fused_xor_gemm_kernel<kBf16, 4, false>); break;
     default: go(fused::fused_xor_gemm_kernel<kBf16, 4, true>); break;
   }
-  std::vector<T> out(m * out_cols);
-  for (auto& v : out) v.bits = 0xffff;  // NaN: every element must be written
-  emulate::launch_serial([&] {
-    fused::reduce_splits_kernel<T>(partial.data(), plan.splits, m, out_cols, c.grouped ? perm.data() : nullptr,
-                                   c.bias_rows ? reinterpret_cast<const T*>(bias.data()) : nullptr, c.bias_rows,
-                                   c.grouped ? ids.data() : nullptr, args.only_group, out.data());
-  });
+  // Every split-K counter is back to zero, ready for the next launch on the stream.
+  if (std::any_of(counters.begin(), counters.end(), [](uint32_t x) { return x != 0; })) *error |= 1u << 31;
   return out;
 }
 
@@ -302,6 +305,36 @@ static void batch_invariance(bool trans) {
   }
   check(same, std::string("batch invariance, ") + (trans ? "backward" : "forward") +
                   (std::is_same_v<T, emulate::bf16> ? ", bf16" : ", fp16") + ": rows 0-1, 3-8, 5-30, 17-60, 40-130 of 130");
+}
+
+// The split-K epilogue adds the splits' sums in split order whichever CTA arrives last: the same bits for any
+// order in which the CTAs run.
+template <typename T>
+static void split_order_invariance(bool trans) {
+  const Case c{trans ? 1024 : 136, trans ? 136 : 1024, 40, std::is_same_v<T, emulate::bf16>, trans, 3, true,
+               trans ? 0 : 4, 8, 1, "split order"};
+  std::mt19937 rng(7);
+  const Problem p = make_problem<T>(c, rng);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int64_t red = trans ? c.n : c.k, out_cols = trans ? c.k : c.n;
+  std::vector<uint16_t> a(c.m * red);
+  for (auto& v : a) v = T(normal(rng)).bits;
+  std::vector<int64_t> ids(c.m);
+  for (int64_t i = 0; i < c.m; ++i) ids[i] = (int64_t)(rng() % 4) - 1;
+  std::vector<uint16_t> bias(c.bias_rows * out_cols);
+  for (auto& v : bias) v = T(normal(rng)).bits;
+  const unsigned saved = emulate::cta_order_seed;
+  uint32_t error = 0;
+  std::vector<std::vector<T>> outs;
+  for (unsigned seed : {0u, 3u, 11u}) {
+    emulate::cta_order_seed = seed;
+    outs.push_back(launch_fused<T>(c, p, a, ids, bias, &error));
+  }
+  emulate::cta_order_seed = saved;
+  const size_t bytes = outs[0].size() * sizeof(T);
+  check(fused::plan_launch(c.m, out_cols, red, c.sms).splits > 1 && error == 0 &&
+            !memcmp(outs[0].data(), outs[1].data(), bytes) && !memcmp(outs[0].data(), outs[2].data(), bytes),
+        std::string("split-K: the same bits whichever CTA arrives last, ") + (trans ? "backward" : "forward"));
 }
 
 // The apply kernel over grid rows [gr0, gr1) (all of them: the whole tensor) must give exactly the
@@ -463,11 +496,19 @@ int main(int argc, char** argv) {
     batch_invariance<emulate::fp16>(false);
     batch_invariance<emulate::bf16>(true);
   }
+  if (wanted("split order")) {
+    split_order_invariance<emulate::bf16>(false);
+    split_order_invariance<emulate::fp16>(true);
+  }
   if (wanted("apply kernel")) apply_refuses_unreadable_tiles();
   const fused::LaunchPlan empty = fused::plan_launch(5, 128, 0, 132);  // K = 0: no division by zero
   check(empty.splits == 1 && empty.tiles_per_split >= 1 && empty.red_tiles == 0, "plan_launch with K = 0");
   const fused::LaunchPlan p16 = fused::plan_launch(16, 4096, 4096, 132), p64 = fused::plan_launch(64, 4096, 4096, 132);
   check(p16.splits == p64.splits && p16.tiles_per_split == p64.tiles_per_split,
         "plan_launch: the split of the reduction does not depend on the batch size");
+  // The splits docs/kernels.md states and bench/perf_model.py mirrors (tests/test_perf_model.py: the same).
+  check(p16.splits == 6 && fused::plan_launch(1, 14336, 4096, 132).splits == 5 &&
+            fused::plan_launch(1, 4096, 14336, 132).splits == 6,
+        "plan_launch on 132 SMs: 4096x4096 6 splits, 14336x4096 5, 4096x14336 6");
   return report();
 }
