@@ -111,18 +111,17 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   }
   args.table_bytes = format::TileGrid::make(n, k, kTile, kTile, 2).table_bytes();
   args.error = reinterpret_cast<uint32_t*>(error.data_ptr<int32_t>());
-  at::Tensor perm, seg, ids;
+  at::Tensor perm, seg;
   if (row_finetune.has_value()) {
-    // Ids out of range are served the base and reported through the error word, on the device: a device
-    // assert would kill the CUDA context, a host check would wait for the GPU.
-    ids = row_finetune->reshape({-1});
-    const at::Tensor bad = (ids < -1).logical_or(ids >= n_finetunes);
-    error.bitwise_or_(bad.any().to(at::kInt) * (int32_t)kErrorRowId);
-    ids = ids.masked_fill(bad, -1).contiguous();
-    // Segments by fine-tune, computed on the device: a stable sort and a histogram, no host round trip.
-    perm = std::get<1>(at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
-    at::Tensor counts = at::zeros({n_finetunes + 1}, ids.options()).index_add_(0, ids + 1, at::ones_like(ids));
-    seg = at::cat({at::zeros({1}, ids.options()), counts.cumsum(0)}).to(at::kInt);
+    // Rows grouped by fine-tune on the device, in one small launch (group_rows_kernel): ids checked there,
+    // no host round trip, nothing but this launch and the GEMM's in a CUDA graph.
+    TORCH_CHECK(m < (1ll << 31), "xorgemm: ", m, " rows with per-row fine-tunes is too many for one call");
+    const at::Tensor ids = row_finetune->reshape({-1}).contiguous();
+    perm = at::empty({m}, ids.options());
+    seg = at::empty({n_finetunes + 2}, ids.options().dtype(at::kInt));
+    group_rows_kernel<<<1, 1024, 0, stream>>>(ids.data_ptr<int64_t>(), m, n_finetunes + 1, perm.data_ptr<int64_t>(),
+                                              seg.data_ptr<int32_t>(), args.error);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     args.perm = perm.data_ptr<int64_t>();
     args.seg = seg.data_ptr<int32_t>();
     args.only_group = -1;

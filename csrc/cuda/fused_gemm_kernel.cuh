@@ -140,11 +140,19 @@ __device__ __forceinline__ uint16_t float_to_half(float v) {
 
 // What the split-K fixup needs between CTAs: an atomic count, a device-wide fence, and loads that bypass L1
 // (another SM wrote the partial sums; L1 is not coherent).
-__device__ __forceinline__ uint32_t atomic_add(uint32_t* p, uint32_t v) {
+template <typename T>
+__device__ __forceinline__ T atomic_add(T* p, T v) {
 #if defined(XORGEMM_EMULATE)
   return emulate::atomic_add(p, v);
 #else
   return atomicAdd(p, v);
+#endif
+}
+__device__ __forceinline__ void atomic_or(uint32_t* p, uint32_t v) {
+#if defined(XORGEMM_EMULATE)
+  __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+#else
+  atomicOr(p, v);
 #endif
 }
 __device__ __forceinline__ void fence() {
@@ -163,6 +171,7 @@ __device__ __forceinline__ float load_l2(const float* p) {
 }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return load_as<uint32_t>(p); }
@@ -191,20 +200,26 @@ __device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, int d,
   const TileEntry e = entry_of(args.sections[d], t);
   if (codec::tile_readable(e, elems, 2, (uint64_t)args.offsets[d][t], args.table_bytes, args.section_bytes[d]))
     return e;
-  if (threadIdx.x == 0) *args.error |= kErrorTile;  // every thread skips the tile alike
+  if (threadIdx.x == 0) atomic_or(args.error, kErrorTile);  // every thread skips the tile alike
   return TileEntry{0, codec::kZero, 0, 0};
 }
 
+// Rows [lo, hi) of a CTA's BM <= 64 as a bit mask.
+__device__ __forceinline__ uint64_t row_mask(int lo, int hi) {
+  const uint64_t below_hi = hi >= 64 ? ~0ull : (1ull << hi) - 1;
+  return lo >= hi ? 0ull : below_hi & ~((1ull << lo) - 1);
+}
+
 // Multiplies the BM activation rows of this CTA by the 64x64 weight tile `w` held in shared memory and adds
-// the products of the rows [lo, hi) (CTA-local: one segment) into acc. kTrans: the tile's rows are the
+// the products of the rows in `rows` (CTA-local, a bit each) into acc. kTrans: the tile's rows are the
 // reduction (backward).
-// Each 16-row slice is multiplied whole into a zeroed temporary, and only the segment's rows are added:
+// Each 16-row slice is multiplied whole into a zeroed temporary, and only the selected rows are added:
 // - isolation: another segment's rows never meet this tile in acc, so one tenant's Inf/NaN weight (0 * Inf
 //   = NaN under masking) cannot reach another tenant's rows;
 // - batch invariance: a row gains exactly one rounded addition per tile, whoever shares its slice, so its
 //   bits do not depend on the rest of its batch.
 template <bool kBf16, int MT, bool kTrans>
-__device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, int lo, int hi,
+__device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, uint64_t rows,
                                          float (&acc)[MT][2][4]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane >> 2, tig = lane & 3;
   float t[MT][2][4];
@@ -227,7 +242,7 @@ __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, i
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      if (mt * 16 >= hi || mt * 16 + 16 <= lo) continue;  // slice outside the segment (warp-uniform)
+      if (((rows >> (mt * 16)) & 0xffff) == 0) continue;  // no selected row in the slice (warp-uniform)
       const uint16_t* p0 = a + (mt * 16 + gid) * kStride + kk + tig * 2;
       const uint16_t* p1 = p0 + 8 * kStride;
       const uint32_t af[4] = {ld32(p0), ld32(p1), ld32(p0 + 8), ld32(p1 + 8)};
@@ -238,7 +253,7 @@ __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, i
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     const int r0 = mt * 16 + gid, r1 = r0 + 8;  // C fragment rows: elements 0, 1 and 2, 3
-    const bool in0 = r0 >= lo && r0 < hi, in1 = r1 >= lo && r1 < hi;
+    const bool in0 = (rows >> r0) & 1, in1 = (rows >> r1) & 1;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       acc[mt][nt][0] += in0 ? t[mt][nt][0] : 0.f;  // a select, not a product: NaN outside stays outside
@@ -249,6 +264,61 @@ __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, i
   }
 }
 
+// A sparse tile's exceptions (positions strictly increasing in a validated section) as ranges per tile row:
+// row o's are [start[o], start[o + 1]). One coalesced pass over the positions, then a barrier. A section
+// nobody validated may leave entries unset or ranges inverted; the reader clamps them, so it only ever
+// reads this tile's exceptions.
+__device__ __forceinline__ void exception_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w,
+                                               int* start) {
+  const int n = (int)e.n_exc;
+  auto row_of = [&](int x) {
+    const uint32_t p = codec::exception_position(payload, e, elems, (uint32_t)x);
+    return p < elems ? (int)(p / w) : kTile;
+  };
+  for (int x = threadIdx.x; x < n; x += kThreads) {
+    const int row = imin(row_of(x), kTile), prev = x == 0 ? -1 : imin(row_of(x - 1), kTile);
+    for (int r = prev + 1; r <= row; ++r) start[r] = x;  // rows prev+1 .. row start at exception x
+  }
+  if (threadIdx.x == 0)
+    for (int r = (n == 0 ? 0 : imin(row_of(n - 1), kTile) + 1); r <= kTile; ++r) start[r] = n;
+  __syncthreads();
+}
+
+// Forward, a sparse tile of the rows in `rows`: instead of patching a copy of the base tile and multiplying
+// all over again, add x[r][j] * (W'[o][j] - W[o][j]) for each exception (o, j), in fp32, onto the base
+// product those rows already have. Each thread owns the four output columns of its C fragments, so it walks
+// only their exceptions, in position order: a row's sum runs in the same order in any batch. ~4 exceptions
+// a thread at 3% density, against a 9 KiB tile copy, four barriers and a full MMA.
+template <bool kBf16, int MT>
+__device__ __forceinline__ void sparse_correction(const uint16_t* a, const uint16_t* tile, const uint8_t* payload,
+                                                  TileEntry e, uint32_t elems, uint32_t w, const int* start,
+                                                  uint64_t rows, float (&acc)[MT][2][4]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane >> 2, tig = lane & 3;
+  const int n = (int)e.n_exc;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int o = warp * 16 + nt * 8 + tig * 2 + c;  // tile row = output column of C elements c and c + 2
+      const int lo = imin(imax(start[o], 0), n), hi = imin(imax(start[o + 1], lo), n);
+      for (int x = lo; x < hi; ++x) {
+        const uint32_t p = codec::exception_position(payload, e, elems, (uint32_t)x);
+        if (p >= elems || (int)(p / w) != o) continue;  // only in a section nobody validated
+        const int j = (int)(p % w);
+        const uint16_t wb = tile[o * kStride + j];
+        const uint16_t wf = wb ^ (uint16_t)codec::exception_high_bits(payload, e, elems, 2, (uint32_t)x);
+        const float diff = half_to_float<kBf16>(wf) - half_to_float<kBf16>(wb);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int r = mt * 16 + gid + half * 8;
+            if ((rows >> r) & 1) acc[mt][nt][half * 2 + c] += half_to_float<kBf16>(a[r * kStride + j]) * diff;
+          }
+      }
+    }
+}
+
 template <bool kBf16, int MT, bool kTrans>
 __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GRID_CONSTANT FusedArgs args) {
   constexpr int BM = 16 * MT;
@@ -257,6 +327,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   __shared__ int64_t a_row[BM];
   __shared__ int row_group[BM];
   __shared__ uint32_t arrived;
+  __shared__ int exc_start[2][kTile + 1];  // sparse_correction's ranges, two buffers: one barrier per tile
 
   const int tid = threadIdx.x;
   const int64_t out_block = blockIdx.x;
@@ -338,6 +409,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
 
   float acc[MT][2][4];
   zero_fragments(acc);
+  int sparse_passes = 0;  // which exc_start buffer the next sparse tile takes
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(kt0 + s, s);
@@ -355,36 +427,56 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     const uint32_t w = (uint32_t)min64(kTile, args.k - gc * kTile);
     uint16_t* tile = tile_of(s);
     const uint16_t* a = a_of(s);
-    for (int g = 0; g < args.n_groups; ++g) {
-      const int lo = seg_lo[g], hi = seg_hi[g];
-      if (lo >= hi) continue;
-      const uint16_t* wtile = tile;
-      bool patched_copy = false;
-      if (g > 0) {
-        const int d = g - 1;
-        const TileEntry e = checked_entry(args, d, t, h * w);
-        if (e.codec != codec::kZero) {
-          uint16_t* dst = tile;
-          const uint8_t* payload = codec::tile_payload_bytes(e, h * w, 2) <= (uint64_t)kPayloadCap
-                                       ? payload_of(s)
-                                       : args.sections[d] + args.offsets[d][t];  // too big to stage
-          if (!args.staged) {  // other segments still need the plain base tile: patch a copy
-            for (int i = tid; i < kTileSmem / 16; i += kThreads)
-              store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));
-            __syncthreads();
-            dst = patch;
-            payload = args.sections[d] + args.offsets[d][t];
-            patched_copy = true;
-          }
-          codec::xor_tile_low_strided<uint16_t>(payload, e, h * w, w, dst, kStride, tid, kThreads);
-          __syncthreads();
-          codec::xor_tile_exceptions_strided<uint16_t>(payload, e, h * w, w, dst, kStride, tid, kThreads);
-          __syncthreads();
-          wtile = dst;
-        }
+    const uint32_t elems = h * w;
+    if (args.staged) {  // one fine-tune for every row: its payload rode the pipeline; patch the tile in place
+      const int d = args.only_group - 1;
+      const TileEntry e = checked_entry(args, d, t, elems);
+      if (e.codec != codec::kZero) {
+        const uint8_t* payload = codec::tile_payload_bytes(e, elems, 2) <= (uint64_t)kPayloadCap
+                                     ? payload_of(s)
+                                     : args.sections[d] + args.offsets[d][t];  // too big to stage
+        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
+        __syncthreads();
+        codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
+        __syncthreads();
       }
-      mma_tile<kBf16, MT, kTrans>(a, wtile, lo, hi, acc);
-      if (patched_copy) __syncthreads();  // the next segment's copy overwrites the patch
+      mma_tile<kBf16, MT, kTrans>(a, tile, row_mask(0, rows_here), acc);
+      continue;
+    }
+    // Rows of several groups. The base tile is multiplied once, for every row whose group can use it: base
+    // rows, fine-tunes whose tile is zero and (forward) fine-tunes whose tile is sparse, which then add their
+    // exceptions' corrections. A fine-tune with a denser tile (or any non-zero tile, backward) gets its own
+    // patched copy of the base tile, multiplied for its rows alone.
+    const auto own_copy = [&](const TileEntry& e) {
+      return e.codec != codec::kZero && (kTrans || e.codec != codec::kSparse);
+    };
+    uint64_t shared_rows = row_mask(0, rows_here);
+    for (int g = 1; g < args.n_groups; ++g)
+      if (seg_lo[g] < seg_hi[g] && own_copy(checked_entry(args, g - 1, t, elems)))
+        shared_rows &= ~row_mask(seg_lo[g], seg_hi[g]);
+    mma_tile<kBf16, MT, kTrans>(a, tile, shared_rows, acc);
+    for (int g = 1; g < args.n_groups; ++g) {
+      if (seg_lo[g] >= seg_hi[g]) continue;
+      const int d = g - 1;
+      const TileEntry e = checked_entry(args, d, t, elems);
+      if (e.codec == codec::kZero) continue;
+      const uint8_t* payload = args.sections[d] + args.offsets[d][t];
+      const uint64_t rows = row_mask(seg_lo[g], seg_hi[g]);
+      if (!own_copy(e)) {
+        int* start = exc_start[sparse_passes++ & 1];
+        exception_rows(payload, e, elems, w, start);
+        sparse_correction<kBf16, MT>(a, tile, payload, e, elems, w, start, rows, acc);
+        continue;
+      }
+      for (int i = tid; i < kTileSmem / 16; i += kThreads)
+        store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));
+      __syncthreads();
+      codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
+      __syncthreads();
+      codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
+      __syncthreads();
+      mma_tile<kBf16, MT, kTrans>(a, patch, rows, acc);
+      __syncthreads();  // the next segment's copy overwrites the patch
     }
   }
   cp_async_wait<0>();
@@ -435,6 +527,44 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         if (args.bias != nullptr) v += half_to_float<kBf16>(args.bias[row_group[r] * args.out_cols + o]);
         args.out[a_row[r] * args.out_cols + o] = float_to_half<kBf16>(v);
       }
+}
+
+// The per-row launch's preparation, in one CTA (the first of a call's two launches): an id outside
+// [-1, n_groups - 1) is served the base and raises kErrorRowId (a device assert would kill the CUDA context,
+// a host check would wait for the GPU); rows are counted per group (id + 1), seg gets the groups' bounds and
+// perm the rows grouped by group. Rows within a group take any order (atomics): no result depends on it,
+// since every row's sum runs the same way wherever it sits.
+__global__ void group_rows_kernel(const int64_t* ids, int64_t m, int n_groups, int64_t* perm, int32_t* seg,
+                                  uint32_t* error) {
+  __shared__ int count[kMaxFinetunes + 1], cursor[kMaxFinetunes + 1];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  auto group_of = [&](int64_t i) {
+    const int64_t id = ids[i];
+    return id >= -1 && id < n_groups - 1 ? (int)id + 1 : -1;
+  };
+  for (int g = tid; g < n_groups; g += nthreads) count[g] = 0;
+  __syncthreads();
+  bool bad = false;
+  for (int64_t i = tid; i < m; i += nthreads) {
+    const int g = group_of(i);
+    bad = bad || g < 0;
+    atomic_add(&count[g < 0 ? 0 : g], 1);
+  }
+  if (bad) atomic_or(error, kErrorRowId);
+  __syncthreads();
+  if (tid == 0) {
+    int run = 0;
+    for (int g = 0; g < n_groups; ++g) {
+      seg[g] = cursor[g] = run;
+      run += count[g];
+    }
+    seg[n_groups] = run;
+  }
+  __syncthreads();
+  for (int64_t i = tid; i < m; i += nthreads) {
+    const int g = group_of(i);
+    perm[atomic_add(&cursor[g < 0 ? 0 : g], 1)] = i;
+  }
 }
 
 // How a problem is cut into CTAs: rows per CTA (16 * mt), row chunks, and the split of the reduction.

@@ -27,9 +27,9 @@ MUTANTS = {
         ["--eager", "--only", "staged"],
     ),
     "M3 (no barrier between the decode passes)": (
-        "          codec::xor_tile_low_strided<uint16_t>(payload, e, h * w, w, dst, kStride, tid, kThreads);\n"
-        "          __syncthreads();\n",
-        "          codec::xor_tile_low_strided<uint16_t>(payload, e, h * w, w, dst, kStride, tid, kThreads);\n",
+        "        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);\n"
+        "        __syncthreads();\n",
+        "        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);\n",
         ["--only", "staged"],
     ),
 }

@@ -51,6 +51,7 @@ struct Case {
   bool big_payload = false;  // encode tile 0 as byteplane with every word an exception: too big to stage
   int corrupt = 0;  // fine-tune 0's section: 1 tile 1's entry malformed, 2 tile 1's offset far outside it
   bool inf = false;  // fine-tune 0's weight holds an Inf: its rows may be non-finite, no other row may
+  bool bad_ids = false;  // grouped: two rows' ids out of range, served the base and reported
 };
 
 // A valid section whose tile 0 is byteplane (1 low byte) with exceptions for every word whose high byte
@@ -158,12 +159,17 @@ static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::v
                                    uint32_t* error) {
   const int64_t n = c.n, k = c.k, m = (int64_t)ids.size();
   const int64_t red = c.trans ? n : k, out_cols = c.trans ? k : n;
-  std::vector<int64_t> perm(m);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::stable_sort(perm.begin(), perm.end(), [&](int64_t x, int64_t y) { return ids[x] < ids[y]; });
-  std::vector<int32_t> seg(c.n_finetunes + 2, 0);
-  for (int64_t i = 0; i < m; ++i) ++seg[ids[i] + 2];
-  for (int g = 1; g < (int)seg.size(); ++g) seg[g] += seg[g - 1];
+  std::vector<int64_t> perm(m, -1);
+  std::vector<int32_t> seg(c.n_finetunes + 2, -1);
+  if (c.grouped) {  // the call's first launch: rows grouped by fine-tune, ids checked
+    emulate::launch({1, 1, 1}, [&] {
+      fused::group_rows_kernel(ids.data(), m, c.n_finetunes + 1, perm.data(), seg.data(), error);
+    });
+    std::vector<int64_t> sorted = perm;
+    std::sort(sorted.begin(), sorted.end());
+    for (int64_t i = 0; i < m; ++i)
+      if (sorted[i] != i) *error |= 1u << 30;  // not a permutation
+  }
 
   const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
   fused::FusedArgs args{};
@@ -246,8 +252,14 @@ static void run(const Case& c) {
     bias.resize((size_t)c.bias_rows * out_cols);
     for (auto& v : bias) v = to_bits(normal(rng) * 10);
   }
+  std::vector<int64_t> sent = ids;
+  if (c.bad_ids) {  // out of range both ways: what the kernel must serve is the base
+    sent[0] = c.n_finetunes + 5;
+    sent[m - 1] = -7;
+    ids[0] = ids[m - 1] = -1;
+  }
   uint32_t error = 0;
-  const std::vector<T> out = launch_fused<T>(c, p, a, ids, bias, &error);
+  const std::vector<T> out = launch_fused<T>(c, p, a, sent, bias, &error);
 
   // float64 reference on the fine-tuned weights, row by row. With a corrupted section or an Inf weight,
   // fine-tune 0's rows are not checked: every other row must still be finite and right.
@@ -272,7 +284,8 @@ static void run(const Case& c) {
   const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
   char buf[96];
   snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d, error word %u)", rel, plan.mt, plan.splits, error);
-  check(finite && rel < 8e-3 && error == (c.corrupt ? cuda::kErrorTile : 0u), c.what + buf);
+  const uint32_t want_error = (c.corrupt ? cuda::kErrorTile : 0u) | (c.bad_ids ? cuda::kErrorRowId : 0u);
+  check(finite && rel < 8e-3 && error == want_error, c.what + buf);
 }
 
 // A row's output bits do not depend on the rest of its batch: the same rows served alone, in batches of other
@@ -482,7 +495,9 @@ int main(int argc, char** argv) {
   inf.inf = true;
   Case inf_fp16{200, 136, 30, false, true, 3, true, 0, 4, 2, "backward, fp16, split-K, an Inf weight"};
   inf_fp16.inf = true;
-  for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16}) all.push_back(c);
+  Case bad_ids{136, 200, 20, true, false, 3, true, 4, 132, 1, "grouped, two rows' ids out of range"};
+  bad_ids.bad_ids = true;
+  for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16, bad_ids}) all.push_back(c);
   for (const Case& c : all) {
     if (!wanted(c.what)) continue;
     if (c.bf16) {
