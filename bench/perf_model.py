@@ -17,8 +17,11 @@ How a fused launch is modelled (docs/kernels.md has the kernel):
   `cublas_flops_frac` of the tensor cores' peak at large M (less when its output tiles leave SMs idle),
   whichever is longer;
 - one fine-tune at M > 64 takes the patched-block path: the apply kernel's bytes, then cuBLAS per block.
-The grouped call (many fine-tunes) is modelled as built: every (segment, non-zero tile) pair in a CTA is
-serialized behind its own dependent loads, tile copy and barriers.
+The grouped call (many fine-tunes) is modelled as built (docs/kernels.md): every fine-tune's entry for a tile
+is fetched during the previous tile and its payload prefetched into L2, so per tile: the base product once,
+then per batch of 8 sparse tiles one L2 round trip for their exception positions and a few FMAs a segment,
+and per dense tile one L2 round trip for its payload (into shared memory beside the base tile's copy), its
+decode and a masked MMA, one dense tile after another.
 
     python bench/perf_model.py                   # the device script's benchmark rows, predicted (no GPU needed)
     python bench/perf_model.py --device h100
@@ -42,6 +45,7 @@ class Device:
     sms: int
     copy_gbs: float  # device-to-device copy, GB/s (H200: measured on the lent machines)
     latency_us: float  # a loaded HBM round trip
+    l2_latency_us: float  # an L2 hit
     clock_ghz: float
     mma_tflops: float  # dense bf16/fp16 tensor-core peak through mma.sync (no wgmma)
     launch_us: float  # one kernel boundary inside a CUDA graph
@@ -51,8 +55,8 @@ class Device:
 
 
 DEVICES = {
-    "h200": Device("NVIDIA H200", 132, 4300.0, 0.9, 1.98, 660.0, 2.0, 0.85, 0.70, 2.0),
-    "h100": Device("NVIDIA H100 80GB HBM3", 132, 3000.0, 0.9, 1.98, 660.0, 2.0, 0.85, 0.70, 2.0),
+    "h200": Device("NVIDIA H200", 132, 4300.0, 0.9, 0.3, 1.98, 660.0, 2.0, 0.85, 0.70, 2.0),
+    "h100": Device("NVIDIA H100 80GB HBM3", 132, 3000.0, 0.9, 0.3, 1.98, 660.0, 2.0, 0.85, 0.70, 2.0),
 }
 
 # Shared-memory occupancy: 16-row CTAs fit 3 per SM, 32-row 3, 64-row 2 (docs/kernels.md; ptxas registers
@@ -65,10 +69,13 @@ MMA_CYCLES_PER_SLICE = 130
 # (the review's SASS reading); a sparse tile costs a pass over its exceptions, 128 threads wide.
 BYTEPLANE_DECODE_CYCLES = 1250
 SPARSE_CYCLES_PER_EXCEPTION_ROUND = 40
-# Grouped, per (segment, non-zero tile) in a CTA: three dependent global loads (entry, offset, payload), a
-# 9 KiB tile copy, 4 barriers and a masked MMA (the review's estimate: ~2k cycles beside the loads).
-GROUPED_SEGMENT_CYCLES = 2000
-GROUPED_PREP_KERNELS = 10
+# Grouped: a sparse tile's exception pass and its corrections (~4 exceptions a thread at 3% density, two
+# rows a slice); a dense tile's copy, decode from shared memory, masked MMA and 4 barriers; the one prep
+# kernel.
+SPARSE_SEGMENT_CYCLES = 200
+DENSE_SEGMENT_CYCLES = 900 + BYTEPLANE_DECODE_CYCLES
+SPARSE_BATCH = 8
+GROUPED_PREP_KERNELS = 1
 # xor_linear_cuda.cpp: one fine-tune takes the fused kernel up to this many rows, else patched blocks of
 # this much weight.
 FUSED_MAX_ROWS = 64
@@ -193,22 +200,29 @@ def xor_linear(n: int, k: int, m: int, delta_frac: float, dev: Device) -> Predic
 
 
 def grouped(n: int, k: int, m: int, active: int, delta_frac: float, dev: Device) -> Prediction:
-    """Per-row fine-tunes in one launch, as built: `active` fine-tunes with rows, spread over the batch."""
+    """Per-row fine-tunes in one launch, as built: `active` fine-tunes with rows, spread over the batch, every
+    tile of theirs non-zero (element-sparse changes touch every tile), sparse below 30% resident."""
     p = plan(m, n, k, dev.sms)
     slots = SLOTS_PER_SM[p.mt] * dev.sms
-    segments_per_cta = min(active, 16 * p.mt)  # at most one segment per row of the CTA
-    # Every tile of the benchmark's deltas is non-zero (element-sparse changes touch every tile).
-    per_segment_us = GROUPED_SEGMENT_CYCLES / (dev.clock_ghz * 1e3)
-    tile_us = max(dev.latency_us / (STAGES - 1), TILE_OVERHEAD_CYCLES / (dev.clock_ghz * 1e3))
-    tile_us += segments_per_cta * per_segment_us
+    segments = min(active, 16 * p.mt)  # fine-tunes with rows in one CTA: at most one a row
+    cycle_us = 1 / (dev.clock_ghz * 1e3)
+    base_us = max(dev.latency_us / (STAGES - 1), (TILE_OVERHEAD_CYCLES + p.mt * MMA_CYCLES_PER_SLICE) * cycle_us)
+    if delta_frac < 0.3:
+        extra_us = (math.ceil(segments / SPARSE_BATCH) * dev.l2_latency_us
+                    + segments * SPARSE_SEGMENT_CYCLES * cycle_us)
+        how = f"{segments} sparse tiles a CTA tile in {math.ceil(segments / SPARSE_BATCH)} batches"
+    else:
+        extra_us = segments * (dev.l2_latency_us + DENSE_SEGMENT_CYCLES * cycle_us)
+        how = f"{segments} dense tiles a CTA tile, one by one"
+    tile_us = base_us + extra_us
     waves = math.ceil(p.ctas / slots)
     prep_us = GROUPED_PREP_KERNELS * dev.small_kernel_us
     t = waves * p.tiles_per_split * tile_us + dev.launch_us + dev.latency_us + prep_us
-    bytes_ = n * k * 2 * (1 + active * delta_frac)
-    floor_us = bytes_ / (dev.copy_gbs * 1e3)
-    detail = (f"{p.ctas} CTAs, {waves} waves; {segments_per_cta} segments/CTA serialized at "
-              f"{per_segment_us * 1e3:.0f} ns per non-zero tile; prep {prep_us:.0f} us; byte floor {floor_us:.1f} us")
-    return Prediction(t / 1e3, "segments" if tile_us > 2 * dev.latency_us else "latency", detail)
+    floor_us = n * k * 2 * (1 + active * delta_frac) / (dev.copy_gbs * 1e3)
+    detail = (f"{p.ctas} CTAs, {waves} waves, {p.tiles_per_split} tiles/CTA at {tile_us:.2f} us; {how}; "
+              f"byte floor {floor_us:.1f} us")
+    bound = "segments" if extra_us > base_us else "base"
+    return Prediction(t / 1e3, bound, detail)
 
 
 def dense_many(n: int, k: int, rows_per_finetune: list[int], dev: Device) -> Prediction:

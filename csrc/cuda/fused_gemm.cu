@@ -35,7 +35,8 @@ void launch_fused(const FusedArgs& args, dim3 grid, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(mu);
     if ((int)opted.size() <= dev) opted.resize(dev + 1, false);
     if (!opted[dev]) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(MT, true)));
+      const int most = std::max(smem_bytes(MT, true), smem_bytes(MT, false));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
       opted[dev] = true;
     }
   }

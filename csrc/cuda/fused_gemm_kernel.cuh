@@ -33,6 +33,7 @@ constexpr int kStages = 3;                   // cp.async pipeline depth
 // CTAs fit an H100 SM (four times 4 bytes a word would allow two).
 constexpr int kPayloadCap = kTile * kTile * 2;
 constexpr int kTileSmem = kTile * kStride * 2;
+constexpr int kSparseBatch = 8;  // sparse tiles whose exception ranges are found in one pass
 
 struct FusedArgs {
   const uint16_t* a;   // activations [m, lda]: x (forward) or grad_y (backward)
@@ -63,7 +64,8 @@ __host__ __device__ constexpr int stage_bytes(int mt, bool staged) {
   return kTileSmem + a_smem_bytes(mt) + (staged ? kPayloadCap : 0);
 }
 __host__ __device__ constexpr int smem_bytes(int mt, bool staged) {
-  return kStages * stage_bytes(mt, staged) + (staged ? 0 : kTileSmem);  // + the patch copy when grouped
+  // Grouped launches add the patch copy and a dense tile's payload, brought in before its decode.
+  return kStages * stage_bytes(mt, staged) + (staged ? 0 : kTileSmem + kPayloadCap);
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -196,12 +198,23 @@ __device__ __forceinline__ void zero_fragments(float (&f)[MT][2][4]) {
 // else a zero tile, skipped, with the launch's error word raised. Sections are validated when they are made
 // resident; this keeps one that was not (a direct op call) from reading memory outside it, which on a GPU
 // would kill the process's CUDA context and every tenant's work with it. ~10 integer ops per tile.
-__device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, int d, int64_t t, uint32_t elems) {
-  const TileEntry e = entry_of(args.sections[d], t);
-  if (codec::tile_readable(e, elems, 2, (uint64_t)args.offsets[d][t], args.table_bytes, args.section_bytes[d]))
-    return e;
-  if (threadIdx.x == 0) atomic_or(args.error, kErrorTile);  // every thread skips the tile alike
+__device__ __forceinline__ TileEntry readable_or_zero(const FusedArgs& args, int d, TileEntry e, int64_t offset,
+                                                      uint32_t elems) {
+  if (codec::tile_readable(e, elems, 2, (uint64_t)offset, args.table_bytes, args.section_bytes[d])) return e;
+  atomic_or(args.error, kErrorTile);  // every thread that reads the entry skips the tile alike
   return TileEntry{0, codec::kZero, 0, 0};
+}
+__device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, int d, int64_t t, uint32_t elems) {
+  return readable_or_zero(args, d, entry_of(args.sections[d], t), args.offsets[d][t], elems);
+}
+
+// Asks L2 for the line holding p ahead of its use (a no-op under the emulation).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if !defined(XORGEMM_EMULATE)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
 }
 
 // Rows [lo, hi) of a CTA's BM <= 64 as a bit mask.
@@ -265,11 +278,11 @@ __device__ __forceinline__ void mma_tile(const uint16_t* a, const uint16_t* w, u
 }
 
 // A sparse tile's exceptions (positions strictly increasing in a validated section) as ranges per tile row:
-// row o's are [start[o], start[o + 1]). One coalesced pass over the positions, then a barrier. A section
-// nobody validated may leave entries unset or ranges inverted; the reader clamps them, so it only ever
-// reads this tile's exceptions.
+// row o's are [start[o], start[o + 1]). One coalesced pass over the positions; the caller puts a barrier
+// between it and the readers. A section nobody validated may leave entries unset or ranges inverted; the
+// reader clamps them, so it only ever reads this tile's exceptions.
 __device__ __forceinline__ void exception_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w,
-                                               int* start) {
+                                               int16_t* start) {
   const int n = (int)e.n_exc;
   auto row_of = [&](int x) {
     const uint32_t p = codec::exception_position(payload, e, elems, (uint32_t)x);
@@ -277,11 +290,10 @@ __device__ __forceinline__ void exception_rows(const uint8_t* payload, TileEntry
   };
   for (int x = threadIdx.x; x < n; x += kThreads) {
     const int row = imin(row_of(x), kTile), prev = x == 0 ? -1 : imin(row_of(x - 1), kTile);
-    for (int r = prev + 1; r <= row; ++r) start[r] = x;  // rows prev+1 .. row start at exception x
+    for (int r = prev + 1; r <= row; ++r) start[r] = (int16_t)x;  // rows prev+1 .. row start at exception x
   }
   if (threadIdx.x == 0)
-    for (int r = (n == 0 ? 0 : imin(row_of(n - 1), kTile) + 1); r <= kTile; ++r) start[r] = n;
-  __syncthreads();
+    for (int r = (n == 0 ? 0 : imin(row_of(n - 1), kTile) + 1); r <= kTile; ++r) start[r] = (int16_t)n;
 }
 
 // Forward, a sparse tile of the rows in `rows`: instead of patching a copy of the base tile and multiplying
@@ -291,7 +303,7 @@ __device__ __forceinline__ void exception_rows(const uint8_t* payload, TileEntry
 // a thread at 3% density, against a 9 KiB tile copy, four barriers and a full MMA.
 template <bool kBf16, int MT>
 __device__ __forceinline__ void sparse_correction(const uint16_t* a, const uint16_t* tile, const uint8_t* payload,
-                                                  TileEntry e, uint32_t elems, uint32_t w, const int* start,
+                                                  TileEntry e, uint32_t elems, uint32_t w, const int16_t* start,
                                                   uint64_t rows, float (&acc)[MT][2][4]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gid = lane >> 2, tig = lane & 3;
   const int n = (int)e.n_exc;
@@ -327,7 +339,11 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   __shared__ int64_t a_row[BM];
   __shared__ int row_group[BM];
   __shared__ uint32_t arrived;
-  __shared__ int exc_start[2][kTile + 1];  // sparse_correction's ranges, two buffers: one barrier per tile
+  // The grouped path's view of a tile, per group: its checked entry and payload address, for the tile being
+  // multiplied and the next one (by tile parity); and the sparse tiles' exception ranges.
+  __shared__ TileEntry tile_entry[2][kMaxFinetunes + 1];
+  __shared__ const uint8_t* tile_payload[2][kMaxFinetunes + 1];
+  __shared__ int16_t exc_start[kSparseBatch][kTile + 1];
 
   const int tid = threadIdx.x;
   const int64_t out_block = blockIdx.x;
@@ -343,6 +359,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   auto a_of = [&](int s) { return reinterpret_cast<uint16_t*>(smem + s * sbytes + kTileSmem); };
   auto payload_of = [&](int s) { return smem + s * sbytes + kTileSmem + a_smem_bytes(MT); };
   uint16_t* patch = reinterpret_cast<uint16_t*>(smem + kStages * sbytes);
+  unsigned char* patch_payload = smem + kStages * sbytes + kTileSmem;
 
   // This CTA's share of each segment (CTA-local rows), and where its rows live in `a`.
   for (int g = tid; g < args.n_groups; g += kThreads) {
@@ -407,9 +424,51 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     cp_async_commit();  // always, so wait_group counts stay uniform at the end of the range
   };
 
+  // Grouped launches: thread g - 1 fetches fine-tune g's entry and payload offset of the next tile while the
+  // CTA multiplies this one, and publishes them (checked) at the end of the tile, with an L2 prefetch of the
+  // payload: per tile no round trip waits for a tile table, and exception passes read from L2.
+  const int my_group = 1 + tid;
+  const bool fetch_meta = !args.staged && my_group < args.n_groups && seg_lo[imin(my_group, kMaxFinetunes)] <
+                                                                          seg_hi[imin(my_group, kMaxFinetunes)];
+  TileEntry next_entry{0, codec::kZero, 0, 0};
+  int64_t next_offset = 0;
+  auto tile_of_step = [&](int kt, int64_t& t, uint32_t& elems) {
+    int64_t gr, gc;
+    tile_rc(kt, gr, gc);
+    t = gr * grid_cols + gc;
+    elems = (uint32_t)(min64(kTile, args.n - gr * kTile) * min64(kTile, args.k - gc * kTile));
+  };
+  auto fetch = [&](int kt) {
+    if (!fetch_meta || kt >= kt1) return;
+    int64_t t;
+    uint32_t elems;
+    tile_of_step(kt, t, elems);
+    next_entry = entry_of(args.sections[my_group - 1], t);
+    next_offset = args.offsets[my_group - 1][t];
+  };
+  auto publish = [&](int kt, int buf) {
+    if (args.staged || my_group >= args.n_groups || kt >= kt1) return;
+    TileEntry e{0, codec::kZero, 0, 0};
+    const uint8_t* payload = nullptr;
+    if (fetch_meta) {
+      int64_t t;
+      uint32_t elems;
+      tile_of_step(kt, t, elems);
+      e = readable_or_zero(args, my_group - 1, next_entry, next_offset, elems);
+      if (e.codec != codec::kZero) {
+        payload = args.sections[my_group - 1] + next_offset;
+        const uint64_t bytes = min64((int64_t)codec::tile_payload_bytes(e, elems, 2), kPayloadCap);
+        for (uint64_t b = 0; b < bytes; b += 128) prefetch_l2(payload + b);
+      }
+    }
+    tile_entry[buf][my_group] = e;
+    tile_payload[buf][my_group] = payload;
+  };
+
   float acc[MT][2][4];
   zero_fragments(acc);
-  int sparse_passes = 0;  // which exc_start buffer the next sparse tile takes
+  fetch(kt0);
+  publish(kt0, 0);  // before the first tile's barrier
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(kt0 + s, s);
@@ -419,6 +478,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage s landed for every thread; everyone is done with the stage refilled next
     issue(kt + kStages - 1, (kt - kt0 + kStages - 1) % kStages);
+    fetch(kt + 1);  // grouped: the next tile's entries, in flight while this one is multiplied
 
     int64_t gr, gc;
     tile_rc(kt, gr, gc);
@@ -447,26 +507,46 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     // rows, fine-tunes whose tile is zero and (forward) fine-tunes whose tile is sparse, which then add their
     // exceptions' corrections. A fine-tune with a denser tile (or any non-zero tile, backward) gets its own
     // patched copy of the base tile, multiplied for its rows alone.
+    const int parity = (kt - kt0) & 1;
+    const TileEntry* te = tile_entry[parity];
+    const uint8_t* const* tp = tile_payload[parity];
     const auto own_copy = [&](const TileEntry& e) {
       return e.codec != codec::kZero && (kTrans || e.codec != codec::kSparse);
     };
+    const auto sparse = [&](int g) { return !kTrans && te[g].codec == codec::kSparse; };
     uint64_t shared_rows = row_mask(0, rows_here);
     for (int g = 1; g < args.n_groups; ++g)
-      if (seg_lo[g] < seg_hi[g] && own_copy(checked_entry(args, g - 1, t, elems)))
-        shared_rows &= ~row_mask(seg_lo[g], seg_hi[g]);
+      if (own_copy(te[g])) shared_rows &= ~row_mask(seg_lo[g], seg_hi[g]);
     mma_tile<kBf16, MT, kTrans>(a, tile, shared_rows, acc);
+    // Sparse tiles, kSparseBatch at a time: their exception ranges in one pass (every segment's positions in
+    // flight together), one barrier, then the corrections. Which segment goes first changes no row's sum.
+    for (int g0 = 1;;) {
+      int g1 = g0, nb = 0;
+      for (; g1 < args.n_groups && nb < kSparseBatch; ++g1)
+        if (sparse(g1)) exception_rows(tp[g1], te[g1], elems, w, exc_start[nb++]);
+      if (nb == 0) break;
+      __syncthreads();
+      for (int g = g0, i = 0; g < g1; ++g)
+        if (sparse(g))
+          sparse_correction<kBf16, MT>(a, tile, tp[g], te[g], elems, w, exc_start[i++], row_mask(seg_lo[g], seg_hi[g]),
+                                       acc);
+      bool more = false;
+      for (int g = g1; g < args.n_groups; ++g) more = more || sparse(g);
+      if (!more) break;
+      __syncthreads();  // the next batch overwrites the ranges
+      g0 = g1;
+    }
     for (int g = 1; g < args.n_groups; ++g) {
-      if (seg_lo[g] >= seg_hi[g]) continue;
-      const int d = g - 1;
-      const TileEntry e = checked_entry(args, d, t, elems);
-      if (e.codec == codec::kZero) continue;
-      const uint8_t* payload = args.sections[d] + args.offsets[d][t];
-      const uint64_t rows = row_mask(seg_lo[g], seg_hi[g]);
-      if (!own_copy(e)) {
-        int* start = exc_start[sparse_passes++ & 1];
-        exception_rows(payload, e, elems, w, start);
-        sparse_correction<kBf16, MT>(a, tile, payload, e, elems, w, start, rows, acc);
-        continue;
+      if (!own_copy(te[g])) continue;
+      const TileEntry e = te[g];
+      const uint8_t* payload = tp[g];
+      // The base tile copied, and the payload brought into shared memory alongside: independent 16-byte
+      // loads, one round trip, where decoding from global memory would wait once per pass iteration.
+      const uint64_t bytes = codec::tile_payload_bytes(e, elems, 2);
+      if (bytes <= (uint64_t)kPayloadCap) {
+        for (int i = tid; i < (int)(bytes / 16); i += kThreads)
+          store_as<uint4>(patch_payload + 16 * i, load_as<uint4>(payload + 16 * i));
+        payload = patch_payload;
       }
       for (int i = tid; i < kTileSmem / 16; i += kThreads)
         store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));
@@ -475,9 +555,10 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       __syncthreads();
       codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
       __syncthreads();
-      mma_tile<kBf16, MT, kTrans>(a, patch, rows, acc);
+      mma_tile<kBf16, MT, kTrans>(a, patch, row_mask(seg_lo[g], seg_hi[g]), acc);
       __syncthreads();  // the next segment's copy overwrites the patch
     }
+    publish(kt + 1, parity ^ 1);  // read after the next tile's barrier; last read during the previous tile
   }
   cp_async_wait<0>();
 

@@ -45,7 +45,7 @@ struct Case {
   bool grouped;    // per-row ids (with base rows); else every row uses the single fine-tune
   int bias_rows;   // 0: none, 1: [N], else [n_finetunes + 1, N] (forward only)
   int sms;         // what plan_launch is told, to get split-K
-  int kind0;       // fine-tune d is of kind (kind0 + d) % 3; kind0 3: every word, both bytes
+  int kind0;       // fine-tune d is of kind (kind0 + d) % 3; kind0 3: every word, both bytes; 4: all sparse
   std::string what;
   std::string dist = "";  // grouped: how rows spread over fine-tunes (see row_ids); "" = runs of three + base
   bool big_payload = false;  // encode tile 0 as byteplane with every word an exception: too big to stage
@@ -124,7 +124,7 @@ static Problem make_problem(const Case& c, std::mt19937& rng) {
   for (int d = 0; d < c.n_finetunes; ++d) {
     std::vector<uint16_t> ft = base;
     for (int64_t i = 0; i < n * k; ++i) {
-      const int kind = c.kind0 == 3 ? 3 : (c.kind0 + d) % 3;
+      const int kind = c.kind0 == 3 ? 3 : c.kind0 == 4 ? 1 : (c.kind0 + d) % 3;
       if (kind == 0) ft[i] ^= (uint16_t)(rng() & 0x7f);
       if (kind == 1 && u(rng) < 0.03) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;  // keep finite: no exponent 255
       if (kind == 2 && i / k < 64) ft[i] ^= (uint16_t)(rng() & 0x3ff);
@@ -495,6 +495,9 @@ int main(int argc, char** argv) {
   inf.inf = true;
   Case inf_fp16{200, 136, 30, false, true, 3, true, 0, 4, 2, "backward, fp16, split-K, an Inf weight"};
   inf_fp16.inf = true;
+  // Sixteen sparse tiles in one CTA: two batches of exception ranges per tile.
+  all.push_back({136, 200, 64, true, false, 16, true, 17, 132, 4, "grouped, 16 sparse fine-tunes in one CTA",
+                 "distinct"});
   Case bad_ids{136, 200, 20, true, false, 3, true, 4, 132, 1, "grouped, two rows' ids out of range"};
   bad_ids.bad_ids = true;
   for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16, bad_ids}) all.push_back(c);
