@@ -77,9 +77,10 @@ DENSE_SEGMENT_CYCLES = 900 + BYTEPLANE_DECODE_CYCLES
 SPARSE_BATCH = 8
 GROUPED_PREP_KERNELS = 1
 # xor_linear_cuda.cpp: one fine-tune takes the fused kernel up to this many rows, else patched blocks of
-# this much weight.
+# this much weight, and never fewer rows than MIN_BLOCK_ROWS.
 FUSED_MAX_ROWS = 64
 SCRATCH_BYTES = 16 << 20
+MIN_BLOCK_ROWS = 2048
 
 
 @dataclass
@@ -181,10 +182,10 @@ def cublas(n: int, k: int, m: int, dev: Device, elem_bytes: int = 2) -> Predicti
 
 
 def patched_blocks(n: int, k: int, m: int, delta_frac: float, dev: Device) -> Prediction:
-    """The patched-block path (one fine-tune at M > 64): per block of ~16 MiB of weight rows, the apply kernel
-    writes the patched rows into scratch (reading base + delta), then cuBLAS multiplies the block; blocks
-    one after another on one stream."""
-    rows = max(1, SCRATCH_BYTES // (TILE * k * 2)) * TILE
+    """The patched-block path (one fine-tune at M > 64): per block of ~16 MiB of weight rows (at least 2048
+    rows), the apply kernel writes the patched rows into scratch (reading base + delta), then cuBLAS
+    multiplies the block; blocks one after another on one stream."""
+    rows = max(1, SCRATCH_BYTES // (TILE * k * 2), -(-MIN_BLOCK_ROWS // TILE)) * TILE
     blocks = math.ceil(n / rows)
     apply_us = n * k * 2 * (2 + delta_frac) / (dev.copy_gbs * 1e3) + blocks * dev.launch_us
     gemm = [cublas(min(rows, n - b * rows), k, m, dev) for b in range(blocks)]

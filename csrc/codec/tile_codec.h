@@ -171,21 +171,68 @@ XG_HD void decode_tile_exceptions(const uint8_t* payload, TileEntry e, uint32_t 
   }
 }
 
+// 16 bytes moved as one (an LDS.128 / LDG.128 on the GPU).
+#if defined(__CUDACC__)
+using Vec16 = uint4;
+#else
+struct alignas(16) Vec16 {
+  uint32_t x, y, z, w;
+};
+#endif
+XG_HD bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+// Four low bytes and four high bytes as four 16-bit words in two 32-bit ones: word i = lo[i] | hi[i] << 8.
+XG_HD void interleave_bytes(uint32_t lo, uint32_t hi, uint32_t& w01, uint32_t& w23) {
+  w01 = (lo & 0xffu) | ((hi & 0xffu) << 8) | ((lo & 0xff00u) << 8) | ((hi & 0xff00u) << 16);
+  w23 = ((lo >> 16) & 0xffu) | (((hi >> 16) & 0xffu) << 8) | ((lo >> 8) & 0xff0000u) | (hi & 0xff000000u);
+}
+// 16 words of 16 bits at dst ^= 16 low bytes (and 16 high bytes when there are two planes).
+XG_HD void xor16_words(uint16_t* dst, const uint8_t* lo_plane, const uint8_t* hi_plane) {
+  const Vec16 lo = load_as<Vec16>(lo_plane);
+  const Vec16 hi = hi_plane != nullptr ? load_as<Vec16>(hi_plane) : Vec16{0, 0, 0, 0};
+  Vec16 d0 = load_as<Vec16>(dst), d1 = load_as<Vec16>(dst + 8);
+  uint32_t a, b;
+  interleave_bytes(lo.x, hi.x, a, b);
+  d0.x ^= a;
+  d0.y ^= b;
+  interleave_bytes(lo.y, hi.y, a, b);
+  d0.z ^= a;
+  d0.w ^= b;
+  interleave_bytes(lo.z, hi.z, a, b);
+  d1.x ^= a;
+  d1.y ^= b;
+  interleave_bytes(lo.w, hi.w, a, b);
+  d1.z ^= a;
+  d1.w ^= b;
+  store_as<Vec16>(dst, d0);
+  store_as<Vec16>(dst + 8, d1);
+}
+
 // The fused GEMM's form of the same decode: XORs the tile's words straight into a destination tile laid
 // out with `stride` words per row (a padded shared-memory tile holding the base), so no separate delta
 // buffer exists: dst[r * stride + c] ^= word (r * w + c), for a tile `w` words wide. Phase 1 XORs each
 // word's low part (word-major: a thread gathers word i from every low plane, reads coalesced across
-// threads; 16-bit words go two at a time, one 32-bit xor each, when rows have an even width, which needs
-// the payload and dst 4-byte aligned); phase 2 XORs the exceptions' high bytes. A CUDA block needs a
-// __syncthreads() between the two phases (a word's low and high parts may belong to different threads)
-// and none inside a phase: words are distinct within a phase (exception positions strictly increase in a
-// validated section).
+// threads; 16-bit words go 16 at a time with 16-byte loads when rows are a multiple of 16 words and the
+// planes and rows 16-byte aligned, else two at a time, one 32-bit xor each, when rows have an even width,
+// which needs the payload and dst 4-byte aligned); phase 2 XORs the exceptions' high bytes. A CUDA block
+// needs a __syncthreads() between the two phases (a word's low and high parts may belong to different
+// threads) and none inside a phase: words are distinct within a phase (exception positions strictly
+// increase in a validated section).
 template <typename Word>
 XG_HD void xor_tile_low_strided(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
                                 uint32_t stride, uint32_t tid, uint32_t nthreads) {
   const uint32_t k = e.codec == kZero ? 0 : e.low_bytes;
   if (k == 0) return;
   if constexpr (sizeof(Word) == 2) {
+    if (w % 16 == 0 && stride % 8 == 0 && aligned16(payload) && aligned16(dst)) {
+      // Rows a multiple of 16 words, 16-byte aligned planes and rows (every full tile): 16 words a thread at
+      // a time, one 16-byte load per plane and two for the destination, all issued before any store, so the
+      // loads do not wait one by one behind the stores (elems is a multiple of 16: whole rows).
+      const uint32_t chunks = elems / 16, row_chunks = w / 16;
+      for (uint32_t q = tid; q < chunks; q += nthreads)
+        xor16_words(reinterpret_cast<uint16_t*>(dst) + (q / row_chunks) * stride + (q % row_chunks) * 16,
+                    payload + 16 * q, k == 2 ? payload + elems + 16 * q : nullptr);
+      return;
+    }
     if (w % 2 == 0 && stride % 2 == 0) {
       // 16-bit words in pairs: both halves of a 32-bit destination word are in the same row, so one
       // 32-bit xor patches two elements (the planes are read two bytes at a time, at even offsets).

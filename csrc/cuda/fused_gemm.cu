@@ -144,7 +144,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   args.red_tiles = plan.red_tiles;
   args.splits = plan.splits;
   args.out_cols = out_cols;
-  TORCH_CHECK(plan.chunks <= 65535 && plan.splits <= 65535, "xorgemm: batch of ", m, " rows is too large for one launch");
+  TORCH_CHECK(plan.chunks <= 65535 && plan.splits <= 65535, "xorgemm: batch of ", m,
+              " rows is too large for one launch");
   at::Tensor partial;
   if (plan.splits > 1) {
     partial = at::empty({plan.splits, m, out_cols}, a2.options().dtype(at::kFloat));

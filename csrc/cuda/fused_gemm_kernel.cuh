@@ -491,14 +491,20 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     if (args.staged) {  // one fine-tune for every row: its payload rode the pipeline; patch the tile in place
       const int d = args.only_group - 1;
       const TileEntry e = checked_entry(args, d, t, elems);
-      if (e.codec != codec::kZero) {
-        const uint8_t* payload = codec::tile_payload_bytes(e, elems, 2) <= (uint64_t)kPayloadCap
-                                     ? payload_of(s)
-                                     : args.sections[d] + args.offsets[d][t];  // too big to stage
+      // One call site per address space: a pointer the compiler knows is shared memory decodes with shared
+      // loads it can hoist; a select between shared and global would make every read a generic load.
+      const auto patch_in_place = [&](const uint8_t* payload) {
         codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
         __syncthreads();
         codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
         __syncthreads();
+      };
+      if (e.codec != codec::kZero) {
+        if (codec::tile_payload_bytes(e, elems, 2) <= (uint64_t)kPayloadCap) {
+          patch_in_place(payload_of(s));
+        } else {
+          patch_in_place(args.sections[d] + args.offsets[d][t]);  // too big to stage
+        }
       }
       mma_tile<kBf16, MT, kTrans>(a, tile, row_mask(0, rows_here), acc);
       continue;
@@ -603,7 +609,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         if (args.splits > 1) {
           const float* p = args.partial + (row0 + r) * args.out_cols + o;
           v = 0.f;
-          for (int sp = 0; sp < args.splits; ++sp) v += sp == (int)blockIdx.y ? acc[mt][nt][i] : load_l2(p + sp * total);
+          for (int sp = 0; sp < args.splits; ++sp)
+            v += sp == (int)blockIdx.y ? acc[mt][nt][i] : load_l2(p + sp * total);
         }
         if (args.bias != nullptr) v += half_to_float<kBf16>(args.bias[row_group[r] * args.out_cols + o]);
         args.out[a_row[r] * args.out_cols + o] = float_to_half<kBf16>(v);

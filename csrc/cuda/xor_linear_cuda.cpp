@@ -34,8 +34,11 @@ namespace {
 // Largest batch the fused kernel takes for a single fine-tune before cuBLAS on patched blocks is faster:
 // above it the GEMM is compute-bound and the patch cost is amortized (a first guess, to be tuned on a GPU).
 constexpr int64_t kFusedMaxRows = 64;
-// Patched-block height: about this many bytes of the fine-tuned weight, so a block stays in L2.
+// Patched-block height: about this many bytes of the fine-tuned weight, so a block stays in L2, but never
+// fewer than kMinBlockRows rows: narrower blocks give cuBLAS too few output tiles to fill the GPU (at
+// K = 14336, 16 MiB would be 576 rows).
 constexpr int64_t kScratchBytes = 16ll << 20;
+constexpr int64_t kMinBlockRows = 2048;
 
 enum class Path { kAuto, kFused, kBlocks };
 
@@ -72,7 +75,9 @@ struct GpuPatcher {
 };
 
 int64_t grid_rows_per_block(const format::TileGrid& g) {
-  return std::max<int64_t>(1, kScratchBytes / (int64_t)(g.tile_rows * g.cols * g.elem_bytes));
+  const int64_t by_bytes = kScratchBytes / (int64_t)(g.tile_rows * g.cols * g.elem_bytes);
+  const int64_t at_least = (kMinBlockRows + (int64_t)g.tile_rows - 1) / (int64_t)g.tile_rows;
+  return std::max<int64_t>({1, by_bytes, at_least});
 }
 
 at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,

@@ -28,8 +28,10 @@ MUTANTS = {
     ),
     "M3 (no barrier between the decode passes)": (
         "        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);\n"
-        "        __syncthreads();\n",
-        "        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);\n",
+        "        __syncthreads();\n"
+        "        codec::xor_tile_exceptions_strided",
+        "        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);\n"
+        "        codec::xor_tile_exceptions_strided",
         ["--only", "staged"],
     ),
 }

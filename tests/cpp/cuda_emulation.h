@@ -253,7 +253,8 @@ inline void mma16816(bool is_bf16, float (&c)[4], const uint32_t (&a)[4], const 
 // Runs `kernel` (a callable taking no arguments: the kernel bound to its parameters) over `grid` CTAs of
 // kThreads threads with `smem_bytes` of dynamic shared memory, one CTA at a time.
 inline void launch(dim3 grid, const std::function<void()>& kernel, size_t smem_bytes = 0) {
-  if (smem_bytes > kMaxDynamicSmem) fail("a launch asks for more dynamic shared memory than an SM has", nullptr, smem_bytes);
+  if (smem_bytes > kMaxDynamicSmem)
+    fail("a launch asks for more dynamic shared memory than an SM has", nullptr, smem_bytes);
   blockDim = {kThreads, 1, 1};
   gridDim = grid;
   smem_requested = smem_bytes;
