@@ -16,7 +16,7 @@ How a fused launch is modelled (docs/kernels.md has the kernel):
 - cuBLAS on the dense weight: its bytes at `cublas_bw_frac` of copy bandwidth at small M, its FLOPs at
   `cublas_flops_frac` of the tensor cores' peak at large M (less when its output tiles leave SMs idle),
   whichever is longer;
-- one fine-tune at M > 64 takes the patched-block path: the apply kernel's bytes, then cuBLAS per block.
+- one fine-tune at M > 64 takes the patched-block path: cuBLAS per block, the next block's apply beside it.
 The grouped call (many fine-tunes) is modelled as built (docs/kernels.md): every fine-tune's entry for a tile
 is fetched during the previous tile and its payload prefetched into L2, so per tile: the base product once,
 then per batch of 8 sparse tiles one L2 round trip for their exception positions and a few FMAs a segment,
@@ -169,12 +169,15 @@ def fused(n: int, k: int, m: int, delta_frac: float, dev: Device, transposed: bo
 
 
 def cublas(n: int, k: int, m: int, dev: Device, elem_bytes: int = 2) -> Prediction:
-    """cuBLAS on a dense weight: y = x W^T. Its output tiles (128x128 here) run in waves over the SMs: a
-    GEMM of fewer tiles than SMs leaves SMs idle."""
+    """cuBLAS on a dense weight: y = x W^T. Its output tiles run in waves over the SMs, so a GEMM of few tiles
+    leaves SMs idle; it is assumed to pick, of 128x128, 128x64 and 64x64 tiles (at 100%, 90% and 75% of an
+    SM's peak), the one that does best."""
     bytes_ = (n * k + m * k + m * n) * elem_bytes
     t_bw = bytes_ / (dev.copy_gbs * dev.cublas_bw_frac * 1e3)
-    tiles = math.ceil(m / 128) * math.ceil(n / 128)
-    wave_fill = tiles / (math.ceil(tiles / dev.sms) * dev.sms)
+    wave_fill = 0.0
+    for tm, tn, eff in ((128, 128, 1.0), (128, 64, 0.9), (64, 64, 0.75)):
+        tiles = math.ceil(m / tm) * math.ceil(n / tn)
+        wave_fill = max(wave_fill, eff * tiles / (math.ceil(tiles / dev.sms) * dev.sms))
     t_flops = 2 * m * n * k / (dev.mma_tflops * dev.cublas_flops_frac * wave_fill * 1e6)
     bound = "HBM" if t_bw >= t_flops else "FLOPs"
     t = max(t_bw, t_flops) + dev.launch_us
@@ -184,15 +187,18 @@ def cublas(n: int, k: int, m: int, dev: Device, elem_bytes: int = 2) -> Predicti
 def patched_blocks(n: int, k: int, m: int, delta_frac: float, dev: Device) -> Prediction:
     """The patched-block path (one fine-tune at M > 64): per block of ~16 MiB of weight rows (at least 2048
     rows), the apply kernel writes the patched rows into scratch (reading base + delta), then cuBLAS
-    multiplies the block; blocks one after another on one stream."""
+    multiplies the block, while a side stream patches the next block. Assumed: an apply beside a GEMM runs
+    as fast as alone (a compute-bound GEMM leaves it the bandwidth), so only the first block's apply shows,
+    and each later step takes the longer of its GEMM and the next block's apply."""
     rows = max(1, SCRATCH_BYTES // (TILE * k * 2), -(-MIN_BLOCK_ROWS // TILE)) * TILE
     blocks = math.ceil(n / rows)
-    apply_us = n * k * 2 * (2 + delta_frac) / (dev.copy_gbs * 1e3) + blocks * dev.launch_us
-    gemm = [cublas(min(rows, n - b * rows), k, m, dev) for b in range(blocks)]
-    gemm_us = sum(g.ms for g in gemm) * 1e3
-    bound = "apply" if apply_us > gemm_us else gemm[0].bound
-    return Prediction((apply_us + gemm_us) / 1e3, bound,
-                      f"{blocks} blocks of {rows} rows; apply {apply_us:.1f} us, GEMMs {gemm_us:.1f} us")
+    applies = [min(rows, n - b * rows) * k * 2 * (2 + delta_frac) / (dev.copy_gbs * 1e3) + dev.launch_us
+               for b in range(blocks)]
+    gemms = [cublas(min(rows, n - b * rows), k, m, dev).ms * 1e3 for b in range(blocks)]
+    t_us = applies[0] + sum(max(gemms[b], applies[b + 1] if b + 1 < blocks else 0.0) for b in range(blocks))
+    bound = "apply" if sum(applies[1:]) > sum(gemms[:-1]) else cublas(rows, k, m, dev).bound
+    return Prediction(t_us / 1e3, bound, f"{blocks} blocks of {rows} rows; apply {sum(applies):.1f} us "
+                      f"(first block's {applies[0]:.1f} us exposed), GEMMs {sum(gemms):.1f} us")
 
 
 def xor_linear(n: int, k: int, m: int, delta_frac: float, dev: Device) -> Prediction:

@@ -7,26 +7,39 @@
 // A device supplies
 //   patch(f, gr0, gr1, block): write grid rows [gr0, gr1) of fine-tune f's weight (base XOR delta) into
 //                              `block`, a [rows of those grid rows, K] tensor of the base's dtype and device;
-//   grid_rows_per_block:       the block height in grid rows (what keeps a block in the device's cache).
+//   grid_rows_per_block:       the block height in grid rows (what keeps a block in the device's cache);
+// and may overlap each block's patch with the previous block's GEMM (kOverlapsBlocks, overlapped_blocks: the
+// GPU's, on a second stream).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "op_args.h"
 
 namespace xorgemm {
 
+template <typename P, typename = void>
+struct overlaps_blocks : std::false_type {};
+template <typename P>
+struct overlaps_blocks<P, std::void_t<decltype(P::kOverlapsBlocks)>> : std::bool_constant<P::kOverlapsBlocks> {};
+
 // Calls fn(r0, h, block) for consecutive blocks [r0, r0 + h) of output features of fine-tune f's weight,
-// each patched into one reused scratch buffer.
+// each patched into one reused scratch buffer (or, by a patcher that overlaps blocks, two).
 template <typename Patch, typename Fn>
 void for_each_patched_block(const at::Tensor& base, const format::TileGrid& g, int64_t grid_rows_per_block,
                             size_t f, Patch& patch, Fn&& fn) {
-  const int64_t n = base.size(0), k = base.size(1), tile_rows = g.tile_rows, grid_rows = (int64_t)g.grid_rows();
   const int64_t per_block = std::max<int64_t>(1, grid_rows_per_block);
+  if constexpr (overlaps_blocks<std::decay_t<Patch>>::value) {
+    patch.overlapped_blocks(base, per_block, f, std::forward<Fn>(fn));
+    return;
+  }
+  const int64_t n = base.size(0), k = base.size(1), tile_rows = g.tile_rows, grid_rows = (int64_t)g.grid_rows();
   at::Tensor scratch = at::empty({std::min(per_block * tile_rows, n), k}, base.options());
   for (int64_t gr0 = 0; gr0 < grid_rows; gr0 += per_block) {
     const int64_t gr1 = std::min(gr0 + per_block, grid_rows);

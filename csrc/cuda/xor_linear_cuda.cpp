@@ -5,15 +5,18 @@
 //                  elements; one launch for any mix of fine-tunes. Used for decode-sized batches and for
 //                  every per-row mix of fine-tunes.
 //   patched blocks for everything else (fp32 weights, other tile shapes, large single-fine-tune batches):
-//                  the apply kernel patches a block of output features (~16 MiB, so it stays in L2) into
-//                  scratch and cuBLAS multiplies it, block after block. fp32 GEMMs follow torch's TF32
-//                  setting (torch.backends.cuda.matmul.allow_tf32).
+//                  the apply kernel patches a block of output features (~16 MiB, so it stays in L2, at least
+//                  2048 of them) into scratch and cuBLAS multiplies it, the next block patched on a side
+//                  stream meanwhile. fp32 GEMMs follow torch's TF32 setting (torch.backends.cuda.matmul.allow_tf32).
 //
 // XORGEMM_CUDA_PATH=fused|blocks forces a path (tests and benchmarks); unset, a shape heuristic picks.
 // Sections on the GPU are validated when they are made resident (XorLinear, the loaders); here only their
 // sizes are checked (their content would cost a device round trip). The kernels check each tile against its
 // section's length and report, through the device error word (device_errors.h), what they had to skip: an
 // earlier call's report is raised at the start of each call.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -63,7 +66,8 @@ bool use_fused(const at::Tensor& a2, const at::Tensor& base, at::TensorList sect
   }
 }
 
-// Patches grid rows [gr0, gr1) of fine-tune f into `block` with the apply kernel.
+// Patches grid rows [gr0, gr1) of fine-tune f into `block` with the apply kernel, each block's patch on a
+// side stream while the current stream's GEMM of the block before runs.
 struct GpuPatcher {
   const at::Tensor& base;
   at::TensorList sections, offsets;
@@ -71,6 +75,55 @@ struct GpuPatcher {
 
   void operator()(size_t f, int64_t gr0, int64_t gr1, at::Tensor& block) const {
     apply_section_rows(sections[f], offsets[f], base, block, g, gr0, gr1);
+  }
+
+  // Two scratch buffers and two streams: block b is patched on the side stream into buffer b % 2 once the
+  // GEMM of block b - 2 has read that buffer, and the current stream multiplies it once it is patched. The
+  // current stream ends up having waited for every patch, so the call's later work is ordered after the
+  // side stream's, and a CUDA graph capture joins the fork.
+  static constexpr bool kOverlapsBlocks = true;
+  template <typename Fn>
+  void overlapped_blocks(const at::Tensor& base_w, int64_t per_block, size_t f, Fn&& fn) const {
+    const int64_t n = base_w.size(0), k = base_w.size(1), tile_rows = g.tile_rows;
+    const int64_t grid_rows = (int64_t)g.grid_rows(), blocks = (grid_rows + per_block - 1) / per_block;
+    const int64_t scratch_rows = std::min(per_block * tile_rows, n);
+    const at::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream(base_w.get_device());
+    const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, base_w.get_device());
+    at::Tensor scratch[2];
+    for (int i = 0; i < std::min<int64_t>(2, blocks); ++i) {
+      scratch[i] = at::empty({scratch_rows, k}, base_w.options());
+      // Also used on the side stream: not handed out again before the side stream is done with it.
+      c10::cuda::CUDACachingAllocator::recordStream(scratch[i].storage().data_ptr(), side);
+    }
+    at::cuda::CUDAEvent inputs, patched[2], read[2];
+    inputs.record(main);  // the base, sections and activations came from work on the current stream
+    inputs.block(side);
+    const auto rows_of = [&](int64_t b, int64_t& gr0, int64_t& gr1, int64_t& r0, int64_t& h) {
+      gr0 = b * per_block;
+      gr1 = std::min(gr0 + per_block, grid_rows);
+      r0 = gr0 * tile_rows;
+      h = std::min(gr1 * tile_rows, n) - r0;
+    };
+    const auto patch_block = [&](int64_t b) {
+      int64_t gr0, gr1, r0, h;
+      rows_of(b, gr0, gr1, r0, h);
+      at::Tensor block = scratch[b % 2].narrow(0, 0, h);
+      if (b >= 2) read[b % 2].block(side);  // the GEMM of block b - 2 is done with this buffer
+      {
+        const c10::cuda::CUDAStreamGuard on_side(side);
+        (*this)(f, gr0, gr1, block);
+      }
+      patched[b % 2].record(side);
+    };
+    patch_block(0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (b + 1 < blocks) patch_block(b + 1);
+      patched[b % 2].block(main);
+      int64_t gr0, gr1, r0, h;
+      rows_of(b, gr0, gr1, r0, h);
+      fn(r0, h, scratch[b % 2].narrow(0, 0, h));
+      read[b % 2].record(main);
+    }
   }
 };
 
