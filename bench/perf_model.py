@@ -19,9 +19,9 @@ How a fused launch is modelled (docs/kernels.md has the kernel):
 - one fine-tune at M > 64 takes the patched-block path: cuBLAS per block, the next block's apply beside it.
 The grouped call (many fine-tunes) is modelled as built (docs/kernels.md): every fine-tune's entry for a tile
 is fetched during the previous tile and its payload prefetched into L2, so per tile: the base product once,
-then per batch of 8 sparse tiles one L2 round trip for their exception positions and a few FMAs a segment,
-and per dense tile one L2 round trip for its payload (into shared memory beside the base tile's copy), its
-decode and a masked MMA, one dense tile after another.
+then per batch of up to 8 sparse tiles one L2 round trip to stage their payloads in shared memory and the
+corrections' arithmetic, and per dense tile one L2 round trip for its payload, its decode and a masked
+MMA, one dense tile after another.
 
     python bench/perf_model.py                   # the device script's benchmark rows, predicted (no GPU needed)
     python bench/perf_model.py --device h100
@@ -59,20 +59,22 @@ DEVICES = {
     "h100": Device("NVIDIA H100 80GB HBM3", 132, 3000.0, 0.9, 0.3, 1.98, 660.0, 2.0, 0.85, 0.70, 2.0),
 }
 
-# Shared-memory occupancy: 16-row CTAs fit 3 per SM, 32-row 3, 64-row 2 (docs/kernels.md; ptxas registers
-# allow 4, shared memory does not).
+# CTAs per SM: 16-row CTAs 3 (shared memory: 58 KiB each), 32-row 3 (up to 166 registers), 64-row 2 (up to
+# 203 registers, 78 KiB).
 SLOTS_PER_SM = {1: 3, 2: 3, 4: 2}
 # CTA cycles per tile beside the loads: issue, 3 barriers, the MMAs of one 16-row slice (8 per warp).
 TILE_OVERHEAD_CYCLES = 350
 MMA_CYCLES_PER_SLICE = 130
-# The decode as built: a byteplane low pass is ~16 serialized LD -> LDS -> LOP3 -> STS chains per thread
-# (the review's SASS reading); a sparse tile costs a pass over its exceptions, 128 threads wide.
+# The decode: a byteplane low pass as the review read it off the first kernel's SASS (~16 serialized
+# LD -> LDS -> LOP3 -> STS chains a thread; the 16-byte decode since should need fewer, unmeasured); a sparse
+# tile costs a pass over its exceptions, 128 threads wide.
 BYTEPLANE_DECODE_CYCLES = 1250
 SPARSE_CYCLES_PER_EXCEPTION_ROUND = 40
-# Grouped: a sparse tile's exception pass and its corrections (~4 exceptions a thread at 3% density, two
-# rows a slice); a dense tile's copy, decode from shared memory, masked MMA and 4 barriers; the one prep
-# kernel.
-SPARSE_SEGMENT_CYCLES = 200
+# Grouped: a sparse tile's exception pass and its corrections from shared memory (~8 exceptions a thread at
+# 3% density, each a few shared loads and an FMA per row); a dense tile's copy, decode from shared memory,
+# masked MMA and 4 barriers; the one prep kernel. Sparse payloads of a batch share 17 KiB of staging.
+SPARSE_SEGMENT_CYCLES = 250
+SPARSE_STAGE_BYTES = 64 * 72 * 2 + 64 * 64 * 2
 DENSE_SEGMENT_CYCLES = 900 + BYTEPLANE_DECODE_CYCLES
 SPARSE_BATCH = 8
 GROUPED_PREP_KERNELS = 1
@@ -91,10 +93,15 @@ class Plan:
     red_tiles: int
     tiles_per_split: int
     splits: int
+    grid_splits: int  # splits in CTAs of their own (1: each CTA runs its block's splits itself)
 
     @property
     def ctas(self) -> int:
-        return self.chunks * self.out_blocks * self.splits
+        return self.chunks * self.out_blocks * self.grid_splits
+
+    @property
+    def tiles_per_cta(self) -> int:
+        return self.tiles_per_split if self.grid_splits > 1 else self.red_tiles
 
 
 def plan(m: int, out_cols: int, red: int, sms: int) -> Plan:
@@ -112,7 +119,8 @@ def plan(m: int, out_cols: int, red: int, sms: int) -> Plan:
         cost = -(-(out_blocks * s) // slots) * (per + (1 if s > 1 else 0))
         if best < 0 or cost < best:
             best, splits, per_best = cost, s, per
-    return Plan(mt, chunks, out_blocks, red_tiles, per_best, splits)
+    grid_splits = 1 if chunks * out_blocks >= slots else splits
+    return Plan(mt, chunks, out_blocks, red_tiles, per_best, splits, grid_splits)
 
 
 @dataclass
@@ -150,20 +158,20 @@ def fused(n: int, k: int, m: int, delta_frac: float, dev: Device, transposed: bo
         t_bw = tile_bytes * resident / (dev.copy_gbs * 1e3)  # this CTA's share of the chip's bandwidth
         terms = {"latency": t_latency, "decode": t_decode, "HBM": t_bw}
         bound = max(terms, key=terms.get)
-        wave_us = p.tiles_per_split * terms[bound]
+        wave_us = p.tiles_per_cta * terms[bound]
         bounds[bound] = bounds.get(bound, 0.0) + wave_us
         total_us += wave_us
         left -= resident
     epilogue_us = 0.0
-    if p.splits > 1:  # partial sums written, counted, read back by the last CTA
-        epilogue_us = dev.latency_us * 2 + 2 * p.splits * m * out_cols * 4 / (dev.copy_gbs * 1e3)
+    if p.grid_splits > 1:  # partial sums written, counted, read back by the last CTA
+        epilogue_us = dev.latency_us * 2 + 2 * p.grid_splits * m * out_cols * 4 / (dev.copy_gbs * 1e3)
     total_us += dev.launch_us + dev.latency_us + epilogue_us
     bound = max(bounds, key=bounds.get) if bounds else "launch"
     if dev.launch_us + dev.latency_us > total_us / 2:
         bound = "launch"
     waves = p.ctas / slots
-    detail = (f"{p.ctas} CTAs ({p.out_blocks} blocks x {p.splits} splits x {p.chunks} chunks) = {waves:.2f} waves "
-              f"of {slots}; {p.tiles_per_split} tiles/CTA; per tile latency {t_latency * 1e3:.0f} ns, "
+    detail = (f"{p.ctas} CTAs ({p.out_blocks} blocks x {p.grid_splits} splits x {p.chunks} chunks) = {waves:.2f} "
+              f"waves of {slots}; {p.tiles_per_cta} tiles/CTA; per tile latency {t_latency * 1e3:.0f} ns, "
               f"decode+MMA {t_decode * 1e3:.0f} ns")
     return Prediction(total_us / 1e3, bound, detail)
 
@@ -215,18 +223,20 @@ def grouped(n: int, k: int, m: int, active: int, delta_frac: float, dev: Device)
     cycle_us = 1 / (dev.clock_ghz * 1e3)
     base_us = max(dev.latency_us / (STAGES - 1), (TILE_OVERHEAD_CYCLES + p.mt * MMA_CYCLES_PER_SLICE) * cycle_us)
     if delta_frac < 0.3:
-        extra_us = (math.ceil(segments / SPARSE_BATCH) * dev.l2_latency_us
-                    + segments * SPARSE_SEGMENT_CYCLES * cycle_us)
-        how = f"{segments} sparse tiles a CTA tile in {math.ceil(segments / SPARSE_BATCH)} batches"
+        payload = max(16, delta_frac * TILE * TILE * 2)
+        batch = max(1, min(SPARSE_BATCH, int(SPARSE_STAGE_BYTES // payload)))
+        batches = math.ceil(segments / batch)
+        extra_us = batches * dev.l2_latency_us + segments * SPARSE_SEGMENT_CYCLES * cycle_us
+        how = f"{segments} sparse tiles a CTA tile in {batches} batches"
     else:
         extra_us = segments * (dev.l2_latency_us + DENSE_SEGMENT_CYCLES * cycle_us)
         how = f"{segments} dense tiles a CTA tile, one by one"
     tile_us = base_us + extra_us
     waves = math.ceil(p.ctas / slots)
     prep_us = GROUPED_PREP_KERNELS * dev.small_kernel_us
-    t = waves * p.tiles_per_split * tile_us + dev.launch_us + dev.latency_us + prep_us
+    t = waves * p.tiles_per_cta * tile_us + dev.launch_us + dev.latency_us + prep_us
     floor_us = n * k * 2 * (1 + active * delta_frac) / (dev.copy_gbs * 1e3)
-    detail = (f"{p.ctas} CTAs, {waves} waves, {p.tiles_per_split} tiles/CTA at {tile_us:.2f} us; {how}; "
+    detail = (f"{p.ctas} CTAs, {waves} waves, {p.tiles_per_cta} tiles/CTA at {tile_us:.2f} us; {how}; "
               f"byte floor {floor_us:.1f} us")
     bound = "segments" if extra_us > base_us else "base"
     return Prediction(t / 1e3, bound, detail)

@@ -175,3 +175,86 @@ def test_bad_inputs_are_clear_errors(monkeypatch):
     fp32.add_finetune("ft", perturb(base.float(), "dense").cuda())
     with pytest.raises(RuntimeError, match="cannot serve this call: the weight is not bf16 or fp16"):
         fp32(x.float(), finetune="ft")
+
+
+def grouped_layer(n=520, k=1024, d=4, seed=11):
+    """A bf16 layer with fine-tunes of every delta kind; at 520x1024 the fused kernel splits the reduction
+    (16 tiles, 4 splits on any H100/H200), so these cases run the split-K epilogue and sparse corrections."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    fts = [perturb(base, DELTA_KINDS[i % len(DELTA_KINDS)], seed=seed + i, magnitude=1e-2) for i in range(d)]
+    layer = XorLinear(base.cuda())
+    for i, f in enumerate(fts):
+        layer.add_finetune(f"f{i}", f.cuda())
+    return base, fts, layer
+
+
+def test_grouped_split_k_small(monkeypatch):
+    """The compute-sanitizer's grouped case with split-K and sparse corrections (device script)."""
+    monkeypatch.setenv("XORGEMM_CUDA_PATH", "fused")
+    base, fts, layer = grouped_layer()
+    ids = torch.tensor([3, -1, 0, 1, 2, 0, 3])
+    x = torch.randn(7, base.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = layer(x.cuda(), finetune=ids.cuda())
+    weights = [base] + fts
+    for r in range(7):
+        assert rel_err(y[r], x[r].double() @ weights[ids[r] + 1].double().T) < 1e-2
+
+
+def test_rows_do_not_depend_on_their_batch(monkeypatch):
+    """A row's bits are the same alone, in smaller batches and beside other fine-tunes' rows, and a call
+    repeated gives the same bits (the split-K counters are back at zero after every launch)."""
+    monkeypatch.setenv("XORGEMM_CUDA_PATH", "fused")
+    base, fts, layer = grouped_layer()
+    m = 300
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, base.shape[1], generator=g).bfloat16().cuda()
+    ids = (torch.randint(0, 5, (m,), generator=g) - 1).cuda()
+    whole = layer(x, finetune=ids)
+    assert torch.equal(layer(x, finetune=ids).view(torch.int16), whole.view(torch.int16))
+    for lo, hi in ((0, 1), (3, 9), (5, 70), (100, 300)):
+        part = layer(x[lo:hi], finetune=ids[lo:hi])
+        assert torch.equal(part.view(torch.int16), whole[lo:hi].view(torch.int16)), (lo, hi)
+
+
+def test_cuda_graph_replays_a_split_k_grouped_call(monkeypatch):
+    """Captured once (after a warm-up call, as serving engines do), replayed twice on new inputs: the same
+    bits as eager calls, two launches a call and counters that need no reset between replays."""
+    monkeypatch.setenv("XORGEMM_CUDA_PATH", "fused")
+    base, fts, layer = grouped_layer()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, base.shape[1], generator=g).bfloat16().cuda()
+    ids = torch.tensor([i % 5 - 1 for i in range(16)]).cuda()
+    layer(x, finetune=ids)  # warm-up: workspaces sized, shared memory opted in
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x, finetune=ids)
+    for seed in (4, 5):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).bfloat16())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y.view(torch.int16), layer(x, finetune=ids).view(torch.int16))
+
+
+def test_one_finetunes_inf_weight_reaches_only_its_rows(monkeypatch):
+    """A tenant whose fine-tuned weight holds an Inf may get non-finite outputs; every other row stays finite
+    and right, whatever row slice it shares with that tenant's rows."""
+    monkeypatch.setenv("XORGEMM_CUDA_PATH", "fused")
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(136, 512, generator=g) * 0.05).bfloat16()
+    bad = perturb(base, "sparse", seed=1, magnitude=1e-2)
+    bad[70, 3] = float("inf")
+    good = perturb(base, "dense", seed=2, magnitude=1e-2)
+    layer = XorLinear(base.cuda())
+    layer.add_finetune("bad", bad.cuda())
+    layer.add_finetune("good", good.cuda())
+    ids = torch.tensor([0, 1, -1, 0, 1, 1, -1, 0] * 3)
+    x = torch.randn(len(ids), 512, generator=g).bfloat16()
+    y = layer(x.cuda(), finetune=ids.cuda()).cpu()
+    for r, f in enumerate(ids.tolist()):
+        if f == 0:
+            continue
+        w = base if f == -1 else good
+        assert torch.isfinite(y[r]).all(), r
+        assert rel_err(y[r], x[r].double() @ w.double().T) < 1e-2, r

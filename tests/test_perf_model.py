@@ -18,6 +18,9 @@ def test_plan_mirrors_the_kernels_plan_launch():
         splits = {perf_model.plan(m, *shape, 132).splits for m in (1, 16, 33, 64, 2048)}
         assert len(splits) == 1, shape
     assert perf_model.plan(5, 128, 0, 132).splits == 1  # K = 0
+    prefill = perf_model.plan(8192, 14336, 4096, 132)
+    assert (prefill.splits, prefill.grid_splits) == (5, 1)
+    assert perf_model.plan(16, 14336, 4096, 132).grid_splits == 5
 
 
 @pytest.mark.parametrize("device", sorted(perf_model.DEVICES))

@@ -46,17 +46,25 @@ void launch_fused(const FusedArgs& args, dim3 grid, cudaStream_t stream) {
 
 // The split-K arrival counters of a launch on `stream`: `n` zeroed words. The kernel's last CTA of each output
 // block resets its own, so a buffer is zero again when the launch ends and is kept for the next one: no memset
-// per call, and nothing allocated once a shape has run (a CUDA graph captured after a warm-up call replays it).
-// One buffer per stream, since launches on two streams may overlap; grown, on its stream, when a launch needs
-// more.
+// per call, and nothing allocated once a shape has run. One buffer per stream, since launches on two streams
+// may overlap. A launch that needs more gets a buffer twice as large; the one it replaces is kept alive, never
+// freed, because a CUDA graph captured earlier still points at it (the retired buffers together stay smaller
+// than the live one). Graphs captured on one stream share its buffer: replay them on that stream, one at a time.
 uint32_t* split_counters(const at::Device& device, cudaStream_t stream, int64_t n) {
+  struct Buffers {
+    at::Tensor live;
+    std::vector<at::Tensor> retired;
+  };
   static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, at::Tensor> buffers;
+  static std::map<std::pair<int, cudaStream_t>, Buffers> buffers;
   std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& buf = buffers[{device.index(), stream}];
-  if (!buf.defined() || buf.numel() < n)
-    buf = at::zeros({std::max<int64_t>(n, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
-  return reinterpret_cast<uint32_t*>(buf.data_ptr<int32_t>());
+  Buffers& b = buffers[{device.index(), stream}];
+  if (!b.live.defined() || b.live.numel() < n) {
+    const int64_t size = std::max<int64_t>({n, 4096, b.live.defined() ? 2 * b.live.numel() : 0});
+    if (b.live.defined()) b.retired.push_back(b.live);
+    b.live = at::zeros({size}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+  return reinterpret_cast<uint32_t*>(b.live.data_ptr<int32_t>());
 }
 
 template <bool kBf16, bool kTrans>
@@ -142,18 +150,18 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   const LaunchPlan plan = plan_launch(m, out_cols, red, sms);
   args.tiles_per_split = plan.tiles_per_split;
   args.red_tiles = plan.red_tiles;
-  args.splits = plan.splits;
+  args.splits = plan.grid_splits;
   args.out_cols = out_cols;
-  TORCH_CHECK(plan.chunks <= 65535 && plan.splits <= 65535, "xorgemm: batch of ", m,
+  TORCH_CHECK(plan.chunks <= 65535 && plan.grid_splits <= 65535, "xorgemm: batch of ", m,
               " rows is too large for one launch");
   at::Tensor partial;
-  if (plan.splits > 1) {
-    partial = at::empty({plan.splits, m, out_cols}, a2.options().dtype(at::kFloat));
+  if (plan.grid_splits > 1) {
+    partial = at::empty({plan.grid_splits, m, out_cols}, a2.options().dtype(at::kFloat));
     args.partial = partial.data_ptr<float>();
     args.counters = split_counters(base.device(), stream, plan.chunks * plan.out_blocks);
   }
 
-  const dim3 grid((unsigned)plan.out_blocks, (unsigned)plan.splits, (unsigned)plan.chunks);
+  const dim3 grid((unsigned)plan.out_blocks, (unsigned)plan.grid_splits, (unsigned)plan.chunks);
   if (bf16) {
     transposed ? launch_by_rows<true, true>(plan.mt, args, grid, stream)
                : launch_by_rows<true, false>(plan.mt, args, grid, stream);

@@ -21,6 +21,7 @@ namespace cuda {
 namespace fused {
 
 using codec::TileEntry;
+using codec::Vec16;
 
 constexpr int kMaxFinetunes = 64;  // fine-tunes per launch (their pointers ride in the parameters)
 constexpr int kTile = 64;                    // delta tile = output block = reduction step
@@ -34,6 +35,11 @@ constexpr int kStages = 3;                   // cp.async pipeline depth
 constexpr int kPayloadCap = kTile * kTile * 2;
 constexpr int kTileSmem = kTile * kStride * 2;
 constexpr int kSparseBatch = 8;  // sparse tiles whose exception ranges are found in one pass
+// Sparse payloads of a batch share the grouped launch's patch area (the tile copy and its payload). The
+// largest valid sparse payload, an exception on every word (4 bytes each), fits alone.
+constexpr int kSparseStage = kTileSmem + kPayloadCap;
+static_assert(kSparseStage >= kTile * kTile * 4, "a sparse tile's payload must fit the staging area");
+static_assert(kMaxFinetunes + 1 <= kThreads, "a grouped launch fetches each fine-tune's entries in one thread");
 
 struct FusedArgs {
   const uint16_t* a;   // activations [m, lda]: x (forward) or grad_y (backward)
@@ -56,6 +62,9 @@ struct FusedArgs {
   float* partial;        // [splits, m, out_cols] fp32, sorted rows: each split's sums (splits > 1 only)
   uint32_t* counters;    // [row chunks x output blocks]: splits done; zero before a launch, and again after it
   int64_t out_cols;
+  // The reduction's split: tiles_per_split tiles each (the plan's, never a function of m). `splits` of them
+  // run in CTAs of their own (grid y) and meet in the epilogue; with splits == 1 and tiles_per_split <
+  // red_tiles, one CTA runs them all, one after another, and adds their sums in the same order.
   int red_tiles, tiles_per_split, splits;
 };
 
@@ -348,7 +357,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   const int tid = threadIdx.x;
   const int64_t out_block = blockIdx.x;
   const int kt0 = blockIdx.y * args.tiles_per_split;
-  const int kt1 = imin(args.red_tiles, kt0 + args.tiles_per_split);
+  const int kt1 = args.splits == 1 ? args.red_tiles : imin(args.red_tiles, kt0 + args.tiles_per_split);
+  const bool splits_here = args.splits == 1 && args.tiles_per_split < args.red_tiles;  // uniform
   const int64_t row0 = (int64_t)blockIdx.z * BM;  // first sorted row of this CTA
   const int rows_here = (int)min64(BM, args.m - row0);
   const int64_t grid_cols = (args.k + kTile - 1) / kTile;
@@ -465,8 +475,22 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     tile_payload[buf][my_group] = payload;
   };
 
-  float acc[MT][2][4];
+  float acc[MT][2][4], split_sum[MT][2][4];  // this split's sums; the sum of the splits before it here
   zero_fragments(acc);
+  zero_fragments(split_sum);
+  // One split ends, run in this CTA: its sums join the others' in split order, as the epilogue adds the
+  // splits of CTAs of their own (0 + s0 + s1 + ...: the same bits either way).
+  const auto end_split = [&] {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          split_sum[mt][nt][i] += acc[mt][nt][i];
+          acc[mt][nt][i] = 0.f;
+        }
+  };
   fetch(kt0);
   publish(kt0, 0);  // before the first tile's barrier
 
@@ -474,6 +498,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   for (int s = 0; s < kStages - 1; ++s) issue(kt0 + s, s);
 
   for (int kt = kt0; kt < kt1; ++kt) {
+    if (splits_here && kt > kt0 && kt % args.tiles_per_split == 0) end_split();
     const int s = (kt - kt0) % kStages;
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage s landed for every thread; everyone is done with the stage refilled next
@@ -524,24 +549,51 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     for (int g = 1; g < args.n_groups; ++g)
       if (own_copy(te[g])) shared_rows &= ~row_mask(seg_lo[g], seg_hi[g]);
     mma_tile<kBf16, MT, kTrans>(a, tile, shared_rows, acc);
-    // Sparse tiles, kSparseBatch at a time: their exception ranges in one pass (every segment's positions in
-    // flight together), one barrier, then the corrections. Which segment goes first changes no row's sum.
+    // Sparse tiles, up to kSparseBatch at a time: their payloads copied into shared memory (the patch area,
+    // free until the dense tiles; 16-byte loads, every segment's in flight together), their exception
+    // ranges found in one pass, then the corrections, all reading shared memory. Every thread walks the
+    // same groups in the same order, so each recomputes where a payload sits. Which segment goes first
+    // changes no row's sum.
+    unsigned char* sparse_stage = reinterpret_cast<unsigned char*>(patch);
+    bool any_sparse = false;
     for (int g0 = 1;;) {
       int g1 = g0, nb = 0;
-      for (; g1 < args.n_groups && nb < kSparseBatch; ++g1)
-        if (sparse(g1)) exception_rows(tp[g1], te[g1], elems, w, exc_start[nb++]);
+      uint32_t used = 0;
+      for (; g1 < args.n_groups && nb < kSparseBatch; ++g1) {
+        if (!sparse(g1)) continue;
+        const uint32_t bytes = (uint32_t)codec::tile_payload_bytes(te[g1], elems, 2);
+        if (used + bytes > (uint32_t)kSparseStage) break;  // the next batch takes it (one always fits)
+        for (uint32_t i = tid; i < bytes / 16; i += kThreads)
+          store_as<Vec16>(sparse_stage + used + 16 * i, load_as<Vec16>(tp[g1] + 16 * i));
+        used += bytes;
+        ++nb;
+      }
       if (nb == 0) break;
-      __syncthreads();
-      for (int g = g0, i = 0; g < g1; ++g)
-        if (sparse(g))
-          sparse_correction<kBf16, MT>(a, tile, tp[g], te[g], elems, w, exc_start[i++], row_mask(seg_lo[g], seg_hi[g]),
-                                       acc);
+      any_sparse = true;
+      __syncthreads();  // the payloads are in shared memory
+      used = 0;
+      for (int g = g0, i = 0; g < g1; ++g) {
+        if (!sparse(g)) continue;
+        exception_rows(sparse_stage + used, te[g], elems, w, exc_start[i++]);
+        used += (uint32_t)codec::tile_payload_bytes(te[g], elems, 2);
+      }
+      __syncthreads();  // the ranges are complete
+      used = 0;
+      for (int g = g0, i = 0; g < g1; ++g) {
+        if (!sparse(g)) continue;
+        sparse_correction<kBf16, MT>(a, tile, sparse_stage + used, te[g], elems, w, exc_start[i++],
+                                     row_mask(seg_lo[g], seg_hi[g]), acc);
+        used += (uint32_t)codec::tile_payload_bytes(te[g], elems, 2);
+      }
       bool more = false;
       for (int g = g1; g < args.n_groups; ++g) more = more || sparse(g);
       if (!more) break;
-      __syncthreads();  // the next batch overwrites the ranges
+      __syncthreads();  // the next batch overwrites the payloads and the ranges
       g0 = g1;
     }
+    bool any_dense = false;
+    for (int g = 1; g < args.n_groups; ++g) any_dense = any_dense || own_copy(te[g]);
+    if (any_sparse && any_dense) __syncthreads();  // the patch copies overwrite the sparse payloads
     for (int g = 1; g < args.n_groups; ++g) {
       if (!own_copy(te[g])) continue;
       const TileEntry e = te[g];
@@ -567,6 +619,15 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     publish(kt + 1, parity ^ 1);  // read after the next tile's barrier; last read during the previous tile
   }
   cp_async_wait<0>();
+  if (splits_here) {
+    end_split();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = split_sum[mt][nt][i];
+  }
 
   // The epilogue. With split-K, every CTA of an output block writes its fp32 partial sums; the last to
   // arrive adds them all, in split order whoever arrived last (deterministic), then the bias, and writes the
@@ -659,7 +720,9 @@ __global__ void group_rows_kernel(const int64_t* ids, int64_t m, int n_groups, i
 struct LaunchPlan {
   int mt;
   int64_t chunks, out_blocks;
-  int red_tiles, tiles_per_split, splits;
+  int red_tiles, tiles_per_split;
+  int splits;       // of the reduction: never a function of m
+  int grid_splits;  // of those, how many run in CTAs of their own: `splits`, or 1 (a CTA runs them all)
 };
 // The split of the reduction depends on the shape and the device only, never on m: a row's bits must not
 // depend on how many rows share its batch (with mma_tile's per-tile additions and the fixed-order split sum,
@@ -668,6 +731,9 @@ struct LaunchPlan {
 // three staged stages take 58 KiB of the 227 KiB) times the tiles per CTA, plus one for the split-K epilogue.
 // The cheapest split wins, the fewer splits on a tie; each split keeps >= 4 tiles so the pipeline overlaps
 // something. A reduction of no tiles (K = 0) is one empty split: the output is the bias alone.
+// Where does a split run? In a CTA of its own while the row chunks alone would not fill the GPU; once they do
+// (large m: prefill), each CTA runs its block's splits one after another, the same sums in the same order,
+// with no fp32 partial sums in memory (at m = 8192 on 14336x4096 they would be 2.3 GB).
 inline LaunchPlan plan_launch(int64_t m, int64_t out_cols, int64_t red, int sms) {
   LaunchPlan p;
   p.mt = m <= 16 ? 1 : (m <= 32 ? 2 : 4);
@@ -689,6 +755,7 @@ inline LaunchPlan plan_launch(int64_t m, int64_t out_cols, int64_t red, int sms)
       p.tiles_per_split = per;
     }
   }
+  p.grid_splits = p.chunks * p.out_blocks >= slots ? 1 : p.splits;
   return p;
 }
 

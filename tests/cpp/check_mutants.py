@@ -5,7 +5,10 @@ Each mutant is a one-line edit of csrc/cuda/fused_gemm_kernel.cuh that is a real
 - M1: a pipeline stage refilled before the barrier that says every warp is done reading it (a write-after-read
   race, seen only when copies may land at issue: --eager, under ThreadSanitizer);
 - M3: the barrier between the decode's low-byte and exception passes dropped (a lost update: one thread's 32-bit
-  read-modify-write against another's 16-bit one of the same word).
+  read-modify-write against another's 16-bit one of the same word);
+- G1, G2: the grouped path's sparse tiles read before their staged payloads, or their exception ranges, are
+  complete;
+- G3: a dense fine-tune's patch copy written over sparse payloads other threads still read.
 Every mutant is built under ThreadSanitizer and run on a few cases; the check passes when each one fails. An
 edit whose anchor is gone (the kernel changed) is an error here, not a silent pass: update the mutant with it.
 
@@ -33,6 +36,16 @@ MUTANTS = {
         "        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);\n"
         "        codec::xor_tile_exceptions_strided",
         ["--only", "staged"],
+    ),
+    "G1 (sparse payloads read before they are staged)": (
+        "      __syncthreads();  // the payloads are in shared memory\n", "", ["--eager", "--only", "grouped uniform"],
+    ),
+    "G2 (exception ranges read before they are complete)": (
+        "      __syncthreads();  // the ranges are complete\n", "", ["--eager", "--only", "grouped uniform"],
+    ),
+    "G3 (a patch copy over sparse payloads in use)": (
+        "    if (any_sparse && any_dense) __syncthreads();  // the patch copies overwrite the sparse payloads\n", "",
+        ["--eager", "--only", "grouped uniform"],
     ),
 }
 

@@ -45,7 +45,8 @@ struct Case {
   bool grouped;    // per-row ids (with base rows); else every row uses the single fine-tune
   int bias_rows;   // 0: none, 1: [N], else [n_finetunes + 1, N] (forward only)
   int sms;         // what plan_launch is told, to get split-K
-  int kind0;       // fine-tune d is of kind (kind0 + d) % 3; kind0 3: every word, both bytes; 4: all sparse
+  int kind0;  // fine-tune d is of kind (kind0 + d) % 3; kind0 3: every word, both bytes; 4: all sparse (3%);
+              // 5: all sparse at 20% (payloads of ~3.3 KB: a batch of them does not fit the staging area)
   std::string what;
   std::string dist = "";  // grouped: how rows spread over fine-tunes (see row_ids); "" = runs of three + base
   bool big_payload = false;  // encode tile 0 as byteplane with every word an exception: too big to stage
@@ -124,11 +125,12 @@ static Problem make_problem(const Case& c, std::mt19937& rng) {
   for (int d = 0; d < c.n_finetunes; ++d) {
     std::vector<uint16_t> ft = base;
     for (int64_t i = 0; i < n * k; ++i) {
-      const int kind = c.kind0 == 3 ? 3 : c.kind0 == 4 ? 1 : (c.kind0 + d) % 3;
+      const int kind = c.kind0 == 3 ? 3 : c.kind0 == 4 ? 1 : c.kind0 == 5 ? 4 : (c.kind0 + d) % 3;
       if (kind == 0) ft[i] ^= (uint16_t)(rng() & 0x7f);
       if (kind == 1 && u(rng) < 0.03) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;  // keep finite: no exponent 255
       if (kind == 2 && i / k < 64) ft[i] ^= (uint16_t)(rng() & 0x3ff);
       if (kind == 3) ft[i] ^= (uint16_t)(rng() & 0x3fff);  // both bytes, exponent's top bit kept: finite
+      if (kind == 4 && u(rng) < 0.2) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;
     }
     if (c.inf && d == 0) ft[(n / 2) * k + 1] = std::is_same_v<T, emulate::bf16> ? 0x7f80 : 0x7c00;  // +Inf
     const auto section = c.big_payload && d == 0
@@ -195,21 +197,21 @@ static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::v
     args.only_group = c.n_finetunes;
     args.staged = c.n_finetunes == 1;
   }
-  std::vector<float> partial((size_t)plan.splits * m * out_cols, NAN);
+  std::vector<float> partial((size_t)plan.grid_splits * m * out_cols, NAN);
   std::vector<uint32_t> counters(plan.chunks * plan.out_blocks, 0);
   std::vector<T> out(m * out_cols);
   for (auto& v : out) v.bits = 0xffff;  // NaN: every element must be written
   args.out = reinterpret_cast<uint16_t*>(out.data());
   args.bias = c.bias_rows ? bias.data() : nullptr;
   args.bias_rows = c.bias_rows;
-  args.partial = plan.splits > 1 ? partial.data() : nullptr;
-  args.counters = plan.splits > 1 ? counters.data() : nullptr;
+  args.partial = plan.grid_splits > 1 ? partial.data() : nullptr;
+  args.counters = plan.grid_splits > 1 ? counters.data() : nullptr;
   args.out_cols = out_cols;
   args.red_tiles = plan.red_tiles;
   args.tiles_per_split = plan.tiles_per_split;
-  args.splits = plan.splits;
+  args.splits = plan.grid_splits;
 
-  const dim3 grid3{(unsigned)plan.out_blocks, (unsigned)plan.splits, (unsigned)plan.chunks};
+  const dim3 grid3{(unsigned)plan.out_blocks, (unsigned)plan.grid_splits, (unsigned)plan.chunks};
   constexpr bool kBf16 = std::is_same_v<T, emulate::bf16>;
   const auto go = [&](auto kernel) {
     emulate::launch(grid3, [&] { kernel(args); }, fused::smem_bytes(plan.mt, args.staged));
@@ -283,7 +285,8 @@ static void run(const Case& c) {
   const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;  // no row checked: the error word alone
   const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
   char buf[96];
-  snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d, error word %u)", rel, plan.mt, plan.splits, error);
+  snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d (%d in CTAs), error word %u)", rel, plan.mt,
+           plan.splits, plan.grid_splits, error);
   const uint32_t want_error = (c.corrupt ? cuda::kErrorTile : 0u) | (c.bad_ids ? cuda::kErrorRowId : 0u);
   check(finite && rel < 8e-3 && error == want_error, c.what + buf);
 }
@@ -291,11 +294,11 @@ static void run(const Case& c) {
 // A row's output bits do not depend on the rest of its batch: the same rows served alone, in batches of other
 // sizes (other rows per CTA) and beside other fine-tunes' rows give bitwise the same outputs.
 template <typename T>
-static void batch_invariance(bool trans) {
+static void batch_invariance(bool trans, int sms) {
   // 130 rows: three row chunks of 64 in the whole batch, one in the small ones; a reduction of 16 tiles, so
   // the split of the reduction would change with the chunk count if it were allowed to.
   const Case c{trans ? 1024 : 136, trans ? 136 : 1024, 130, std::is_same_v<T, emulate::bf16>, trans, 4, true,
-               trans ? 0 : 5, 8, 0, "batch invariance"};
+               trans ? 0 : 5, sms, 0, "batch invariance"};
   std::mt19937 rng(99);
   const Problem p = make_problem<T>(c, rng);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -316,8 +319,15 @@ static void batch_invariance(bool trans) {
     for (int64_t i = lo; i < hi; ++i)
       same = same && !memcmp(&part[(i - lo) * out_cols], &whole[i * out_cols], out_cols * sizeof(T));
   }
-  check(same, std::string("batch invariance, ") + (trans ? "backward" : "forward") +
-                  (std::is_same_v<T, emulate::bf16> ? ", bf16" : ", fp16") + ": rows 0-1, 3-8, 5-30, 17-60, 40-130 of 130");
+  // With 2 SMs the whole batch's CTAs fill the GPU, so each runs its splits itself; the smaller batches
+  // split the reduction over CTAs: the same bits either way.
+  const fused::LaunchPlan whole_plan = fused::plan_launch(c.m, out_cols, red, sms);
+  const bool in_one_cta = whole_plan.grid_splits == 1 && whole_plan.splits > 1;
+  check(same && (sms != 2 || in_one_cta),
+        std::string("batch invariance, ") + (trans ? "backward" : "forward") +
+            (std::is_same_v<T, emulate::bf16> ? ", bf16" : ", fp16") +
+            (sms == 2 ? ", the whole batch's splits in one CTA each" : "") +
+            ": rows 0-1, 3-8, 5-30, 17-60, 40-130 of 130");
 }
 
 // The split-K epilogue adds the splits' sums in split order whichever CTA arrives last: the same bits for any
@@ -345,7 +355,7 @@ static void split_order_invariance(bool trans) {
   }
   emulate::cta_order_seed = saved;
   const size_t bytes = outs[0].size() * sizeof(T);
-  check(fused::plan_launch(c.m, out_cols, red, c.sms).splits > 1 && error == 0 &&
+  check(fused::plan_launch(c.m, out_cols, red, c.sms).grid_splits > 1 && error == 0 &&
             !memcmp(outs[0].data(), outs[1].data(), bytes) && !memcmp(outs[0].data(), outs[2].data(), bytes),
         std::string("split-K: the same bits whichever CTA arrives last, ") + (trans ? "backward" : "forward"));
 }
@@ -498,6 +508,7 @@ int main(int argc, char** argv) {
   // Sixteen sparse tiles in one CTA: two batches of exception ranges per tile.
   all.push_back({136, 200, 64, true, false, 16, true, 17, 132, 4, "grouped, 16 sparse fine-tunes in one CTA",
                  "distinct"});
+  all.push_back({136, 200, 64, true, false, 16, true, 17, 132, 5, "grouped, 16 fine-tunes, 20% sparse", "distinct"});
   Case bad_ids{136, 200, 20, true, false, 3, true, 4, 132, 1, "grouped, two rows' ids out of range"};
   bad_ids.bad_ids = true;
   for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16, bad_ids}) all.push_back(c);
@@ -510,9 +521,11 @@ int main(int argc, char** argv) {
     }
   }
   if (wanted("batch invariance")) {
-    batch_invariance<emulate::bf16>(false);
-    batch_invariance<emulate::fp16>(false);
-    batch_invariance<emulate::bf16>(true);
+    batch_invariance<emulate::bf16>(false, 8);
+    batch_invariance<emulate::fp16>(false, 8);
+    batch_invariance<emulate::bf16>(true, 8);
+    batch_invariance<emulate::bf16>(false, 2);
+    batch_invariance<emulate::fp16>(true, 2);
   }
   if (wanted("split order")) {
     split_order_invariance<emulate::bf16>(false);
@@ -528,5 +541,8 @@ int main(int argc, char** argv) {
   check(p16.splits == 6 && fused::plan_launch(1, 14336, 4096, 132).splits == 5 &&
             fused::plan_launch(1, 4096, 14336, 132).splits == 6,
         "plan_launch on 132 SMs: 4096x4096 6 splits, 14336x4096 5, 4096x14336 6");
+  const fused::LaunchPlan prefill = fused::plan_launch(8192, 14336, 4096, 132);
+  check(prefill.splits == 5 && prefill.grid_splits == 1 && fused::plan_launch(16, 14336, 4096, 132).grid_splits == 5,
+        "plan_launch: at M = 8192 each CTA runs its splits itself (no fp32 partial sums); at M = 16 in 5 CTAs");
   return report();
 }
