@@ -291,6 +291,28 @@ static void run(const Case& c) {
   check(finite && rel < 8e-3 && error == want_error, c.what + buf);
 }
 
+// A per-row case's weights and random inputs: activations, ids over the base and every fine-tune, bias rows.
+struct GroupedInputs {
+  Problem p;
+  std::vector<uint16_t> a;
+  std::vector<int64_t> ids;
+  std::vector<uint16_t> bias;
+};
+template <typename T>
+static GroupedInputs grouped_inputs(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  GroupedInputs in{make_problem<T>(c, rng), {}, {}, {}};
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int64_t red = c.trans ? c.n : c.k, out_cols = c.trans ? c.k : c.n;
+  in.a.resize(c.m * red);
+  for (auto& v : in.a) v = T(normal(rng)).bits;
+  in.ids.resize(c.m);
+  for (auto& id : in.ids) id = (int64_t)(rng() % (c.n_finetunes + 1)) - 1;
+  in.bias.resize(c.bias_rows * out_cols);
+  for (auto& v : in.bias) v = T(normal(rng)).bits;
+  return in;
+}
+
 // A row's output bits do not depend on the rest of its batch: the same rows served alone, in batches of other
 // sizes (other rows per CTA) and beside other fine-tunes' rows give bitwise the same outputs.
 template <typename T>
@@ -299,16 +321,8 @@ static void batch_invariance(bool trans, int sms) {
   // the split of the reduction would change with the chunk count if it were allowed to.
   const Case c{trans ? 1024 : 136, trans ? 136 : 1024, 130, std::is_same_v<T, emulate::bf16>, trans, 4, true,
                trans ? 0 : 5, sms, 0, "batch invariance"};
-  std::mt19937 rng(99);
-  const Problem p = make_problem<T>(c, rng);
-  std::normal_distribution<float> normal(0.f, 1.f);
+  const auto [p, a, ids, bias] = grouped_inputs<T>(c, 99);
   const int64_t red = trans ? c.n : c.k, out_cols = trans ? c.k : c.n;
-  std::vector<uint16_t> a(c.m * red);
-  for (auto& v : a) v = T(normal(rng)).bits;
-  std::vector<int64_t> ids(c.m);
-  for (int64_t i = 0; i < c.m; ++i) ids[i] = (int64_t)(rng() % 5) - 1;
-  std::vector<uint16_t> bias(c.bias_rows * out_cols);
-  for (auto& v : bias) v = T(normal(rng)).bits;
   uint32_t error = 0;
   const std::vector<T> whole = launch_fused<T>(c, p, a, ids, bias, &error);
   bool same = error == 0;
@@ -336,16 +350,8 @@ template <typename T>
 static void split_order_invariance(bool trans) {
   const Case c{trans ? 1024 : 136, trans ? 136 : 1024, 40, std::is_same_v<T, emulate::bf16>, trans, 3, true,
                trans ? 0 : 4, 8, 1, "split order"};
-  std::mt19937 rng(7);
-  const Problem p = make_problem<T>(c, rng);
-  std::normal_distribution<float> normal(0.f, 1.f);
+  const auto [p, a, ids, bias] = grouped_inputs<T>(c, 7);
   const int64_t red = trans ? c.n : c.k, out_cols = trans ? c.k : c.n;
-  std::vector<uint16_t> a(c.m * red);
-  for (auto& v : a) v = T(normal(rng)).bits;
-  std::vector<int64_t> ids(c.m);
-  for (int64_t i = 0; i < c.m; ++i) ids[i] = (int64_t)(rng() % 4) - 1;
-  std::vector<uint16_t> bias(c.bias_rows * out_cols);
-  for (auto& v : bias) v = T(normal(rng)).bits;
   const unsigned saved = emulate::cta_order_seed;
   uint32_t error = 0;
   std::vector<std::vector<T>> outs;
