@@ -37,16 +37,16 @@ void for_each_patched_block(const at::Tensor& base, const format::TileGrid& g, i
   const int64_t per_block = std::max<int64_t>(1, grid_rows_per_block);
   if constexpr (overlaps_blocks<std::decay_t<Patch>>::value) {
     patch.overlapped_blocks(base, per_block, f, std::forward<Fn>(fn));
-    return;
-  }
-  const int64_t n = base.size(0), k = base.size(1), tile_rows = g.tile_rows, grid_rows = (int64_t)g.grid_rows();
-  at::Tensor scratch = at::empty({std::min(per_block * tile_rows, n), k}, base.options());
-  for (int64_t gr0 = 0; gr0 < grid_rows; gr0 += per_block) {
-    const int64_t gr1 = std::min(gr0 + per_block, grid_rows);
-    const int64_t r0 = gr0 * tile_rows, h = std::min(gr1 * tile_rows, n) - r0;
-    at::Tensor block = scratch.narrow(0, 0, h);
-    patch(f, gr0, gr1, block);
-    fn(r0, h, block);
+  } else {
+    const int64_t n = base.size(0), k = base.size(1), tile_rows = g.tile_rows, grid_rows = (int64_t)g.grid_rows();
+    at::Tensor scratch = at::empty({std::min(per_block * tile_rows, n), k}, base.options());
+    for (int64_t gr0 = 0; gr0 < grid_rows; gr0 += per_block) {
+      const int64_t gr1 = std::min(gr0 + per_block, grid_rows);
+      const int64_t r0 = gr0 * tile_rows, h = std::min(gr1 * tile_rows, n) - r0;
+      at::Tensor block = scratch.narrow(0, 0, h);
+      patch(f, gr0, gr1, block);
+      fn(r0, h, block);
+    }
   }
 }
 
