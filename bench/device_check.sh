@@ -109,10 +109,10 @@ fi
 
 # One case per path, stop at the first failure: the fused kernel (one fine-tune, 4096x4096, M 1 and 16, both
 # delta kinds), backward, per-row fine-tunes, both paths forced, the sanitizer's small cases, the error word.
-SMOKE=(tests/test_cuda_xor_linear.py tests/test_cuda_grouped.py tests/test_xor_linear.py tests/test_cuda.py -k
-  "(test_forward_against_cpu_and_float64 and bf16 and 4096x4096 and (sparse or dense) and (m1] or m16])) or test_mixed_rows_and_backward or (test_grouped_matches_cpu_and_dense and zipf and (d-4- or d-16-)) or (test_both_paths_forward_and_backward and m33) or test_small_paths or test_grouped_split_k_small or test_rows_do_not_depend_on_their_batch or test_cuda_graph_replays or inf_weight_reaches or test_output_is_fully_written or test_bad_inputs_are_clear_errors or (cuda and (test_op_validates_its_arguments or test_opcheck)) or (test_gpu_apply_matches_cpu and bf16 and 130x70)")
+SMOKE=(tests/test_cuda_xor_linear.py tests/test_cuda_grouped.py tests/test_cuda_slots.py tests/test_xor_linear.py tests/test_cuda.py -k
+  "(test_forward_against_cpu_and_float64 and bf16 and 4096x4096 and (sparse or dense) and (m1] or m16])) or test_mixed_rows_and_backward or (test_grouped_matches_cpu_and_dense and zipf and (d-4- or d-16-)) or (test_both_paths_forward_and_backward and m33) or test_small_paths or test_grouped_split_k_small or test_rows_do_not_depend_on_their_batch or test_cuda_graph_replays or test_slot_table_gives_the_bits or inf_weight_reaches or test_output_is_fully_written or test_bad_inputs_are_clear_errors or (cuda and (test_op_validates_its_arguments or test_opcheck)) or (test_gpu_apply_matches_cpu and bf16 and 130x70)")
 if [ "$MODE" = quick ]; then
-  SMOKE=(tests/test_cuda_xor_linear.py tests/test_cuda_grouped.py -k
+  SMOKE=(tests/test_cuda_xor_linear.py tests/test_cuda_grouped.py tests/test_cuda_slots.py -k
     "(test_forward_against_cpu_and_float64 and bf16 and 4096x4096 and (sparse or dense) and (m1] or m16])) or (test_grouped_matches_cpu_and_dense and zipf and d-16-) or test_small_paths or test_grouped_split_k_small or test_cuda_graph_replays")
 fi
 step "smoke: one case per path" $([ "$MODE" = quick ] && echo 25 || echo 45) 150
@@ -147,7 +147,7 @@ fi
 if [ "$MODE" != quick ] && step "all CUDA tests" 120 240 optional; then
   # -k cuda: the test_cuda*.py files (marked cuda) and the [cuda] cases of the device-parametrized tests
   run "${PYTEST[@]}" --durations=5 tests/test_cuda.py tests/test_cuda_xor_linear.py tests/test_cuda_grouped.py \
-    tests/test_xor_linear.py -k cuda
+    tests/test_cuda_slots.py tests/test_xor_linear.py tests/test_slots.py -k cuda
 fi
 
 # compute-sanitizer on real small cases, with the caching allocator off so an overrun inside a pooled block is

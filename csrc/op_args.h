@@ -147,6 +147,45 @@ inline std::vector<at::Tensor> group_rows(const std::optional<at::Tensor>& row_f
   return out;
 }
 
+// xor_linear_slots' slot table: [S, 3] int64 on `device`, row s = (section address, tile offsets address,
+// section bytes) of the delta in slot s, or zeros for an empty slot (its rows get the base). Made by
+// XorLinear.set_slot from tensors it keeps alive; the op cannot check an address, only the table's form.
+inline void check_slot_table(const at::Tensor& table, const at::Device& device) {
+  TORCH_CHECK(table.device() == device && table.scalar_type() == at::kLong && table.dim() == 2 &&
+                  table.size(1) == 3 && table.is_contiguous(),
+              "xorgemm: slot_table must be a contiguous [slots, 3] int64 tensor on ", device, ", got ",
+              table.scalar_type(), " ", table.sizes(), " on ", table.device());
+}
+
+// A slot table read on the host (`rows`: the table on the CPU) as the lists xor_linear takes: a view of
+// each slot's section and offsets (not owning them) on `device`, and for an empty slot an all-zero delta.
+struct SlotLists {
+  std::vector<at::Tensor> sections, offsets;
+};
+inline SlotLists slot_lists(const at::Tensor& rows, const format::TileGrid& g, const at::Device& device) {
+  SlotLists out;
+  const auto bytes = at::TensorOptions().dtype(at::kByte).device(device);
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor none_section, none_offsets;
+  for (int64_t s = 0; s < rows.size(0); ++s) {
+    const int64_t* row = rows.data_ptr<int64_t>() + 3 * s;
+    if (row[0] == 0) {
+      if (!none_section.defined()) {
+        none_section = at::zeros({(int64_t)g.table_bytes()}, bytes);
+        none_offsets = at::full({(int64_t)g.num_tiles()}, (int64_t)g.table_bytes(), longs);  // payloads start there
+      }
+      out.sections.push_back(none_section);
+      out.offsets.push_back(none_offsets);
+      continue;
+    }
+    TORCH_CHECK(row[1] != 0 && row[2] >= (int64_t)g.table_bytes(), "xorgemm: slot ", s, " of the slot table holds ",
+                row[2], " section bytes (its tile table alone is ", g.table_bytes(), ") or no tile offsets");
+    out.sections.push_back(at::from_blob(reinterpret_cast<void*>(row[0]), {row[2]}, bytes));
+    out.offsets.push_back(at::from_blob(reinterpret_cast<void*>(row[1]), {(int64_t)g.num_tiles()}, longs));
+  }
+  return out;
+}
+
 // apply_section's arguments: `base` and `out` alike (dtype, shape, device, contiguous), the section on their
 // device; returns the grid over their 2-D view.
 inline format::TileGrid check_apply_args(const at::Tensor& section, const at::Tensor& offsets, const at::Tensor& base,

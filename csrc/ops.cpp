@@ -11,6 +11,14 @@
 //     use fine-tune 0 if there is exactly one, the base if there is none). bias: None, [N], or
 //     [F + 1, N] picked per row by row_finetune + 1 (row 0 for base rows).
 //
+//   xor_linear_slots(x, base, slot_table, row_slot, bias, tile_rows, tile_cols) -> y
+//     xor_linear with the fine-tunes in a slot table instead of lists: slot_table is [S, 3] int64 on the
+//     weight's device, row s the (section address, tile offsets address, section bytes) of the delta in
+//     slot s, zeros for an empty slot (its rows get the base); row_slot: int64 [rows of x], -1 the base;
+//     bias: None, [N] or [S + 1, N]. Rewriting the table's rows (XorLinear.set_slot) changes the fine-tunes
+//     without changing the call: on a GPU the kernel reads the table, so a captured CUDA graph replays with
+//     whatever the slots hold then. Inference only (no gradient).
+//
 //   xor_linear_grad_input(grad_y, base, sections, tile_offsets, row_finetune, tile_rows, tile_cols) -> grad_x
 //     grad_x[i] = grad_y[i] @ W_f(i), the input gradient through the same tiles (transposed).
 //
@@ -24,6 +32,9 @@ TORCH_LIBRARY(xorgemm, m) {
   m.def(
       "xor_linear(Tensor x, Tensor base, Tensor[] sections, Tensor[] tile_offsets, Tensor? row_finetune, "
       "Tensor? bias, int tile_rows, int tile_cols) -> Tensor");
+  m.def(
+      "xor_linear_slots(Tensor x, Tensor base, Tensor slot_table, Tensor row_slot, Tensor? bias, int tile_rows, "
+      "int tile_cols) -> Tensor");
   m.def(
       "xor_linear_grad_input(Tensor grad_y, Tensor base, Tensor[] sections, Tensor[] tile_offsets, "
       "Tensor? row_finetune, int tile_rows, int tile_cols) -> Tensor");

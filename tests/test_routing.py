@@ -1,11 +1,13 @@
 """Per-row routes for modules XorLinear does not serve (xorgemm.serving.routing): RoutedForward, which groups
-rows by fine-tune on the host, and SelectedForward, which never reads the ids on the host (what the vLLM
-plugin uses). Both must give every row exactly what its fine-tune's dense module gives it."""
+rows by fine-tune on the host, and SlotForward, which serves per-row slot numbers with the same passes over
+the same tensors whatever the slots hold (what the vLLM plugin uses). Both must give every row exactly what
+its fine-tune's dense module gives it."""
 import pytest
 import torch
 from torch import nn
 
-from xorgemm.serving.routing import RoutedForward, SelectedForward
+from xorgemm import SlotIds
+from xorgemm.serving.routing import RoutedForward, SlotForward
 from xorgemm.serving.state import ServedModel
 
 
@@ -36,7 +38,7 @@ def served(module, tensors):
     return st, dense
 
 
-@pytest.mark.parametrize("route", [RoutedForward, SelectedForward])
+@pytest.mark.parametrize("route", [RoutedForward, SlotForward])
 @pytest.mark.parametrize("case", ["embedding", "layernorm", "residual"])
 def test_each_row_gets_its_finetunes_module(route, case):
     torch.manual_seed(0)
@@ -49,10 +51,17 @@ def test_each_row_gets_its_finetunes_module(route, case):
     ids = torch.tensor([0, -1, 1, 0, 0, -1])
     names = {0: "a", 1: "b", -1: "base"}
     want = [dense[names[i]](*[t[r:r + 1].clone() for t in inputs]) for r, i in enumerate(ids.tolist())]
-    routed = route.install(module, st, "m")
-    for name in tensors:
-        routed.tensors[name] = f"m.{name}"
-    with torch.no_grad(), st.choosing(ids):
+    if route is SlotForward:  # slots 0 and 3 hold "a", 2 holds "b", 1 none: ids as slots
+        routed = SlotForward.install_slots(module, st, "m", 4)
+        for slot, name in ((0, "a"), (2, "b"), (3, "a")):
+            routed.set_slot(slot, name)
+        selection = SlotIds(torch.tensor([0, 1, 2, 3, 0, -1]))
+    else:
+        routed = route.install(module, st, "m")
+        for name in tensors:
+            routed.tensors[name] = f"m.{name}"
+        selection = ids
+    with torch.no_grad(), st.choosing(selection):
         got = module(*[t.clone() for t in inputs])
     for r in range(6):
         if isinstance(got, tuple):
@@ -63,9 +72,10 @@ def test_each_row_gets_its_finetunes_module(route, case):
     assert torch.equal(module.weight, dense["base"].weight), "the base's tensors are back after the call"
 
 
-def test_selected_passes_run_in_name_order_whatever_the_load_order():
-    """Under tensor parallelism each pass may end in a collective (a vocabulary-parallel embedding's all-reduce),
-    and ranks may load the same fine-tunes in different orders: the passes must run in one order everywhere."""
+def test_slot_passes_are_the_same_whatever_the_slots_hold():
+    """A captured graph replays the passes of its capture: one for the base and one per slot, in slot order
+    (under tensor parallelism each may end in a collective, which must pair up across ranks), each reading
+    its slot's own tensor, whether the slot holds a fine-tune or not."""
     seen = []
 
     class Recorder(nn.Module):
@@ -74,15 +84,22 @@ def test_selected_passes_run_in_name_order_whatever_the_load_order():
             self.weight = nn.Parameter(torch.zeros(2))
 
         def forward(self, x):
-            seen.append(self.weight[0].item())
+            seen.append((self.weight.data_ptr(), self.weight[0].item()))
             return x * self.weight
 
-    for order in (["b", "a"], ["a", "b"]):
-        module, st = Recorder(), ServedModel(finetunes=list(order))
-        for name, value in (("a", 1.0), ("b", 2.0)):
-            st.overrides.add("m.weight", name, torch.full((2,), value))
-        SelectedForward.install(module, st, "m").tensors["weight"] = "m.weight"
+    module, st = Recorder(), ServedModel(finetunes=["a", "b"])
+    for name, value in (("a", 1.0), ("b", 2.0)):
+        st.overrides.add("m.weight", name, torch.full((2,), value))
+    routed = SlotForward.install_slots(module, st, "m", 3)
+    passes = []
+    for held in ((None, None, None), ("b", "a", None), ("a", None, "b")):
+        for slot, name in enumerate(held):
+            routed.set_slot(slot, name)
         seen.clear()
-        with torch.no_grad(), st.choosing(torch.tensor([0, 1, -1])):
-            module(torch.ones(3, 2))
-        assert seen == [0.0, 1.0, 2.0], f"load order {order}: passes ran {seen}"
+        with torch.no_grad(), st.choosing(SlotIds(torch.tensor([0, 1, -1]))):
+            out = module(torch.ones(3, 2))
+        values = {None: 0.0, "a": 1.0, "b": 2.0}
+        assert [v for _, v in seen] == [0.0] + [values[n] for n in held]
+        assert out[:, 0].tolist() == [values[held[0]], values[held[1]], 0.0]
+        passes.append([p for p, _ in seen])
+    assert passes[0] == passes[1] == passes[2], "the same tensors in every pass"

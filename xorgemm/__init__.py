@@ -14,7 +14,7 @@ on a device) -> ops.py (torch.ops.xorgemm) -> nn.py (XorLinear) -> serving/ (pat
 """
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, XorgemmError
 from xorgemm.format import DeltaFile, DeltaTensor, load_delta
-from xorgemm.nn import XorLinear
+from xorgemm.nn import SlotIds, XorLinear
 from xorgemm.packing import PackReport, VerifyReport, pack, save_state_dict, unpack, verify
 from xorgemm.serving import (
     MemoryReport,
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "pack", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor", "PackReport",
-    "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear",
+    "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear", "SlotIds",
     "patch_model", "use", "select", "PatchReport", "add_finetune", "remove_finetune", "memory_report",
     "MemoryReport", "ServedModel",
 ]

@@ -11,6 +11,14 @@ fine-tune per row (ids into `finetunes`, -1 for the base), like Punica's segment
 
 Without a `finetune` argument the layer uses its `active` selection: a name, ids, None, or a callable
 returning one, which is how a served model makes the choice per thread or task (see xorgemm/serving).
+
+Engines that capture their steps in CUDA graphs use a fixed table of slots instead (vLLM's LoRA slots):
+
+    layer.enable_slots(4)                                 # four slots, all empty (the base)
+    layer.set_slot(0, "legal"); layer.set_slot(2, "med")  # between steps, in place
+    y = layer(x, finetune=SlotIds(torch.tensor([0, 2, -1, 0])))
+
+The call's arguments never change when the slots do, and on a GPU the kernel reads the table itself.
 "Fine-tune" names what a user serves; "delta" names its bytes: `deltas[name]` holds fine-tune `name`'s
 resident delta section.
 """
@@ -64,7 +72,17 @@ class DeltaWeight:
         return f"DeltaWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
-class _DeltaSlot(nn.Module):
+class SlotIds:
+    """Per-row slot numbers for an XorLinear with slots (`XorLinear.enable_slots`): row i uses the fine-tune
+    slot ids[i] holds when the layer runs, -1 (or an empty slot) the base. Inference only."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+
+class _ResidentDelta(nn.Module):
     """One fine-tune's state in an XorLinear: its delta section, tile offsets and bias (buffers)."""
 
     def __init__(self, section: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None):
@@ -99,6 +117,11 @@ class XorLinear(nn.Module):
         self.deltas = nn.ModuleDict()  # fine-tune name -> its resident delta; ids index them in this order
         # Without a `finetune` argument: a name, per-row ids, None (the base), or a callable returning one.
         self.active = None
+        # Slots (enable_slots): the fine-tune in each, and the table and bias rows the op reads. Plain
+        # attributes, not buffers: addresses are never saved, and a moved or copied layer rewrites them.
+        self.slot_names: list[str | None] | None = None
+        self._slot_table = self._slot_bias = None
+        self._slots_written_for = None  # id(self) when the table matches slot_names, else None
 
     # --- construction
 
@@ -143,9 +166,9 @@ class XorLinear(nn.Module):
             raise InputError(f"fine-tune {name!r}: weight is {finetuned_weight.dtype} {tuple(finetuned_weight.shape)}, "
                              f"the base is {w.dtype} {tuple(w.shape)}")
         grid = grid_of(w.shape, self.tile, w.dtype)
-        # Encoded on the CPU (tensor_bytes copies there); _add_slot puts the section beside the base.
+        # Encoded on the CPU (tensor_bytes copies there); _add_delta puts the section beside the base.
         section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), grid)
-        self._add_slot(name, section, C.validate_section(section, grid), finetuned_bias)
+        self._add_delta(name, section, C.validate_section(section, grid), finetuned_bias)
 
     def add_finetune_from_file(self, name: str, weight, bias=None, *, check_base: bool = True):
         """Adds fine-tune `name` from DeltaTensor entries of a loaded delta file (weight, optional bias).
@@ -167,13 +190,13 @@ class XorLinear(nn.Module):
         fb = None
         if bias is not None and bias.kind != "same":
             fb = bias.apply(None if self.bias is None else self.bias.detach().cpu())
-        self._add_slot(name, section, offsets, fb)
+        self._add_delta(name, section, offsets, fb)
 
     def add_unchanged(self, name: str, bias: torch.Tensor | None = None):
         """Adds fine-tune `name` that leaves this weight as the base (an all-zero delta: a tile table, no
         payload), optionally with its own bias."""
         self._check_name(name)
-        self._add_slot(name, None, None, bias)
+        self._add_delta(name, None, None, bias)
 
     def add_finetune_section(self, name: str, section: torch.Tensor, bias: torch.Tensor | None = None):
         """Adds fine-tune `name` from a delta section of this layer's weight (a uint8 tensor on any device, e.g.
@@ -189,13 +212,16 @@ class XorLinear(nn.Module):
             offsets = section_offsets(section, grid)
         except C.FormatError as e:
             raise InputError(f"fine-tune {name!r}: malformed delta section: {e}") from None
-        self._add_slot(name, section, offsets, bias)
+        self._add_delta(name, section, offsets, bias)
 
     def remove_finetune(self, name: str):
         """Drops fine-tune `name` and frees its resident delta; the base is untouched. Per-row ids index
         `finetunes`, so the fine-tunes after it move down by one."""
         if name not in self.deltas:
             raise InputError(f"unknown fine-tune {name!r}; this XorLinear has {self.finetunes}")
+        if self.slot_names is not None and name in self.slot_names:  # no slot may point at freed memory
+            self.slot_names = [None if n == name else n for n in self.slot_names]
+            self._write_slots()
         del self.deltas[name]
         if isinstance(self.active, str) and self.active == name:
             self.active = None
@@ -205,7 +231,7 @@ class XorLinear(nn.Module):
         slot = self.deltas[name]
         return sum(t.numel() * t.element_size() for t in (slot.section, slot.offsets, slot.bias) if t is not None)
 
-    def _add_slot(self, name, section, offsets, bias):
+    def _add_delta(self, name, section, offsets, bias):
         dev = self.base_weight.device
         if bias is not None:
             if bias.shape != (self.out_features,) or bias.dtype != self.base_weight.dtype:
@@ -216,7 +242,67 @@ class XorLinear(nn.Module):
             grid = grid_of(self.base_weight.shape, self.tile, self.base_weight.dtype)
             section = torch.zeros(grid.table_bytes, dtype=torch.uint8)
             offsets = C.validate_section(section, grid)
-        self.deltas[name] = _DeltaSlot(section.to(dev), offsets.to(dev), bias)
+        section = section.to(dev)
+        if section.data_ptr() % 16:  # a view inside a larger buffer: the GPU kernels load 16 bytes at a time
+            section = section.clone()
+        self.deltas[name] = _ResidentDelta(section, offsets.to(dev), bias)
+
+    # --- slots
+
+    def enable_slots(self, n: int):
+        """Gives this layer a table of `n` slots (1 to 64), all empty, on the base's device: a forward with
+        `finetune=SlotIds(ids)` serves row i the fine-tune in slot ids[i]. `set_slot` rewrites the table and
+        the slots' bias rows in place, so a CUDA graph captured earlier replays with the new fine-tunes."""
+        if not isinstance(n, int) or not 1 <= n <= 64:
+            raise InputError(f"an XorLinear has 1 to 64 slots, not {n!r}")
+        self.slot_names = [None] * n
+        self._write_slots()
+
+    def set_slot(self, slot: int, name: str | None):
+        """Puts fine-tune `name` in `slot` (None empties it: its rows get the base). Between steps: on a GPU
+        this is a small copy to the device, ordered before the next kernel on the current stream."""
+        if self.slot_names is None:
+            raise InputError("this XorLinear has no slots; call enable_slots first")
+        if not 0 <= slot < len(self.slot_names):
+            raise InputError(f"slot {slot} out of range: this XorLinear has {len(self.slot_names)} slots")
+        if name is not None:
+            if name not in self.deltas:
+                raise InputError(f"unknown fine-tune {name!r}; this XorLinear has {self.finetunes}")
+            if self.deltas[name].bias is not None and self.bias is None:
+                raise InputError(f"fine-tune {name!r} has a bias where the base layer has none; slots keep a bias "
+                                 "row per slot only for a layer with a bias")
+        self.slot_names[slot] = name
+        self._write_slots()
+
+    def _write_slots(self):
+        """The table (and bias rows) as slot_names say, in place when they already exist on the base's device."""
+        with torch.inference_mode(False):  # never inference tensors: later updates happen outside that mode too
+            self._write_slots_now()
+
+    def _write_slots_now(self):
+        w = self.base_weight
+        rows = torch.zeros(len(self.slot_names), 3, dtype=torch.long)
+        biases = [self.bias] if self.bias is not None else None
+        for s, name in enumerate(self.slot_names):
+            if name is not None:
+                d = self.deltas[name]
+                rows[s] = torch.tensor([d.section.data_ptr(), d.offsets.data_ptr(), d.section.numel()])
+            if biases is not None:
+                biases.append(self.bias if name is None or self.deltas[name].bias is None else self.deltas[name].bias)
+        table = self._slot_table
+        if table is None or table.device != w.device or table.shape != rows.shape:
+            self._slot_table = rows.to(w.device)
+            self._slot_bias = None if biases is None else torch.stack([b.detach() for b in biases])
+        else:
+            table.copy_(rows)
+            if biases is not None:
+                self._slot_bias.copy_(torch.stack([b.detach() for b in biases]))
+        self._slots_written_for = id(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._slots_written_for = None  # sections moved: their addresses are rewritten before the next forward
+        return out
 
     # --- introspection
 
@@ -312,6 +398,8 @@ class XorLinear(nn.Module):
             raise InputError(f"XorLinear input is on {x.device} but its weight is on {w.device}")
         if w.device.type != "cpu":  # the CPU kernels are always built (and torch.compile traces this line)
             require_kernel(w.device.type, "XorLinear")
+        if isinstance(finetune, SlotIds):
+            return self._forward_slots(x, finetune.ids)
         row_ids = self._row_ids(finetune, x)
         names = self.finetunes if row_ids is not None else [n for n in [self._resolve_name(finetune)] if n]
         sections = [self.deltas[n].section for n in names]
@@ -322,6 +410,21 @@ class XorLinear(nn.Module):
         else:
             bias = self._bias_rows(names)
         return xor_linear(x, w, sections, offsets, row_ids, bias, tile=self.tile)
+
+    def _forward_slots(self, x, ids):
+        if self.slot_names is None:
+            raise InputError("this XorLinear has no slots; call enable_slots first")
+        lead = x.shape[:-1]
+        if not isinstance(ids, torch.Tensor) or ids.shape != lead[: ids.dim()] or ids.device != x.device:
+            raise InputError(f"slot ids must be a tensor on {x.device} prefixing the input's rows {tuple(lead)}, got "
+                             f"{getattr(ids, 'shape', ids)}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise InputError("slot forwards are inference only; train through fine-tune names or per-row ids")
+        if self._slots_written_for != id(self):  # moved, copied or reloaded since the table was written
+            self._write_slots()
+        rows = ids.to(torch.long).reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead).reshape(-1)
+        return torch.ops.xorgemm.xor_linear_slots(x, self.base_weight, self._slot_table, rows, self._slot_bias,
+                                                  *self.tile)
 
     def _bias_rows(self, names):
         """[len(names) + 1, N] biases (row 0 the base's), or None if no bias at all."""
@@ -355,6 +458,8 @@ class XorLinear(nn.Module):
                 raise InputError(f"{prefix}deltas.{n}.offsets: do not match the section's tile table")
         for n in names:
             if n not in self.deltas:
-                self.deltas[n] = _DeltaSlot(torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None)
+                empty = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+                self.deltas[n] = _ResidentDelta(*empty, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._slots_written_for = None  # new sections: the slot table is rewritten before the next forward
 

@@ -22,6 +22,12 @@ def _xor_linear_fake(x, base, sections, tile_offsets, row_finetune, bias, tile_r
     return x.new_empty((*x.shape[:-1], base.shape[0]))
 
 
+@torch.library.register_fake("xorgemm::xor_linear_slots")
+def _xor_linear_slots_fake(x, base, slot_table, row_slot, bias, tile_rows, tile_cols):
+    torch._check(x.shape[-1] == base.shape[1], lambda: "x and the weight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], base.shape[0]))
+
+
 @torch.library.register_fake("xorgemm::apply_section")
 def _apply_section_fake(section, offsets, base, out, tile_rows, tile_cols):
     return None

@@ -47,6 +47,14 @@ at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::Tenso
       .reshape(p.out_shape);
 }
 
+at::Tensor xor_linear_slots_cpu(const at::Tensor& x, const at::Tensor& base, const at::Tensor& slot_table,
+                                const at::Tensor& row_slot, const std::optional<at::Tensor>& bias, int64_t tile_rows,
+                                int64_t tile_cols) {
+  check_slot_table(slot_table, base.device());
+  const SlotLists slots = slot_lists(slot_table, grid_of(base, tile_rows, tile_cols), base.device());
+  return xor_linear_cpu(x, base, slots.sections, slots.offsets, row_slot, bias, tile_rows, tile_cols);
+}
+
 at::Tensor xor_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
                                      at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                                      int64_t tile_rows, int64_t tile_cols) {
@@ -76,6 +84,7 @@ void apply_section_cpu(const at::Tensor& section, const at::Tensor& offsets, con
 
 TORCH_LIBRARY_IMPL(xorgemm, CPU, m) {
   m.impl("xor_linear", &xor_linear_cpu);
+  m.impl("xor_linear_slots", &xor_linear_slots_cpu);
   m.impl("xor_linear_grad_input", &xor_linear_grad_input_cpu);
   m.impl("apply_section", &apply_section_cpu);
 }

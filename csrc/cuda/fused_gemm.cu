@@ -79,12 +79,12 @@ void launch_by_rows(int mt, const FusedArgs& args, dim3 grid, cudaStream_t strea
 }  // namespace
 
 std::string fused_unsupported_reason(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections,
-                                     int64_t tile_rows, int64_t tile_cols) {
+                                     int64_t n_finetunes, int64_t tile_rows, int64_t tile_cols) {
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   if (base.scalar_type() != at::kBFloat16 && base.scalar_type() != at::kHalf) return "the weight is not bf16 or fp16";
   if (tile_rows != kTile || tile_cols != kTile) return "the tiles are not 64x64";
-  if ((int64_t)sections.size() > kMaxFinetunes)
-    return "more than " + std::to_string(kMaxFinetunes) + " fine-tunes in one call";
+  if (n_finetunes > kMaxFinetunes)
+    return "more than " + std::to_string(kMaxFinetunes) + " fine-tunes or slots in one call";
   // 16-byte cp.async of whole rows: both the weight's and the activations' rows must be multiples of 8.
   if (base.size(1) % 8 != 0 || a2.size(1) % 8 != 0) return "rows are not a multiple of 8 elements";
   if (!aligned(base) || !aligned(a2)) return "the weight or the activations are not 16-byte aligned";
@@ -95,10 +95,13 @@ std::string fused_unsupported_reason(const at::Tensor& a2, const at::Tensor& bas
 
 at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections,
                             at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
-                            const std::optional<at::Tensor>& bias, bool transposed) {
+                            const std::optional<at::Tensor>& bias, bool transposed,
+                            const std::optional<at::Tensor>& slot_table) {
   const int64_t m = a2.size(0), n = base.size(0), k = base.size(1);
   const int64_t out_cols = transposed ? k : n, red = transposed ? n : k;
-  const int n_finetunes = (int)sections.size();
+  const int n_finetunes = slot_table.has_value() ? (int)slot_table->size(0) : (int)sections.size();
+  TORCH_CHECK(n_finetunes <= kMaxFinetunes && (!slot_table.has_value() || row_finetune.has_value()),
+              "xorgemm: the fused kernel takes at most ", kMaxFinetunes, " fine-tunes or slots (slots with per-row ids)");
   const bool bf16 = base.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.get_device());
   at::Tensor out = at::empty({m, out_cols}, a2.options());
@@ -113,7 +116,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   args.k = k;
   args.m = m;
   args.n_groups = n_finetunes + 1;
-  for (int d = 0; d < n_finetunes; ++d) {
+  args.slot_table = slot_table.has_value() ? slot_table->data_ptr<int64_t>() : nullptr;
+  for (int d = 0; d < (int)sections.size(); ++d) {
     args.sections[d] = sections[d].data_ptr<uint8_t>();
     args.offsets[d] = tile_offsets[d].data_ptr<int64_t>();
     args.section_bytes[d] = (uint64_t)sections[d].numel();

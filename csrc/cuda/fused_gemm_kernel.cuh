@@ -23,7 +23,7 @@ namespace fused {
 using codec::TileEntry;
 using codec::Vec16;
 
-constexpr int kMaxFinetunes = 64;  // fine-tunes per launch (their pointers ride in the parameters)
+constexpr int kMaxFinetunes = 64;  // fine-tunes (or slots) per launch
 constexpr int kTile = 64;                    // delta tile = output block = reduction step
 constexpr int kStride = kTile + 8;           // shared-memory row in elements: 144 bytes, conflict-free
 constexpr int kThreads = 128;                // four warps
@@ -51,9 +51,13 @@ struct FusedArgs {
   int n_groups;         // 1 + number of fine-tunes; group 0 is the plain base
   int only_group;
   bool staged;          // one fine-tune for every row: its payload rides the pipeline, patched in place
+  // Fine-tune d's delta: its section, tile offsets and section length (no tile is read outside it), in the
+  // parameters, or, when slot_table is set, row d of that [n_groups - 1, 3] int64 table in device memory
+  // (xor_linear_slots): rows rewritten between launches change what a captured CUDA graph's replay reads.
   const uint8_t* sections[kMaxFinetunes];
   const int64_t* offsets[kMaxFinetunes];
-  uint64_t section_bytes[kMaxFinetunes];  // each section's length: no tile is read outside it
+  uint64_t section_bytes[kMaxFinetunes];
+  const int64_t* slot_table;
   uint64_t table_bytes;                   // the tile table's share of every section (same grid)
   uint32_t* error;                        // device error word: kErrorTile when a tile lies outside its section
   uint16_t* out;         // [m, out_cols] bf16/fp16, rows in the order of `a`
@@ -203,18 +207,44 @@ __device__ __forceinline__ void zero_fragments(float (&f)[MT][2][4]) {
       for (int i = 0; i < 4; ++i) f[mt][nt][i] = 0.f;
 }
 
+// Fine-tune d's delta as the kernel reads it (FusedArgs::sections, slot_table). An empty slot (address 0) has
+// no delta: its rows get the base. A slot row whose section is not 16-byte aligned, whose offsets are not
+// 8-byte aligned or whose section is shorter than its tile table is also read as empty, and reported.
+struct DeltaRef {
+  const uint8_t* section;
+  const int64_t* offsets;
+  uint64_t bytes;
+};
+__device__ __forceinline__ DeltaRef delta_ref(const FusedArgs& args, int d) {
+  const DeltaRef none{nullptr, nullptr, 0};
+  if (d < 0 || d >= args.n_groups - 1) return none;
+  if (args.slot_table == nullptr) return {args.sections[d], args.offsets[d], args.section_bytes[d]};
+  const int64_t* row = args.slot_table + 3 * d;
+  const DeltaRef r{reinterpret_cast<const uint8_t*>(row[0]), reinterpret_cast<const int64_t*>(row[1]),
+                   (uint64_t)row[2]};
+  if (r.section == nullptr) return none;
+  if (reinterpret_cast<uintptr_t>(r.section) % 16 || reinterpret_cast<uintptr_t>(r.offsets) % 8 ||
+      r.bytes < args.table_bytes) {
+    atomic_or(args.error, kErrorTile);
+    return none;
+  }
+  return r;
+}
+
 // Tile t of fine-tune d as the kernel may read it: its entry when the tile is readable (codec::tile_readable),
 // else a zero tile, skipped, with the launch's error word raised. Sections are validated when they are made
 // resident; this keeps one that was not (a direct op call) from reading memory outside it, which on a GPU
 // would kill the process's CUDA context and every tenant's work with it. ~10 integer ops per tile.
-__device__ __forceinline__ TileEntry readable_or_zero(const FusedArgs& args, int d, TileEntry e, int64_t offset,
-                                                      uint32_t elems) {
-  if (codec::tile_readable(e, elems, 2, (uint64_t)offset, args.table_bytes, args.section_bytes[d])) return e;
+__device__ __forceinline__ TileEntry readable_or_zero(const FusedArgs& args, const DeltaRef& d, TileEntry e,
+                                                      int64_t offset, uint32_t elems) {
+  if (codec::tile_readable(e, elems, 2, (uint64_t)offset, args.table_bytes, d.bytes)) return e;
   atomic_or(args.error, kErrorTile);  // every thread that reads the entry skips the tile alike
   return TileEntry{0, codec::kZero, 0, 0};
 }
-__device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, int d, int64_t t, uint32_t elems) {
-  return readable_or_zero(args, d, entry_of(args.sections[d], t), args.offsets[d][t], elems);
+__device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, const DeltaRef& d, int64_t t,
+                                                   uint32_t elems) {
+  if (d.section == nullptr) return TileEntry{0, codec::kZero, 0, 0};  // an empty slot
+  return readable_or_zero(args, d, entry_of(d.section, t), d.offsets[t], elems);
 }
 
 // Asks L2 for the line holding p ahead of its use (a no-op under the emulation).
@@ -363,6 +393,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   const int rows_here = (int)min64(BM, args.m - row0);
   const int64_t grid_cols = (args.k + kTile - 1) / kTile;
   const int64_t red_total = kTrans ? args.n : args.k;
+  // The delta this thread reads: staged, the one fine-tune's (every thread); grouped, thread g - 1 fetches
+  // group g's tile entries (below). Read once: a slot table's row is one load per launch and thread.
+  const DeltaRef own = delta_ref(args, args.staged ? args.only_group - 1 : tid);
 
   const int sbytes = stage_bytes(MT, args.staged);
   auto tile_of = [&](int s) { return reinterpret_cast<uint16_t*>(smem + s * sbytes); };
@@ -419,13 +452,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         cp_async16(a + r * kStride + col, ok ? args.a + a_row[r] * args.lda + red0 + col : args.a, ok);
       }
       if (args.staged) {
-        const int d = args.only_group - 1;
         const int64_t t = gr * grid_cols + gc;
         const uint32_t h = (uint32_t)min64(kTile, args.n - n0), w = (uint32_t)min64(kTile, args.k - k0);
-        const TileEntry e = checked_entry(args, d, t, h * w);
+        const TileEntry e = checked_entry(args, own, t, h * w);
         const uint64_t bytes = codec::tile_payload_bytes(e, h * w, 2);  // 0 for zero tiles: no loads at all
         if (bytes <= (uint64_t)kPayloadCap) {
-          const uint8_t* src = args.sections[d] + args.offsets[d][t];
+          const uint8_t* src = own.section + own.offsets[t];
           unsigned char* dst = payload_of(s);
           for (int c = tid; c < (int)(bytes / 16); c += kThreads) cp_async16(dst + c * 16, src + c * 16, true);
         }
@@ -438,8 +470,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   // CTA multiplies this one, and publishes them (checked) at the end of the tile, with an L2 prefetch of the
   // payload: per tile no round trip waits for a tile table, and exception passes read from L2.
   const int my_group = 1 + tid;
-  const bool fetch_meta = !args.staged && my_group < args.n_groups && seg_lo[imin(my_group, kMaxFinetunes)] <
-                                                                          seg_hi[imin(my_group, kMaxFinetunes)];
+  const bool fetch_meta = !args.staged && own.section != nullptr && seg_lo[imin(my_group, kMaxFinetunes)] <
+                                                                       seg_hi[imin(my_group, kMaxFinetunes)];
   TileEntry next_entry{0, codec::kZero, 0, 0};
   int64_t next_offset = 0;
   auto tile_of_step = [&](int kt, int64_t& t, uint32_t& elems) {
@@ -453,8 +485,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     int64_t t;
     uint32_t elems;
     tile_of_step(kt, t, elems);
-    next_entry = entry_of(args.sections[my_group - 1], t);
-    next_offset = args.offsets[my_group - 1][t];
+    next_entry = entry_of(own.section, t);
+    next_offset = own.offsets[t];
   };
   auto publish = [&](int kt, int buf) {
     if (args.staged || my_group >= args.n_groups || kt >= kt1) return;
@@ -464,9 +496,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       int64_t t;
       uint32_t elems;
       tile_of_step(kt, t, elems);
-      e = readable_or_zero(args, my_group - 1, next_entry, next_offset, elems);
+      e = readable_or_zero(args, own, next_entry, next_offset, elems);
       if (e.codec != codec::kZero) {
-        payload = args.sections[my_group - 1] + next_offset;
+        payload = own.section + next_offset;
         const uint64_t bytes = min64((int64_t)codec::tile_payload_bytes(e, elems, 2), kPayloadCap);
         for (uint64_t b = 0; b < bytes; b += 128) prefetch_l2(payload + b);
       }
@@ -514,8 +546,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
     const uint16_t* a = a_of(s);
     const uint32_t elems = h * w;
     if (args.staged) {  // one fine-tune for every row: its payload rode the pipeline; patch the tile in place
-      const int d = args.only_group - 1;
-      const TileEntry e = checked_entry(args, d, t, elems);
+      const TileEntry e = checked_entry(args, own, t, elems);
       // One call site per address space: a pointer the compiler knows is shared memory decodes with shared
       // loads it can hoist; a select between shared and global would make every read a generic load.
       const auto patch_in_place = [&](const uint8_t* payload) {
@@ -528,7 +559,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         if (codec::tile_payload_bytes(e, elems, 2) <= (uint64_t)kPayloadCap) {
           patch_in_place(payload_of(s));
         } else {
-          patch_in_place(args.sections[d] + args.offsets[d][t]);  // too big to stage
+          patch_in_place(own.section + own.offsets[t]);  // too big to stage
         }
       }
       mma_tile<kBf16, MT, kTrans>(a, tile, row_mask(0, rows_here), acc);

@@ -17,6 +17,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -55,7 +56,7 @@ Path forced_path() {
 
 bool use_fused(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections, bool grouped,
                int64_t tile_rows, int64_t tile_cols) {
-  const std::string why_not = fused_unsupported_reason(a2, base, sections, tile_rows, tile_cols);
+  const std::string why_not = fused_unsupported_reason(a2, base, sections, (int64_t)sections.size(), tile_rows, tile_cols);
   switch (forced_path()) {
     case Path::kFused:
       TORCH_CHECK(why_not.empty(), "xorgemm: XORGEMM_CUDA_PATH=fused, but the fused kernel cannot serve this call: ",
@@ -157,6 +158,36 @@ at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::Tens
   return out.reshape(p.out_shape);
 }
 
+// The fused kernel reads the slot table on the device, so nothing here depends on what the slots hold: a CUDA
+// graph captures the call and replays it with whatever they hold then. Where the fused kernel cannot serve
+// the call (fp32, other tiles, unaligned rows), the table is read on the host and the call goes the
+// xor_linear way: correct, but a host sync, so not inside a graph capture.
+at::Tensor xor_linear_slots_cuda(const at::Tensor& x, const at::Tensor& base, const at::Tensor& slot_table,
+                                 const at::Tensor& row_slot, const std::optional<at::Tensor>& bias_in, int64_t tile_rows,
+                                 int64_t tile_cols) {
+  check_slot_table(slot_table, base.device());
+  const LinearProblem p = prepare_linear("x", x, base, {}, {}, row_slot, {}, tile_rows, tile_cols, false);
+  check_bias(bias_in, x.scalar_type(), base.device(), base.size(0), (size_t)slot_table.size(0));
+  std::string why_not = fused_unsupported_reason(p.a2, base, {}, slot_table.size(0), tile_rows, tile_cols);
+  if (why_not.empty() && forced_path() == Path::kBlocks) why_not = "XORGEMM_CUDA_PATH=blocks";
+  if (!why_not.empty()) {
+    TORCH_CHECK(forced_path() != Path::kFused, "xorgemm: XORGEMM_CUDA_PATH=fused, but the fused kernel cannot serve "
+                "this call: ", why_not);
+    const c10::cuda::CUDAGuard guard(base.device());
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "xorgemm: xor_linear_slots cannot be captured in a CUDA graph here (", why_not,
+                "): only the fused kernel reads the slot table on the GPU; run this model eagerly");
+    const SlotLists slots = slot_lists(slot_table.cpu(), p.grid, base.device());
+    return xor_linear_cuda(x, base, slots.sections, slots.offsets, row_slot, bias_in, tile_rows, tile_cols);
+  }
+  raise_device_errors(base.device());
+  const std::optional<at::Tensor> bias = bias_in.has_value() ? std::optional(bias_in->contiguous()) : std::nullopt;
+  const c10::cuda::CUDAGuard guard(base.device());
+  at::Tensor out = p.a2.size(0) == 0 ? at::empty({0, base.size(0)}, p.a2.options())
+                                     : fused_xor_linear(p.a2, base, {}, {}, row_slot, bias, false, slot_table);
+  return out.reshape(p.out_shape);
+}
+
 at::Tensor xor_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor& base, at::TensorList sections,
                                       at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                                       int64_t tile_rows, int64_t tile_cols) {
@@ -191,6 +222,7 @@ void apply_section_cuda(const at::Tensor& section, const at::Tensor& offsets, co
 
 TORCH_LIBRARY_IMPL(xorgemm, CUDA, m) {
   m.impl("xor_linear", &xor_linear_cuda);
+  m.impl("xor_linear_slots", &xor_linear_slots_cuda);
   m.impl("xor_linear_grad_input", &xor_linear_grad_input_cuda);
   m.impl("apply_section", &apply_section_cuda);
 }

@@ -154,11 +154,12 @@ static Problem make_problem(const Case& c, std::mt19937& rng) {
 }
 
 // The fused kernel and the split reduction on rows `a` with fine-tune ids `ids` (grouped) or every row on the
-// last fine-tune; returns the output. `error` receives the launch's error word.
+// last fine-tune; returns the output. `error` receives the launch's error word. With `slot_table`, the
+// fine-tunes are its c.n_finetunes rows (xor_linear_slots) instead of p's sections.
 template <typename T>
 static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::vector<uint16_t>& a,
                                    const std::vector<int64_t>& ids, const std::vector<uint16_t>& bias,
-                                   uint32_t* error) {
+                                   uint32_t* error, const int64_t* slot_table = nullptr) {
   const int64_t n = c.n, k = c.k, m = (int64_t)ids.size();
   const int64_t red = c.trans ? n : k, out_cols = c.trans ? k : n;
   std::vector<int64_t> perm(m, -1);
@@ -182,7 +183,8 @@ static std::vector<T> launch_fused(const Case& c, const Problem& p, const std::v
   args.k = k;
   args.m = m;
   args.n_groups = c.n_finetunes + 1;
-  for (int d = 0; d < c.n_finetunes; ++d) {
+  args.slot_table = slot_table;
+  for (int d = 0; d < c.n_finetunes && slot_table == nullptr; ++d) {
     args.sections[d] = p.sections[d].data();
     args.offsets[d] = p.offsets[d].data();
     args.section_bytes[d] = p.sections[d].size;
@@ -366,6 +368,57 @@ static void split_order_invariance(bool trans) {
         std::string("split-K: the same bits whichever CTA arrives last, ") + (trans ? "backward" : "forward"));
 }
 
+// A slot table (xor_linear_slots) serves each row the delta its slot holds, bitwise as the same fine-tunes
+// passed directly; an empty slot's rows get the base; rewriting a row between two launches of the same
+// arguments (a CUDA graph's replay) serves the new fine-tune; a misaligned or too short row is read as
+// empty and reported.
+template <typename T>
+static void slot_table_cases(bool trans) {
+  const bool bf16 = std::is_same_v<T, emulate::bf16>;
+  const Case listed{trans ? 520 : 136, trans ? 136 : 520, 40, bf16, trans, 3, true, trans ? 0 : 1, 4, 0, "slots"};
+  Case slots = listed;
+  slots.n_finetunes = 5;  // five slots over three fine-tunes
+  const auto [p, a, ids, bias] = grouped_inputs<T>(slots, 21);  // ids over -1..4: every slot has rows
+  const auto row_of = [&](int f) -> std::vector<int64_t> {      // slot row of fine-tune f (-1: empty)
+    if (f < 0) return {0, 0, 0};
+    return {(int64_t)(uintptr_t)p.sections[f].data(), (int64_t)(uintptr_t)p.offsets[f].data(),
+            (int64_t)p.sections[f].size};
+  };
+  const auto served = [&](const std::vector<int>& slot_ft, std::vector<int64_t>& table) {
+    table.clear();
+    std::vector<int64_t> as_listed(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) as_listed[i] = ids[i] < 0 ? -1 : slot_ft[ids[i]];
+    for (int f : slot_ft) {
+      const auto row = row_of(f);
+      table.insert(table.end(), row.begin(), row.end());
+    }
+    return as_listed;
+  };
+  std::vector<int64_t> table;
+  const std::string what = std::string("slot table, ") + (trans ? "backward" : "forward") + (bf16 ? ", bf16" : ", fp16");
+  uint32_t error = 0, want_error = 0;
+  std::vector<int64_t> as_listed = served({2, -1, 0, 1, 0}, table);
+  std::vector<T> want = launch_fused<T>(listed, p, a, as_listed, bias, &want_error);
+  std::vector<T> got = launch_fused<T>(slots, p, a, ids, bias, &error, table.data());
+  const size_t bytes = want.size() * sizeof(T);
+  check(error == 0 && want_error == 0 && !memcmp(got.data(), want.data(), bytes),
+        what + ": rows of slots 2, empty, 0, 1, 0 as the fine-tunes passed directly");
+  // The same table rewritten in place: slot 0 now holds fine-tune 1, slot 1 fine-tune 2, slot 4 none.
+  as_listed = served({1, 2, 0, 1, -1}, table);
+  want = launch_fused<T>(listed, p, a, as_listed, bias, &want_error);
+  got = launch_fused<T>(slots, p, a, ids, bias, &error, table.data());
+  check(error == 0 && !memcmp(got.data(), want.data(), bytes), what + ": rows rewritten between launches");
+  // A misaligned section and a section shorter than its tile table: both slots served as empty, reported.
+  as_listed = served({1, -1, 0, 1, -1}, table);
+  want = launch_fused<T>(listed, p, a, as_listed, bias, &want_error);
+  served({1, 2, 0, 1, 0}, table);
+  table[1 * 3 + 0] += 1;
+  table[4 * 3 + 2] = (int64_t)p.grid.table_bytes() - 8;
+  got = launch_fused<T>(slots, p, a, ids, bias, &error, table.data());
+  check(error == cuda::kErrorTile && !memcmp(got.data(), want.data(), bytes),
+        what + ": a misaligned and a too short slot read as empty, reported");
+}
+
 // The apply kernel over grid rows [gr0, gr1) (all of them: the whole tensor) must give exactly the
 // fine-tuned rows, with `out` holding just those rows.
 template <typename Word>
@@ -536,6 +589,10 @@ int main(int argc, char** argv) {
   if (wanted("split order")) {
     split_order_invariance<emulate::bf16>(false);
     split_order_invariance<emulate::fp16>(true);
+  }
+  if (wanted("slot table")) {
+    slot_table_cases<emulate::bf16>(false);
+    slot_table_cases<emulate::fp16>(true);
   }
   if (wanted("apply kernel")) apply_refuses_unreadable_tiles();
   const fused::LaunchPlan empty = fused::plan_launch(5, 128, 0, 132);  // K = 0: no division by zero

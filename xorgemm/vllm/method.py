@@ -3,10 +3,13 @@ fine-tune deltas, and the worker-side bank of fine-tunes they read.
 
 Linear layers (merged q/k/v and gate/up included: one XorLinear per Hugging Face sub-layer, each on a row
 slice of the merged base weight, sharing its storage) go through XorLinearMethod; the head through
-XorLMHeadMethod (one row per request, by vLLM's sampler indices); norms and embeddings through selected
-forwards (xorgemm.serving.routing.SelectedForward) over dense per-fine-tune copies. The selection in force
-during a step is per-token ids that patches.py derives from vLLM's LoRA slots, on the device: nothing in a
-step reads them on the host.
+XorLMHeadMethod (one row per request, by vLLM's sampler indices); norms and embeddings through slot forwards
+(xorgemm.serving.routing.SlotForward). Every layer has vLLM's LoRA slots as its own (max_loras of them):
+an XorLinear's slot table points at the resident deltas of the fine-tune in each slot, a norm's or
+embedding's slot holds a copy of that fine-tune's tensor. patches.py rewrites them when vLLM changes what
+its slots hold, and a step's selection is vLLM's per-token slot numbers themselves (SlotIds), on the
+device: a step reads nothing on the host, and the same kernels read the same tensors whatever the slots
+hold, which is what a CUDA graph captured once needs.
 
 Tensor parallel: each rank's XorLinear serves its block of the Hugging Face weight (rows for column-parallel
 layers, columns for row-parallel ones), and gets that block of each delta cut from the tiles as they are
@@ -37,7 +40,7 @@ from xorgemm.format.layout import DEFAULT_TILE
 from xorgemm.format.reader import load_delta
 from xorgemm.nn import XorLinear
 from xorgemm.resident import resident_section
-from xorgemm.serving.routing import SelectedForward
+from xorgemm.serving.routing import SlotForward
 from xorgemm.serving.state import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -67,7 +70,38 @@ class FinetuneBank:
         self.manager = None  # made its LoRA modules (patches.py)
         self.punica = None
         self.id_to_name: dict[int, str] = {}  # LoRA int id -> fine-tune name in st.finetunes
-        self._lut, self._lut_key = None, None  # LoRA slot -> fine-tune index, on the slots' device
+        self.slot_names: list[str | None] = []  # the fine-tune in each of vLLM's LoRA slots (enable_slots)
+        self.slot_forwards: dict[str, SlotForward] = {}  # HF module name -> the slots of a norm or embedding
+
+    def enable_slots(self, n: int):
+        """Gives every layer vLLM's `n` LoRA slots, all empty (the base): from here on a step runs the same
+        kernels on the same tensors whatever the slots hold. Norms and embeddings get a copy of each of their
+        parameters per slot."""
+        self.slot_names = [None] * n
+        for shard in self.linears.values():
+            shard.xl.enable_slots(n)
+        for mname, module in self.model.named_modules():
+            # vLLM's LoRA wrapper of the embedding calls its base_layer's forward: that is what is routed.
+            if hasattr(module, "base_layer") or not _row_wise(module) or not list(module.parameters(recurse=False)):
+                continue
+            hf = mname.removesuffix(".base_layer")
+            self.slot_forwards[hf] = SlotForward.install_slots(module, self.st, hf, n)
+
+    def sync_slots(self, slot_to_id):
+        """Makes every layer's slots hold what vLLM's LoRA slots hold (`slot_to_id`: LoRA int id or None per
+        slot; an id this bank has not loaded, such as vLLM's dummy LoRAs, is the base). Host-side, between
+        steps: only slots that changed are rewritten."""
+        names = [self.id_to_name.get(i) if i is not None else None for i in slot_to_id]
+        for s, name in enumerate(names):
+            if s < len(self.slot_names) and self.slot_names[s] != name:
+                self._set_slot(s, name)
+
+    def _set_slot(self, s: int, name: str | None):
+        for shard in self.linears.values():
+            shard.xl.set_slot(s, name)
+        for routed in self.slot_forwards.values():
+            routed.set_slot(s, name)
+        self.slot_names[s] = name
 
     def dense_reader(self, tname: str):
         """(module, path) of the module that reads HF tensor `tname`, for tensors no XorLinear serves."""
@@ -105,8 +139,10 @@ class FinetuneBank:
                 continue
             module, attr = self.dense_reader(tname)
             base = getattr(module, attr, None) if module is not None else None
+            routed = self.slot_forwards.get(tname.rpartition(".")[0])
             served_here = isinstance(base, torch.Tensor) and (
-                isinstance(getattr(module, "quant_method", None), XorLMHeadMethod) or _row_wise(module))
+                isinstance(getattr(module, "quant_method", None), XorLMHeadMethod)
+                or (routed is not None and attr in routed.slot_values))
             if not served_here:
                 raise InputError(f"{d.path}: tensor '{tname}': not a tensor xorgemm serves per row here; this "
                                  "vLLM model cannot serve it per request")
@@ -125,7 +161,6 @@ class FinetuneBank:
             if isinstance(getattr(module, "quant_method", None), XorLMHeadMethod):
                 module._xorgemm_head = tname  # the head reads its copies itself
                 continue
-            SelectedForward.install(module, self.st, tname.rpartition(".")[0]).tensors[attr] = tname
             for head in heads:  # tied embeddings: the head is this very tensor, and serves its copies too
                 if getattr(head, "weight", None) is getattr(module, attr):
                     head._xorgemm_head = tname
@@ -153,6 +188,9 @@ class FinetuneBank:
         name = self.id_to_name.pop(lora_id, None)
         if name is None or name not in self.st.finetunes:
             return
+        for s, held in enumerate(self.slot_names):  # its slots emptied before its memory is freed
+            if held == name:
+                self._set_slot(s, None)
         for shard in self.linears.values():
             shard.xl.remove_finetune(name)
         self.st.overrides.drop(name)
@@ -171,23 +209,20 @@ class FinetuneBank:
             out[name] += n
         return out
 
-    def sampler_ids(self) -> torch.Tensor | None:
-        """Per-request fine-tune ids for the rows the head computes logits for (vLLM's sampler indices)."""
+    def slot_bytes(self) -> int:
+        """Bytes the slots keep whatever they hold: the norms' and embeddings' per-slot copies, the tables."""
+        n = sum(v.numel() * v.element_size() for r in self.slot_forwards.values() for v in r.slot_values.values())
+        for shard in self.linears.values():
+            n += sum(t.numel() * t.element_size() for t in (shard.xl._slot_table, shard.xl._slot_bias)
+                     if t is not None)
+        return n
+
+    def sampler_slots(self) -> torch.Tensor | None:
+        """Per-request LoRA slots (-1 none) of the rows the head computes logits for: vLLM's sampler indices."""
         pw = self.punica
         if pw is None or pw.indices_len[1] is None:
             return None
-        return self.ids(pw.sampler_indices, self.manager.lora_index_to_id)
-
-    def ids(self, slots: torch.Tensor, slot_to_id) -> torch.Tensor:
-        """Per-row fine-tune ids (indices into st.finetunes, -1 the base) from vLLM's per-row LoRA slots (-1
-        none), on the slots' device: a lookup table made when the adapters change, gathered without a host
-        sync."""
-        key = (tuple(slot_to_id), tuple(self.st.finetunes), dict(self.id_to_name), slots.device)
-        if key != self._lut_key:
-            lut = [self.st.finetunes.index(self.id_to_name[i]) if i in self.id_to_name else -1 for i in slot_to_id]
-            self._lut = torch.tensor(lut + [-1], dtype=torch.long, device=slots.device)  # slot -1: the last entry
-            self._lut_key = key
-        return self._lut[slots.long()]
+        return pw.sampler_indices
 
 
 # The bank of the engine whose model was made last in this process (each engine has its own: XorgemmConfig
@@ -363,14 +398,16 @@ class XorLMHeadMethod(UnquantizedEmbeddingMethod):
         out = F.linear(x, layer.weight, bias)
         bank = self.bank
         heads = bank.st.overrides.tuned.get(getattr(layer, "_xorgemm_head", None))
-        sampler = bank.sampler_ids() if heads else None
+        sampler = bank.sampler_slots() if heads else None
         if sampler is None:
             return out
-        # Every row through each tuned head, kept where the row asks for it: no host sync on the ids (a
-        # decode step reads each head once either way).
-        for name, w in heads.items():
-            mine = (sampler == bank.st.finetunes.index(name)).unsqueeze(-1)
-            out = torch.where(mine, F.linear(x, w, bias), out)
+        # Every row through the head of each slot whose fine-tune changed it, kept where the row is of that
+        # slot: no host sync on the slots (a decode step reads each head once either way). vLLM computes the
+        # logits outside its CUDA graphs, so these passes may follow what the slots hold.
+        for s, name in enumerate(bank.slot_names):
+            w = heads.get(name) if name is not None else None
+            if w is not None:
+                out = torch.where((sampler == s).unsqueeze(-1), F.linear(x, w, bias), out)
         return out
 
 

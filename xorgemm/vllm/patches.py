@@ -7,17 +7,21 @@ per-request fine-tune needs. A fine-tune enters as an *empty* LoRA whose weights
   2. LoRAModelManager._add_adapter: registers an empty LoRA without merging its (absent) weights, which
      would raise StopIteration;
   3. LoRAModelManager._create_lora_modules: after vLLM wraps the layers, keep the model and the shared
-     Punica wrapper, and set each step's per-token fine-tune ids before the model runs;
+     Punica wrapper, give every layer vLLM's LoRA slots (FinetuneBank.enable_slots: before any CUDA graph
+     is captured), and before the model runs select vLLM's per-token slots (SlotIds);
   4. BaseLinearLayerWithLoRA._apply_lora_to_output: our linear layers have no LoRA product to add;
   5. InputProcessor._validate_lora (front end): a request's delta is validated against the served base
      before the request reaches the engine (admission.py says why);
-  6. in 3, the registered adapters' LRU cache: an adapter vLLM evicts or removes frees its resident deltas.
+  6. in 3, the registered adapters' LRU cache: an adapter vLLM evicts or removes frees its resident deltas;
+  7. LoRAModelManager.set_adapter_mapping: vLLM calls it before every step, after putting adapters in slots
+     (and also when an out-of-band add reassigns slots): every layer's slots are made to hold the same
+     fine-tunes. This runs on the host between steps, also before a replayed CUDA graph, which a forward
+     hook would not.
 """
 from __future__ import annotations
 
-import torch
-
 from xorgemm.errors import InputError
+from xorgemm.nn import SlotIds
 from xorgemm.vllm.admission import check_request
 from xorgemm.vllm.method import XorLinearMethod, bank_of
 
@@ -35,6 +39,7 @@ def apply_patches():
 
     manager, worker = model_manager.LoRAModelManager, worker_manager.WorkerLoRAManager
     create_modules, add_adapter = manager._create_lora_modules, manager._add_adapter
+    set_mapping = manager.set_adapter_mapping
     load_adapter, lora_output = worker._load_adapter, BaseLinearLayerWithLoRA._apply_lora_to_output
 
     def _create_lora_modules(self):  # 3
@@ -45,6 +50,7 @@ def apply_patches():
         bank.model, bank.manager = self.model, self
         bank.punica = next((m.punica_wrapper for m in self.modules.values()
                             if getattr(m, "punica_wrapper", None) is not None), None)
+        bank.enable_slots(self.lora_slots)
         self.model.register_forward_pre_hook(lambda module, args: _select_step(bank))
         # 6. Every way an adapter leaves the registered set (LRU eviction, remove_adapter) goes through this
         # cache's deactivate_fn: the fine-tune's resident deltas go with it.
@@ -76,6 +82,12 @@ def apply_patches():
         bank.id_to_name[request.lora_int_id] = name
         return LoRAModel(request.lora_int_id, 1, {})
 
+    def set_adapter_mapping(self, mapping):  # 7
+        set_mapping(self, mapping)
+        bank = getattr(self, "_xorgemm_bank", None)
+        if bank is not None:
+            bank.sync_slots(self.lora_index_to_id)
+
     def _apply_lora_to_output(self, x, output):  # 4
         if isinstance(self.base_layer.quant_method, XorLinearMethod):
             return output
@@ -96,15 +108,14 @@ def apply_patches():
 
     processor._validate_lora = _validate_lora
     manager._create_lora_modules, manager._add_adapter = _create_lora_modules, _add_adapter
+    manager.set_adapter_mapping = set_adapter_mapping
     worker._load_adapter = _load_adapter
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
 
 
 def _select_step(bank):
-    """Before each model step: the per-token fine-tune ids from vLLM's LoRA slots become the selection."""
+    """Before each model step run in Python (eager, or captured into a CUDA graph): vLLM's per-token LoRA slots
+    become the selection. Its buffer on the device, not its values: a replay reads what the step holds."""
+    bank.sync_slots(bank.manager.lora_index_to_id)
     pw = bank.punica
-    if pw is None or pw.indices_len[0] is None:
-        bank.st.default = None
-        return
-    with torch.inference_mode(False):
-        bank.st.default = bank.ids(pw.token_lora_indices, bank.manager.lora_index_to_id)
+    bank.st.default = None if pw is None or pw.indices_len[0] is None else SlotIds(pw.token_lora_indices)
