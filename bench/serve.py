@@ -88,8 +88,9 @@ class Bench:
                         for _ in range(args.requests)]
 
     def engine(self, model_dir, **kwargs):
-        # Dense engines as vLLM runs them by default (CUDA graphs on a GPU); the plugin's engine_args ask for
-        # eager mode (docs/vllm.md says why).
+        # Dense engines as vLLM runs them by default (torch.compile and CUDA graphs on a GPU); the plugin's
+        # engine_args ask for full CUDA graphs of decode steps without torch.compile (docs/vllm.md). On the
+        # CPU both run eagerly.
         kwargs.setdefault("enforce_eager", self.args.device == "cpu")
         return vllm.LLM(model=str(model_dir), dtype="bfloat16", seed=0, skip_tokenizer_init=True,
                         max_model_len=self.args.prompt_len + self.args.tokens + 8, max_num_seqs=self.args.requests,
