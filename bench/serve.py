@@ -144,8 +144,8 @@ def dense_runs(bench, paths, args):
 
 
 def xorgemm_runs(bench, root, paths, args):
-    """The plugin's timings and greedy tokens (base, fine-tune 1, the mix), and its resident bytes per
-    fine-tune with all D loaded (the engine runs in this process: its bank is this module's)."""
+    """The plugin's timings and greedy tokens (base, fine-tune 1, the mix), its resident bytes per fine-tune
+    with all D loaded, and its slots' bytes (the engine runs in this process: its bank is this module's)."""
     from xorgemm.vllm import method
 
     d = args.finetunes
@@ -156,18 +156,21 @@ def xorgemm_runs(bench, root, paths, args):
     out["base"], tokens["base"] = bench.measure(llm, bench.prompts)
     out["ft1"], tokens["ft1"] = bench.measure(llm, bench.prompts, [loras[0]] * n)
     out["mixed"], tokens["mixed"] = bench.measure(llm, bench.prompts, [loras[k % d] for k in range(n)])
-    resident = method.BANK.resident_bytes()  # the bank of the engine made last here: this one
+    bank = method.BANK  # the bank of the engine made last here: this one
+    resident = {**bank.resident_bytes(), "slots": bank.slot_bytes()}
     del llm
     gc.collect()
     return out, tokens, resident
 
 
 def resident_mib(m) -> str:
-    return ", ".join(f"{b / 2**20:.1f} MiB" for b in m["resident_bytes"].values())
+    per = ", ".join(f"{b / 2**20:.1f} MiB" for name, b in m["resident_bytes"].items() if name != "slots")
+    return f"{per}, and its slots {m['resident_bytes'].get('slots', 0) / 2**20:.1f} MiB"
 
 
 def copies(m) -> float:
-    """The plugin's resident bytes (base + every fine-tune's deltas and dense copies) in copies of the base."""
+    """The plugin's resident bytes (base, every fine-tune's deltas and dense copies, the slots' copies of norms
+    and embeddings) in copies of the base."""
     return (m["base_bytes"] + sum(m["resident_bytes"].values())) / m["base_bytes"]
 
 

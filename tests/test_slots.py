@@ -197,3 +197,17 @@ def test_slots_under_inference_mode():
         y = layer(x, finetune=SlotIds(torch.tensor([0, -1])))
     layer.set_slot(0, "f1")  # outside it, the table made inside is updated in place
     assert torch.equal(y[1], layer(x[1:], finetune=None)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """The schema, the fake kernel (torch.compile) and the registrations agree."""
+    layer, _, _ = layer_with(torch.float32 if device == "cpu" else torch.bfloat16, device=device)
+    layer.enable_slots(3)
+    layer.set_slot(0, "f1")
+    layer.set_slot(2, "f0")
+    x = torch.randn(2, 3, 200, device=device).to(layer.base_weight.dtype)
+    ids = torch.tensor([0, 2, -1, 1, 0, 2], device=device)
+    op = torch.ops.xorgemm.xor_linear_slots
+    torch.library.opcheck(op, (x, layer.base_weight, layer._slot_table, ids, layer._slot_bias, 64, 64))
+    torch.library.opcheck(op, (x, layer.base_weight, layer._slot_table, ids, None, 64, 64))

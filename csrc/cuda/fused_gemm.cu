@@ -101,7 +101,8 @@ at::Tensor fused_xor_linear(const at::Tensor& a2, const at::Tensor& base, at::Te
   const int64_t out_cols = transposed ? k : n, red = transposed ? n : k;
   const int n_finetunes = slot_table.has_value() ? (int)slot_table->size(0) : (int)sections.size();
   TORCH_CHECK(n_finetunes <= kMaxFinetunes && (!slot_table.has_value() || row_finetune.has_value()),
-              "xorgemm: the fused kernel takes at most ", kMaxFinetunes, " fine-tunes or slots (slots with per-row ids)");
+              "xorgemm: the fused kernel takes at most ", kMaxFinetunes,
+              " fine-tunes or slots (slots with per-row ids)");
   const bool bf16 = base.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.get_device());
   at::Tensor out = at::empty({m, out_cols}, a2.options());

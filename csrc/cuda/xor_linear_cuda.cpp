@@ -56,7 +56,8 @@ Path forced_path() {
 
 bool use_fused(const at::Tensor& a2, const at::Tensor& base, at::TensorList sections, bool grouped,
                int64_t tile_rows, int64_t tile_cols) {
-  const std::string why_not = fused_unsupported_reason(a2, base, sections, (int64_t)sections.size(), tile_rows, tile_cols);
+  const std::string why_not =
+      fused_unsupported_reason(a2, base, sections, (int64_t)sections.size(), tile_rows, tile_cols);
   switch (forced_path()) {
     case Path::kFused:
       TORCH_CHECK(why_not.empty(), "xorgemm: XORGEMM_CUDA_PATH=fused, but the fused kernel cannot serve this call: ",
@@ -163,8 +164,8 @@ at::Tensor xor_linear_cuda(const at::Tensor& x, const at::Tensor& base, at::Tens
 // the call (fp32, other tiles, unaligned rows), the table is read on the host and the call goes the
 // xor_linear way: correct, but a host sync, so not inside a graph capture.
 at::Tensor xor_linear_slots_cuda(const at::Tensor& x, const at::Tensor& base, const at::Tensor& slot_table,
-                                 const at::Tensor& row_slot, const std::optional<at::Tensor>& bias_in, int64_t tile_rows,
-                                 int64_t tile_cols) {
+                                 const at::Tensor& row_slot, const std::optional<at::Tensor>& bias_in,
+                                 int64_t tile_rows, int64_t tile_cols) {
   check_slot_table(slot_table, base.device());
   const LinearProblem p = prepare_linear("x", x, base, {}, {}, row_slot, {}, tile_rows, tile_cols, false);
   check_bias(bias_in, x.scalar_type(), base.device(), base.size(0), (size_t)slot_table.size(0));

@@ -395,7 +395,8 @@ static void slot_table_cases(bool trans) {
     return as_listed;
   };
   std::vector<int64_t> table;
-  const std::string what = std::string("slot table, ") + (trans ? "backward" : "forward") + (bf16 ? ", bf16" : ", fp16");
+  const std::string what =
+      std::string("slot table, ") + (trans ? "backward" : "forward") + (bf16 ? ", bf16" : ", fp16");
   uint32_t error = 0, want_error = 0;
   std::vector<int64_t> as_listed = served({2, -1, 0, 1, 0}, table);
   std::vector<T> want = launch_fused<T>(listed, p, a, as_listed, bias, &want_error);
