@@ -21,6 +21,11 @@
 //   raw       low_bytes = elem_bytes, no exceptions (the fallback)
 // Every field is fixed-length, so a warp decodes any element in O(1) from shared memory, and byte
 // planes keep the stored stream friendly to zstd (the high planes are nearly all zero).
+//
+// One more codec uses the base as context (a decoder always holds the base tile): `conditioned` stores
+// each element's value (its XOR word, or its difference ft - base zig-zagged: whichever is smaller for
+// the tile) in a slot whose bit width is chosen per class of base words (their exponent), plus exceptions.
+// Its layout is below (conditioned_layout); docs/format.md gives the reasons and the measured sizes.
 #pragma once
 
 #include <stdint.h>
@@ -35,9 +40,12 @@
 namespace xorgemm {
 namespace codec {
 
-enum TileCodec : uint8_t { kZero = 0, kSparse = 1, kBytePlane = 2, kRaw = 3 };
+enum TileCodec : uint8_t { kZero = 0, kSparse = 1, kBytePlane = 2, kRaw = 3, kConditioned = 4 };
+// The codecs a section may hold, and their names in id order: what the file index and the reports say
+// (exported to Python as CODEC_NAMES). kConditioned is not among them yet: sections take it with format
+// version 2, once every decoder (the CPU's, the GPU kernels', unpack's) reads it; until then
+// tile_entry_valid refuses it, so no decoder can be handed one.
 constexpr int kNumCodecs = 4;
-// Their names, in id order: what the file index and the reports say (exported to Python as CODEC_NAMES).
 constexpr const char* kCodecNames[kNumCodecs] = {"zero", "sparse", "byteplane", "raw"};
 
 // Payloads start on this boundary in the decoded stream, so a kernel can cp.async them in 16-byte units.
@@ -50,8 +58,8 @@ constexpr uint32_t kMaxTileElems = 65536;
 struct TileEntry {
   uint32_t n_exc;     // number of exception words
   uint8_t codec;      // TileCodec
-  uint8_t low_bytes;  // bytes of every word stored in the low planes
-  uint16_t reserved;  // zero
+  uint8_t low_bytes;  // bytes of every word stored in the low planes; conditioned: transform | shift << 1
+  uint16_t reserved;  // zero; conditioned: the payload's size in kTileAlign units
 };
 static_assert(sizeof(TileEntry) == 8, "TileEntry is an 8-byte on-disk record");
 
@@ -106,6 +114,7 @@ XG_HD TileEntry load_entry(const uint8_t* table, uint64_t t) {
 // Bytes the tile occupies in the stream, padding included.
 XG_HD uint64_t tile_payload_bytes(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
   if (e.codec == kZero) return 0;
+  if (e.codec == kConditioned) return (uint64_t)e.reserved * kTileAlign;
   uint64_t n = (uint64_t)elems * e.low_bytes + (uint64_t)e.n_exc * (2 + elem_bytes - e.low_bytes);
   return align_up(n, kTileAlign);
 }
@@ -282,6 +291,142 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
     const uint32_t i = exception_position(payload, e, elems, x);
     if (i < elems) dst[(i / w) * stride + i % w] ^= (Word)exception_high_bits(payload, e, elems, sizeof(Word), x);
   }
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// The conditioned codec. Entry: low_bytes = transform | shift << 1, reserved = payload bytes / kTileAlign.
+// A base word's class is its 8 bits from `shift` up (bf16: 7 and fp32: 23, the exponent; fp16: 10, sign
+// and exponent). Each element's value v is its XOR word (transform 0) or its difference d = ft - base
+// (mod 2^bits) zig-zagged, (d << 1) ^ -(d >> (bits - 1)) (transform 1): small changes of either sign are
+// small numbers. Payload:
+//
+//   [exception positions: lo plane, hi plane, n_exc bytes each]  strictly increasing, < elems
+//   [exception values: elem_bytes planes x n_exc bytes]          the whole value v
+//   [n_classes: u16, at an even offset][n_classes x (class u8, width u8)]  classes strictly increasing
+//   [slots, at a 4-byte offset: element i's value in width(class of base i) bits, row-major, LSB first;
+//    a slot of all ones (width >= 1) or any nonzero value in a class of width 0 (not listed) is an
+//    exception, whose value is in the list]
+//   [zero padding: at least 8 bytes after the slots, then to kTileAlign]
+//
+// Decoding an element is O(1) once its slot's bit offset is known: the exclusive prefix sum of the
+// widths, which the decoder computes from the base (a running sum on the CPU, a block-wide scan on the
+// GPU). A payload whose slots would run past its end is malformed (conditioned_slots_fit).
+constexpr uint32_t kXorTransform = 0, kDiffTransform = 1;
+constexpr uint32_t kConditionedSlack = 8;  // bytes after the last slot: its 64-bit window stays inside
+
+// A conditioned entry's own rules: 16- or 32-bit words, a class inside the word, a payload size; the
+// header's rules come with the payload (conditioned_layout).
+XG_HD bool conditioned_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
+  return e.codec == kConditioned && elems != 0 && elems <= kMaxTileElems && e.n_exc <= elems &&
+         (elem_bytes == 2 || elem_bytes == 4) && (e.low_bytes >> 1) < 8 * elem_bytes && e.reserved != 0;
+}
+XG_HD uint32_t conditioned_transform(TileEntry e) { return e.low_bytes & 1u; }
+XG_HD uint32_t conditioned_shift(TileEntry e) { return e.low_bytes >> 1; }
+XG_HD uint32_t base_class(uint64_t base_word, uint32_t shift) { return (uint32_t)(base_word >> shift) & 0xffu; }
+
+// The stored value of fine-tuned word f against base word b, and the fine-tuned word back.
+template <typename Word>
+XG_HD Word conditioned_value(Word b, Word f, uint32_t transform) {
+  if (transform == kXorTransform) return (Word)(b ^ f);
+  const Word d = (Word)(f - b);
+  return (Word)((Word)(d << 1) ^ (Word)((Word)0 - (Word)(d >> (8 * sizeof(Word) - 1))));
+}
+template <typename Word>
+XG_HD Word conditioned_word(Word b, Word v, uint32_t transform) {
+  if (transform == kXorTransform) return (Word)(b ^ v);
+  return (Word)(b + (Word)((Word)(v >> 1) ^ (Word)((Word)0 - (Word)(v & 1u))));
+}
+
+XG_HD uint64_t conditioned_header_offset(TileEntry e, uint32_t elem_bytes) {
+  return align_up((uint64_t)e.n_exc * (2 + elem_bytes), 2);
+}
+
+struct ConditionedLayout {
+  uint32_t n_classes;
+  const uint8_t* classes;  // n_classes x (class, width)
+  const uint8_t* slots;    // 4-byte aligned when the payload is
+  uint64_t slot_bytes;     // from `slots` to the payload's end
+};
+// The payload's parts; false when its header does not fit it or its classes are out of order or too wide.
+XG_HD bool conditioned_layout(const uint8_t* payload, TileEntry e, uint32_t elem_bytes, ConditionedLayout& out) {
+  const uint64_t size = tile_payload_bytes(e, 0, elem_bytes), h = conditioned_header_offset(e, elem_bytes);
+  if (h + 2 > size) return false;
+  out.n_classes = (uint32_t)payload[h] | ((uint32_t)payload[h + 1] << 8);
+  const uint64_t slots = align_up(h + 2 + 2ull * out.n_classes, 4);
+  if (out.n_classes > 256 || slots + kConditionedSlack > size) return false;
+  out.classes = payload + h + 2;
+  out.slots = payload + slots;
+  out.slot_bytes = size - slots;
+  for (uint32_t c = 0; c < out.n_classes; ++c) {
+    if (out.classes[2 * c + 1] > 8 * elem_bytes || (c > 0 && out.classes[2 * c] <= out.classes[2 * c - 2]))
+      return false;
+  }
+  return true;
+}
+// The slot width of every class, width[256]: cleared, then (after a barrier, cooperatively) filled from the
+// header; a class the header does not list has width 0.
+XG_HD void conditioned_clear_widths(uint8_t* width, uint32_t tid, uint32_t nthreads) {
+  for (uint32_t c = tid; c < 256; c += nthreads) width[c] = 0;
+}
+XG_HD void conditioned_fill_widths(const ConditionedLayout& l, uint8_t* width, uint32_t tid, uint32_t nthreads) {
+  for (uint32_t c = tid; c < l.n_classes; c += nthreads) width[l.classes[2 * c]] = l.classes[2 * c + 1];
+}
+// Whether slots of `total_bits` fit the payload, with the slack every read needs.
+XG_HD bool conditioned_slots_fit(const ConditionedLayout& l, uint64_t total_bits) {
+  return (total_bits + 7) / 8 + kConditionedSlack <= l.slot_bytes;
+}
+// The `width` bits at bit `at` of the slots (width <= 32), from two aligned 32-bit words.
+XG_HD uint32_t conditioned_slot(const uint8_t* slots, uint64_t at, uint32_t width) {
+  const uint8_t* q = slots + (at / 32) * 4;
+  const uint64_t window = (uint64_t)load_as<uint32_t>(q) | ((uint64_t)load_as<uint32_t>(q + 4) << 32);
+  return (uint32_t)(window >> (at % 32)) & (uint32_t)((1ull << width) - 1);
+}
+// Whether a slot holds an exception's marker.
+XG_HD bool conditioned_escape(uint32_t slot, uint32_t width) {
+  return width != 0 && slot == (uint32_t)((1ull << width) - 1);
+}
+XG_HD uint32_t conditioned_position(const uint8_t* payload, TileEntry e, uint32_t x) {
+  return (uint32_t)payload[x] | ((uint32_t)payload[e.n_exc + x] << 8);
+}
+XG_HD uint64_t conditioned_exception_value(const uint8_t* payload, TileEntry e, uint32_t elem_bytes, uint32_t x) {
+  const uint8_t* v = payload + 2ull * e.n_exc;
+  uint64_t w = 0;
+  for (uint32_t j = 0; j < elem_bytes; ++j) w |= (uint64_t)v[(uint64_t)j * e.n_exc + x] << (8 * j);
+  return w;
+}
+
+// Decodes a whole conditioned tile on one thread: out[i] = the fine-tuned word of element i, from base[i]
+// (both row-major, `elems` words; out may be base). False, with out untouched, for a malformed payload.
+template <typename Word>
+XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, const Word* base, Word* out) {
+  ConditionedLayout l;
+  if (!conditioned_entry_valid(e, elems, sizeof(Word)) || !conditioned_layout(payload, e, sizeof(Word), l))
+    return false;
+  uint8_t width[256];
+  conditioned_clear_widths(width, 0, 1);
+  conditioned_fill_widths(l, width, 0, 1);
+  const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < elems; ++i) total += width[base_class(base[i], shift)];
+  if (!conditioned_slots_fit(l, total)) return false;
+  for (uint32_t x = 0; x < e.n_exc; ++x)  // positions strictly increasing and inside the tile
+    if (conditioned_position(payload, e, x) >= elems ||
+        (x > 0 && conditioned_position(payload, e, x) <= conditioned_position(payload, e, x - 1)))
+      return false;
+  uint64_t at = 0;
+  for (uint32_t i = 0; i < elems; ++i) {
+    const Word b = base[i];
+    const uint32_t w = width[base_class(b, shift)];
+    const uint32_t v = w ? conditioned_slot(l.slots, at, w) : 0;
+    at += w;
+    if (!conditioned_escape(v, w)) out[i] = conditioned_word<Word>(b, (Word)v, transform);
+  }
+  for (uint32_t x = 0; x < e.n_exc; ++x) {
+    const uint32_t i = conditioned_position(payload, e, x);
+    out[i] = conditioned_word<Word>(base[i], (Word)conditioned_exception_value(payload, e, sizeof(Word), x),
+                                    transform);
+  }
+  return true;
 }
 
 }  // namespace codec

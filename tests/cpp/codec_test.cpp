@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
+#include <cmath>
 #include <functional>
 #include <random>
 #include <string>
@@ -241,7 +243,124 @@ static void test_strided_xor_decode() {
   }
 }
 
+// Floating-point words of every kind a checkpoint holds (for 16-bit words bf16's layout when `shift` is 7,
+// fp16's when 10; 32-bit: fp32's): normal values around a typical weight scale, zeros of both signs,
+// subnormals, Infs and NaNs. Fine-tunes move them as training does (a few ulps either way, carrying into
+// the exponent across powers of two), flip signs, rewrite whole words, or leave them alone.
+template <typename Word>
+static void float_tile(uint32_t elems, uint32_t shift, uint32_t seed, std::vector<Word>& base, std::vector<Word>& ft) {
+  constexpr uint32_t kBits = 8 * sizeof(Word);
+  const uint32_t exp_bits = shift == 10 ? 5 : 8, exp_max = (1u << exp_bits) - 1, bias = exp_max / 2;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::normal_distribution<double> spread(0, 2.5);
+  base.resize(elems);
+  ft.resize(elems);
+  for (uint32_t i = 0; i < elems; ++i) {
+    const double k = u(rng);
+    uint64_t exp = (uint64_t)std::max(1.0, std::min((double)exp_max - 1, bias - 6 + spread(rng)));
+    if (k < 0.01) exp = 0;                 // zero or subnormal
+    else if (k < 0.015) exp = exp_max;     // Inf or NaN
+    const uint64_t mant = rng() & ((1ull << shift) - 1) & (k < 0.005 ? 0 : ~0ull);
+    const uint64_t sign = (uint64_t)(rng() & 1) << (kBits - 1);
+    base[i] = (Word)(sign | exp << shift | mant);
+    const double m = u(rng);
+    Word f = base[i];
+    if (m < 0.8) f = (Word)(f + (Word)((int64_t)std::lround(spread(rng) * 8)));  // ulps, carries included
+    else if (m < 0.82) f ^= (Word)(1ull << (kBits - 1));                         // a sign flip
+    else if (m < 0.83) f = (Word)rng();                                          // anything
+    ft[i] = f;
+  }
+}
+
+template <typename Word>
+static bool conditioned_round_trip(const std::vector<Word>& base, const std::vector<Word>& ft, uint32_t shift,
+                                   uint64_t* size = nullptr) {
+  const uint32_t elems = (uint32_t)base.size();
+  const codec::ConditionedPlan plan = codec::plan_conditioned<Word>(base.data(), ft.data(), elems, shift);
+  std::vector<uint8_t> payload;
+  codec::encode_conditioned<Word>(base.data(), ft.data(), elems, plan, payload);
+  if (size) *size = payload.size();
+  std::vector<Word> out(elems, (Word)0x5A5A5A5Au), in_place = base;
+  const codec::TileEntry e = plan.entry;
+  return payload.size() == plan.size && codec::conditioned_entry_valid(e, elems, sizeof(Word)) &&
+         codec::tile_payload_bytes(e, elems, sizeof(Word)) == payload.size() &&
+         codec::decode_conditioned<Word>(payload.data(), e, elems, base.data(), out.data()) && out == ft &&
+         codec::decode_conditioned<Word>(payload.data(), e, elems, in_place.data(), in_place.data()) &&
+         in_place == ft;
+}
+
+// The base-conditioned codec decodes every kind of word exactly, on full and ragged tiles, with either
+// transform; on a training-like delta it is smaller than the byte planes; a payload whose header or slots
+// do not fit it is refused, not read past.
+static void test_conditioned_codec() {
+  for (uint32_t elems : {4096u, 37u * 23u, 1u, 64u * 7u}) {
+    for (uint32_t seed : {1u, 2u, 3u}) {
+      std::vector<uint16_t> b16, f16;
+      std::vector<uint32_t> b32, f32;
+      float_tile<uint16_t>(elems, 7, seed, b16, f16);
+      check(conditioned_round_trip<uint16_t>(b16, f16, 7), "conditioned bf16, " + std::to_string(elems));
+      float_tile<uint16_t>(elems, 10, seed, b16, f16);
+      check(conditioned_round_trip<uint16_t>(b16, f16, 10), "conditioned fp16, " + std::to_string(elems));
+      float_tile<uint32_t>(elems, 23, seed, b32, f32);
+      check(conditioned_round_trip<uint32_t>(b32, f32, 23), "conditioned fp32, " + std::to_string(elems));
+    }
+  }
+  std::vector<uint16_t> b, f;
+  float_tile<uint16_t>(4096, 7, 9, b, f);
+  uint64_t size = 0;
+  check(conditioned_round_trip<uint16_t>(b, f, 7, &size), "conditioned, a training-like bf16 delta");
+  std::vector<uint16_t> words(4096);
+  for (uint32_t i = 0; i < 4096; ++i) words[i] = b[i] ^ f[i];
+  const codec::TileEntry classic = codec::choose_tile_codec(words.data(), 4096, 2);
+  check(size < codec::tile_payload_bytes(classic, 4096, 2),
+        "conditioned smaller than " + std::string(codec::kCodecNames[classic.codec]) + " on a training-like delta");
+  // Identical words (a zero delta): both transforms give zeros; every class at width 0, no exceptions.
+  check(conditioned_round_trip<uint16_t>(b, b, 7), "conditioned, a zero delta");
+  // Every value the all-ones marker of its width: all exceptions.
+  std::vector<uint16_t> ones(64, 0x3f80), ones_ft(64, 0x3f80 ^ 0x7);
+  check(conditioned_round_trip<uint16_t>(ones, ones_ft, 7), "conditioned, values equal to the marker");
+
+  // Malformed: a payload too short for its slots, a header past the payload, classes out of order.
+  const codec::ConditionedPlan plan = codec::plan_conditioned<uint16_t>(b.data(), f.data(), 4096, 7);
+  std::vector<uint8_t> payload;
+  codec::encode_conditioned<uint16_t>(b.data(), f.data(), 4096, plan, payload);
+  std::vector<uint16_t> out(4096);
+  codec::TileEntry cut = plan.entry;
+  cut.reserved -= 4;
+  check(!codec::decode_conditioned<uint16_t>(payload.data(), cut, 4096, b.data(), out.data()),
+        "conditioned: slots running past a shortened payload are refused");
+  codec::TileEntry tiny = plan.entry;
+  tiny.reserved = 1;
+  tiny.n_exc = 100;
+  check(!codec::decode_conditioned<uint16_t>(payload.data(), tiny, 4096, b.data(), out.data()),
+        "conditioned: a header past the payload is refused");
+  std::vector<uint8_t> swapped = payload;
+  const uint64_t h = codec::conditioned_header_offset(plan.entry, 2);
+  if (swapped[h] >= 2) std::swap(swapped[h + 2], swapped[h + 4]);
+  check(swapped[h] >= 2 && !codec::decode_conditioned<uint16_t>(swapped.data(), plan.entry, 4096, b.data(), out.data()),
+        "conditioned: classes out of order are refused");
+  // Random payloads of every size: decoded or refused, never read past (the sanitizer builds watch).
+  std::mt19937 rng(5);
+  int refused = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const uint16_t units = (uint16_t)(1 + rng() % 40);
+    std::vector<uint8_t> junk(units * codec::kTileAlign);
+    for (auto& byte : junk) byte = (uint8_t)(rng() % 4 ? rng() % 3 : rng());  // small counts, some classes
+    const codec::TileEntry e{(uint32_t)(rng() % 64), codec::kConditioned, (uint8_t)(7 << 1 | (rng() & 1)), units};
+    refused += !codec::decode_conditioned<uint16_t>(junk.data(), e, 4096, b.data(), out.data());
+  }
+  check(refused > 0, "conditioned: random payloads decoded or refused, never read past (" +
+                         std::to_string(refused) + " of 2000 refused)");
+  check(!codec::conditioned_entry_valid({0, codec::kConditioned, 7 << 1, 0}, 64, 2) &&
+            !codec::conditioned_entry_valid({0, codec::kConditioned, 16 << 1, 1}, 64, 2) &&
+            !codec::conditioned_entry_valid({0, codec::kConditioned, 7 << 1, 1}, 64, 1),
+        "conditioned entries: a size, a shift inside the word, 16- or 32-bit words");
+  check(!codec::tile_entry_valid(plan.entry, 4096, 2), "sections do not take conditioned tiles before version 2");
+}
+
 int main() {
+  test_conditioned_codec();
   test_round_trips();
   test_codec_choice();
   test_cooperative_decode_matches_serial();
