@@ -395,37 +395,84 @@ XG_HD uint64_t conditioned_exception_value(const uint8_t* payload, TileEntry e, 
   return w;
 }
 
-// Decodes a whole conditioned tile on one thread: out[i] = the fine-tuned word of element i, from base[i]
-// (both row-major, `elems` words; out may be base). False, with out untouched, for a malformed payload.
+// Cooperative decode, for a tile that already holds the base (a padded shared-memory tile: element i at
+// dst[(i / w) * stride + i % w]), by `nthreads` workers, phase by phase with a barrier between phases:
+//   1. conditioned_clear_widths; 2. conditioned_fill_widths (width[256] in shared memory);
+//   3. conditioned_count_bits: each worker sums the slot widths of its chunk of elements into bits[tid];
+//   4. conditioned_patch_slots: each worker finds its chunk's bit offset (the sum of the chunks before it)
+//      and patches its elements from their slots; false, from every worker alike and before any write,
+//      when the slots do not fit the payload;
+//   5. conditioned_patch_exceptions.
+// Chunks are contiguous runs of ceil(elems / nthreads) elements, so a worker reads its slots in order.
+XG_HD uint32_t conditioned_chunk(uint32_t elems, uint32_t nthreads) { return (elems + nthreads - 1) / nthreads; }
+
 template <typename Word>
-XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, const Word* base, Word* out) {
+XG_HD void conditioned_count_bits(const Word* dst, uint32_t elems, uint32_t w, uint32_t stride, TileEntry e,
+                                  const uint8_t* width, uint32_t* bits, uint32_t tid, uint32_t nthreads) {
+  const uint32_t chunk = conditioned_chunk(elems, nthreads), shift = conditioned_shift(e);
+  uint32_t sum = 0;
+  for (uint32_t i = tid * chunk; i < elems && i < (tid + 1) * chunk; ++i)
+    sum += width[base_class(dst[(i / w) * stride + i % w], shift)];
+  bits[tid] = sum;
+}
+
+template <typename Word>
+XG_HD bool conditioned_patch_slots(const ConditionedLayout& l, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
+                                   uint32_t stride, const uint8_t* width, const uint32_t* bits, uint32_t tid,
+                                   uint32_t nthreads) {
+  uint64_t at = 0, total = 0;
+  for (uint32_t t = 0; t < nthreads; ++t) {
+    if (t == tid) at = total;
+    total += bits[t];
+  }
+  if (!conditioned_slots_fit(l, total)) return false;
+  const uint32_t chunk = conditioned_chunk(elems, nthreads), shift = conditioned_shift(e);
+  const uint32_t transform = conditioned_transform(e);
+  for (uint32_t i = tid * chunk; i < elems && i < (tid + 1) * chunk; ++i) {
+    Word* d = dst + (i / w) * stride + i % w;
+    const Word b = *d;
+    const uint32_t wd = width[base_class(b, shift)];
+    const uint32_t v = wd ? conditioned_slot(l.slots, at, wd) : 0;
+    at += wd;
+    if (v != 0 && !conditioned_escape(v, wd)) *d = conditioned_word<Word>(b, (Word)v, transform);
+  }
+  return true;
+}
+
+// Exceptions: each position names one element (strictly increasing in a validated section; a position
+// outside the tile is skipped), whose slot phase 4 left as the base.
+template <typename Word>
+XG_HD void conditioned_patch_exceptions(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
+                                        uint32_t stride, uint32_t tid, uint32_t nthreads) {
+  const uint32_t transform = conditioned_transform(e);
+  for (uint32_t x = tid; x < e.n_exc; x += nthreads) {
+    const uint32_t i = conditioned_position(payload, e, x);
+    if (i >= elems) continue;
+    Word* d = dst + (i / w) * stride + i % w;
+    *d = conditioned_word<Word>(*d, (Word)conditioned_exception_value(payload, e, sizeof(Word), x), transform);
+  }
+}
+
+// The whole decode on one worker, in place: `tile` holds the base of a tile `w` words wide (row-major,
+// `stride` words a row) and receives the fine-tuned words. False, with the tile untouched, for a malformed
+// entry or payload (exception positions must also be strictly increasing and inside the tile).
+template <typename Word>
+XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* tile,
+                              uint32_t stride) {
   ConditionedLayout l;
   if (!conditioned_entry_valid(e, elems, sizeof(Word)) || !conditioned_layout(payload, e, sizeof(Word), l))
     return false;
-  uint8_t width[256];
-  conditioned_clear_widths(width, 0, 1);
-  conditioned_fill_widths(l, width, 0, 1);
-  const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
-  uint64_t total = 0;
-  for (uint32_t i = 0; i < elems; ++i) total += width[base_class(base[i], shift)];
-  if (!conditioned_slots_fit(l, total)) return false;
-  for (uint32_t x = 0; x < e.n_exc; ++x)  // positions strictly increasing and inside the tile
+  for (uint32_t x = 0; x < e.n_exc; ++x)
     if (conditioned_position(payload, e, x) >= elems ||
         (x > 0 && conditioned_position(payload, e, x) <= conditioned_position(payload, e, x - 1)))
       return false;
-  uint64_t at = 0;
-  for (uint32_t i = 0; i < elems; ++i) {
-    const Word b = base[i];
-    const uint32_t w = width[base_class(b, shift)];
-    const uint32_t v = w ? conditioned_slot(l.slots, at, w) : 0;
-    at += w;
-    if (!conditioned_escape(v, w)) out[i] = conditioned_word<Word>(b, (Word)v, transform);
-  }
-  for (uint32_t x = 0; x < e.n_exc; ++x) {
-    const uint32_t i = conditioned_position(payload, e, x);
-    out[i] = conditioned_word<Word>(base[i], (Word)conditioned_exception_value(payload, e, sizeof(Word), x),
-                                    transform);
-  }
+  uint8_t width[256];
+  uint32_t bits;
+  conditioned_clear_widths(width, 0, 1);
+  conditioned_fill_widths(l, width, 0, 1);
+  conditioned_count_bits<Word>(tile, elems, w, stride, e, width, &bits, 0, 1);
+  if (!conditioned_patch_slots<Word>(l, e, elems, w, tile, stride, width, &bits, 0, 1)) return false;
+  conditioned_patch_exceptions<Word>(payload, e, elems, w, tile, stride, 0, 1);
   return true;
 }
 

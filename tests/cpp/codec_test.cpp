@@ -273,6 +273,37 @@ static void float_tile(uint32_t elems, uint32_t shift, uint32_t seed, std::vecto
   }
 }
 
+// The cooperative decode (128 workers, phase by phase, as a CTA runs it) into a padded tile of `w`-word rows
+// holding the base: the fine-tuned words, the padding untouched.
+template <typename Word>
+static bool cooperative_conditioned(const std::vector<uint8_t>& payload, codec::TileEntry e,
+                                    const std::vector<Word>& base, const std::vector<Word>& ft, uint32_t w) {
+  constexpr uint32_t kStride = 72, kWorkers = 128;
+  const uint32_t elems = (uint32_t)base.size(), h = (elems + w - 1) / w;
+  std::vector<Word> tile(h * kStride, (Word)0x5A5A5A5Au);
+  for (uint32_t i = 0; i < elems; ++i) tile[(i / w) * kStride + i % w] = base[i];
+  codec::ConditionedLayout l;
+  if (!codec::conditioned_layout(payload.data(), e, sizeof(Word), l)) return false;
+  uint8_t width[256];
+  uint32_t bits[kWorkers];
+  for (uint32_t t = 0; t < kWorkers; ++t) codec::conditioned_clear_widths(width, t, kWorkers);
+  for (uint32_t t = 0; t < kWorkers; ++t) codec::conditioned_fill_widths(l, width, t, kWorkers);
+  for (uint32_t t = 0; t < kWorkers; ++t)
+    codec::conditioned_count_bits<Word>(tile.data(), elems, w, kStride, e, width, bits, t, kWorkers);
+  for (uint32_t t = 0; t < kWorkers; ++t)
+    if (!codec::conditioned_patch_slots<Word>(l, e, elems, w, tile.data(), kStride, width, bits, t, kWorkers))
+      return false;
+  for (uint32_t t = 0; t < kWorkers; ++t)
+    codec::conditioned_patch_exceptions<Word>(payload.data(), e, elems, w, tile.data(), kStride, t, kWorkers);
+  for (uint32_t r = 0; r < h; ++r)
+    for (uint32_t c = 0; c < kStride; ++c) {
+      const uint32_t i = r * w + c;
+      const Word want = c < w && i < elems ? ft[i] : (Word)0x5A5A5A5Au;
+      if (tile[r * kStride + c] != want) return false;
+    }
+  return true;
+}
+
 template <typename Word>
 static bool conditioned_round_trip(const std::vector<Word>& base, const std::vector<Word>& ft, uint32_t shift,
                                    uint64_t* size = nullptr) {
@@ -281,13 +312,14 @@ static bool conditioned_round_trip(const std::vector<Word>& base, const std::vec
   std::vector<uint8_t> payload;
   codec::encode_conditioned<Word>(base.data(), ft.data(), elems, plan, payload);
   if (size) *size = payload.size();
-  std::vector<Word> out(elems, (Word)0x5A5A5A5Au), in_place = base;
+  std::vector<Word> in_place = base;
   const codec::TileEntry e = plan.entry;
+  // Rows as the tile would have them: 64 wide, or the whole run when shorter (a ragged tile).
+  const uint32_t w = elems % 64 == 0 ? 64 : elems % 37 == 0 ? 37 : elems;
   return payload.size() == plan.size && codec::conditioned_entry_valid(e, elems, sizeof(Word)) &&
          codec::tile_payload_bytes(e, elems, sizeof(Word)) == payload.size() &&
-         codec::decode_conditioned<Word>(payload.data(), e, elems, base.data(), out.data()) && out == ft &&
-         codec::decode_conditioned<Word>(payload.data(), e, elems, in_place.data(), in_place.data()) &&
-         in_place == ft;
+         codec::decode_conditioned<Word>(payload.data(), e, elems, elems, in_place.data(), elems) &&
+         in_place == ft && cooperative_conditioned<Word>(payload, e, base, ft, w);
 }
 
 // The base-conditioned codec decodes every kind of word exactly, on full and ragged tiles, with either
@@ -325,20 +357,20 @@ static void test_conditioned_codec() {
   const codec::ConditionedPlan plan = codec::plan_conditioned<uint16_t>(b.data(), f.data(), 4096, 7);
   std::vector<uint8_t> payload;
   codec::encode_conditioned<uint16_t>(b.data(), f.data(), 4096, plan, payload);
-  std::vector<uint16_t> out(4096);
+  std::vector<uint16_t> out = b;
   codec::TileEntry cut = plan.entry;
   cut.reserved -= 4;
-  check(!codec::decode_conditioned<uint16_t>(payload.data(), cut, 4096, b.data(), out.data()),
-        "conditioned: slots running past a shortened payload are refused");
+  check(!codec::decode_conditioned<uint16_t>(payload.data(), cut, 4096, 64, out.data(), 64) && out == b,
+        "conditioned: slots running past a shortened payload are refused, the tile untouched");
   codec::TileEntry tiny = plan.entry;
   tiny.reserved = 1;
   tiny.n_exc = 100;
-  check(!codec::decode_conditioned<uint16_t>(payload.data(), tiny, 4096, b.data(), out.data()),
+  check(!codec::decode_conditioned<uint16_t>(payload.data(), tiny, 4096, 64, out.data(), 64),
         "conditioned: a header past the payload is refused");
   std::vector<uint8_t> swapped = payload;
   const uint64_t h = codec::conditioned_header_offset(plan.entry, 2);
   if (swapped[h] >= 2) std::swap(swapped[h + 2], swapped[h + 4]);
-  check(swapped[h] >= 2 && !codec::decode_conditioned<uint16_t>(swapped.data(), plan.entry, 4096, b.data(), out.data()),
+  check(swapped[h] >= 2 && !codec::decode_conditioned<uint16_t>(swapped.data(), plan.entry, 4096, 64, out.data(), 64),
         "conditioned: classes out of order are refused");
   // Random payloads of every size: decoded or refused, never read past (the sanitizer builds watch).
   std::mt19937 rng(5);
@@ -348,7 +380,8 @@ static void test_conditioned_codec() {
     std::vector<uint8_t> junk(units * codec::kTileAlign);
     for (auto& byte : junk) byte = (uint8_t)(rng() % 4 ? rng() % 3 : rng());  // small counts, some classes
     const codec::TileEntry e{(uint32_t)(rng() % 64), codec::kConditioned, (uint8_t)(7 << 1 | (rng() & 1)), units};
-    refused += !codec::decode_conditioned<uint16_t>(junk.data(), e, 4096, b.data(), out.data());
+    out = b;
+    refused += !codec::decode_conditioned<uint16_t>(junk.data(), e, 4096, 64, out.data(), 64);
   }
   check(refused > 0, "conditioned: random payloads decoded or refused, never read past (" +
                          std::to_string(refused) + " of 2000 refused)");
