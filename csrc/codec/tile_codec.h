@@ -58,7 +58,7 @@ constexpr uint32_t kMaxTileElems = 65536;
 struct TileEntry {
   uint32_t n_exc;     // number of exception words
   uint8_t codec;      // TileCodec
-  uint8_t low_bytes;  // bytes of every word stored in the low planes; conditioned: transform | shift << 1
+  uint8_t low_bytes;  // bytes of every word stored in the low planes; conditioned: see conditioned_shift
   uint16_t reserved;  // zero; conditioned: the payload's size in kTileAlign units
 };
 static_assert(sizeof(TileEntry) == 8, "TileEntry is an 8-byte on-disk record");
@@ -294,23 +294,24 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// The conditioned codec. Entry: low_bytes = transform | shift << 1, reserved = payload bytes / kTileAlign.
+// The conditioned codec. Entry: low_bytes = transform | shift << 1 | (high_bytes - 1) << 6, reserved =
+// payload bytes / kTileAlign.
 // A base word's class is its 8 bits from `shift` up (bf16: 7 and fp32: 23, the exponent; fp16: 10, sign
 // and exponent). Each element's value v is its XOR word (transform 0) or its difference d = ft - base
 // (mod 2^bits) zig-zagged, (d << 1) ^ -(d >> (bits - 1)) (transform 1): small changes of either sign are
 // small numbers. Payload:
 //
 //   [exception positions: lo plane, hi plane, n_exc bytes each]  strictly increasing, < elems
-//   [exception values: elem_bytes planes x n_exc bytes]          the whole value v
+//   [exception high parts: high_bytes planes x n_exc bytes]      v >> width: the bits its slot cannot hold
 //   [n_classes: u16, at an even offset][n_classes x (class u8, width u8)]  classes strictly increasing
-//   [slots, at a 4-byte offset: element i's value in width(class of base i) bits, row-major, LSB first;
-//    a slot of all ones (width >= 1) or any nonzero value in a class of width 0 (not listed) is an
-//    exception, whose value is in the list]
+//   [slots, at a 4-byte offset: the low width(class of base i) bits of element i's value, row-major, LSB
+//    first (a class the header does not list has width 0)]
 //   [zero padding: at least 8 bytes after the slots, then to kTileAlign]
 //
 // Decoding an element is O(1) once its slot's bit offset is known: the exclusive prefix sum of the
-// widths, which the decoder computes from the base (a running sum on the CPU, a block-wide scan on the
-// GPU). A payload whose slots would run past its end is malformed (conditioned_slots_fit).
+// widths, which the decoder computes from the base (a running sum on the CPU, per-chunk sums on the
+// GPU), and its exception, if any, is found by walking the sorted positions from its chunk's first (a
+// binary search). A payload whose slots would run past its end is malformed (conditioned_slots_fit).
 constexpr uint32_t kXorTransform = 0, kDiffTransform = 1;
 constexpr uint32_t kConditionedSlack = 8;  // bytes after the last slot: its 64-bit window stays inside
 
@@ -318,10 +319,12 @@ constexpr uint32_t kConditionedSlack = 8;  // bytes after the last slot: its 64-
 // header's rules come with the payload (conditioned_layout).
 XG_HD bool conditioned_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
   return e.codec == kConditioned && elems != 0 && elems <= kMaxTileElems && e.n_exc <= elems &&
-         (elem_bytes == 2 || elem_bytes == 4) && (e.low_bytes >> 1) < 8 * elem_bytes && e.reserved != 0;
+         (elem_bytes == 2 || elem_bytes == 4) && ((e.low_bytes >> 1) & 31u) < 8 * elem_bytes &&
+         (e.low_bytes >> 6) < elem_bytes && e.reserved != 0;
 }
 XG_HD uint32_t conditioned_transform(TileEntry e) { return e.low_bytes & 1u; }
-XG_HD uint32_t conditioned_shift(TileEntry e) { return e.low_bytes >> 1; }
+XG_HD uint32_t conditioned_shift(TileEntry e) { return (e.low_bytes >> 1) & 31u; }
+XG_HD uint32_t conditioned_high_bytes(TileEntry e) { return (e.low_bytes >> 6) + 1u; }
 XG_HD uint32_t base_class(uint64_t base_word, uint32_t shift) { return (uint32_t)(base_word >> shift) & 0xffu; }
 
 // The stored value of fine-tuned word f against base word b, and the fine-tuned word back.
@@ -337,8 +340,8 @@ XG_HD Word conditioned_word(Word b, Word v, uint32_t transform) {
   return (Word)(b + (Word)((Word)(v >> 1) ^ (Word)((Word)0 - (Word)(v & 1u))));
 }
 
-XG_HD uint64_t conditioned_header_offset(TileEntry e, uint32_t elem_bytes) {
-  return align_up((uint64_t)e.n_exc * (2 + elem_bytes), 2);
+XG_HD uint64_t conditioned_header_offset(TileEntry e) {
+  return align_up((uint64_t)e.n_exc * (2 + conditioned_high_bytes(e)), 2);
 }
 
 struct ConditionedLayout {
@@ -349,7 +352,7 @@ struct ConditionedLayout {
 };
 // The payload's parts; false when its header does not fit it or its classes are out of order or too wide.
 XG_HD bool conditioned_layout(const uint8_t* payload, TileEntry e, uint32_t elem_bytes, ConditionedLayout& out) {
-  const uint64_t size = tile_payload_bytes(e, 0, elem_bytes), h = conditioned_header_offset(e, elem_bytes);
+  const uint64_t size = tile_payload_bytes(e, 0, elem_bytes), h = conditioned_header_offset(e);
   if (h + 2 > size) return false;
   out.n_classes = (uint32_t)payload[h] | ((uint32_t)payload[h + 1] << 8);
   const uint64_t slots = align_up(h + 2 + 2ull * out.n_classes, 4);
@@ -381,17 +384,22 @@ XG_HD uint32_t conditioned_slot(const uint8_t* slots, uint64_t at, uint32_t widt
   const uint64_t window = (uint64_t)load_as<uint32_t>(q) | ((uint64_t)load_as<uint32_t>(q + 4) << 32);
   return (uint32_t)(window >> (at % 32)) & (uint32_t)((1ull << width) - 1);
 }
-// Whether a slot holds an exception's marker.
-XG_HD bool conditioned_escape(uint32_t slot, uint32_t width) {
-  return width != 0 && slot == (uint32_t)((1ull << width) - 1);
-}
 XG_HD uint32_t conditioned_position(const uint8_t* payload, TileEntry e, uint32_t x) {
   return (uint32_t)payload[x] | ((uint32_t)payload[e.n_exc + x] << 8);
 }
-XG_HD uint64_t conditioned_exception_value(const uint8_t* payload, TileEntry e, uint32_t elem_bytes, uint32_t x) {
+// The first exception whose position is >= i (n_exc if none): positions are strictly increasing.
+XG_HD uint32_t conditioned_first_exception(const uint8_t* payload, TileEntry e, uint32_t i) {
+  uint32_t lo = 0, hi = e.n_exc;
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (conditioned_position(payload, e, mid) < i) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+XG_HD uint64_t conditioned_exception_high(const uint8_t* payload, TileEntry e, uint32_t x) {
   const uint8_t* v = payload + 2ull * e.n_exc;
   uint64_t w = 0;
-  for (uint32_t j = 0; j < elem_bytes; ++j) w |= (uint64_t)v[(uint64_t)j * e.n_exc + x] << (8 * j);
+  for (uint32_t j = 0; j < conditioned_high_bytes(e); ++j) w |= (uint64_t)v[(uint64_t)j * e.n_exc + x] << (8 * j);
   return w;
 }
 
@@ -399,11 +407,11 @@ XG_HD uint64_t conditioned_exception_value(const uint8_t* payload, TileEntry e, 
 // dst[(i / w) * stride + i % w]), by `nthreads` workers, phase by phase with a barrier between phases:
 //   1. conditioned_clear_widths; 2. conditioned_fill_widths (width[256] in shared memory);
 //   3. conditioned_count_bits: each worker sums the slot widths of its chunk of elements into bits[tid];
-//   4. conditioned_patch_slots: each worker finds its chunk's bit offset (the sum of the chunks before it)
-//      and patches its elements from their slots; false, from every worker alike and before any write,
-//      when the slots do not fit the payload;
-//   5. conditioned_patch_exceptions.
-// Chunks are contiguous runs of ceil(elems / nthreads) elements, so a worker reads its slots in order.
+//   4. conditioned_patch: each worker finds its chunk's bit offset (the sum of the chunks before it) and
+//      first exception, and patches its elements; false, from every worker alike and before any write,
+//      when the slots do not fit the payload.
+// Chunks are contiguous runs of ceil(elems / nthreads) elements, so a worker reads its slots and its
+// exceptions in order, and only its own elements are written.
 XG_HD uint32_t conditioned_chunk(uint32_t elems, uint32_t nthreads) { return (elems + nthreads - 1) / nthreads; }
 
 template <typename Word>
@@ -417,9 +425,9 @@ XG_HD void conditioned_count_bits(const Word* dst, uint32_t elems, uint32_t w, u
 }
 
 template <typename Word>
-XG_HD bool conditioned_patch_slots(const ConditionedLayout& l, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
-                                   uint32_t stride, const uint8_t* width, const uint32_t* bits, uint32_t tid,
-                                   uint32_t nthreads) {
+XG_HD bool conditioned_patch(const uint8_t* payload, const ConditionedLayout& l, TileEntry e, uint32_t elems,
+                             uint32_t w, Word* dst, uint32_t stride, const uint8_t* width, const uint32_t* bits,
+                             uint32_t tid, uint32_t nthreads) {
   uint64_t at = 0, total = 0;
   for (uint32_t t = 0; t < nthreads; ++t) {
     if (t == tid) at = total;
@@ -427,30 +435,23 @@ XG_HD bool conditioned_patch_slots(const ConditionedLayout& l, TileEntry e, uint
   }
   if (!conditioned_slots_fit(l, total)) return false;
   const uint32_t chunk = conditioned_chunk(elems, nthreads), shift = conditioned_shift(e);
-  const uint32_t transform = conditioned_transform(e);
-  for (uint32_t i = tid * chunk; i < elems && i < (tid + 1) * chunk; ++i) {
+  const uint32_t transform = conditioned_transform(e), begin = tid * chunk;
+  uint32_t x = begin < elems ? conditioned_first_exception(payload, e, begin) : e.n_exc;
+  uint32_t next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;  // the next exception's element
+  for (uint32_t i = begin; i < elems && i < begin + chunk; ++i) {
     Word* d = dst + (i / w) * stride + i % w;
     const Word b = *d;
     const uint32_t wd = width[base_class(b, shift)];
-    const uint32_t v = wd ? conditioned_slot(l.slots, at, wd) : 0;
+    uint64_t v = wd ? conditioned_slot(l.slots, at, wd) : 0;
     at += wd;
-    if (v != 0 && !conditioned_escape(v, wd)) *d = conditioned_word<Word>(b, (Word)v, transform);
+    if (i == next) {
+      v |= conditioned_exception_high(payload, e, x) << wd;
+      ++x;
+      next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;
+    }
+    if (v != 0) *d = conditioned_word<Word>(b, (Word)v, transform);
   }
   return true;
-}
-
-// Exceptions: each position names one element (strictly increasing in a validated section; a position
-// outside the tile is skipped), whose slot phase 4 left as the base.
-template <typename Word>
-XG_HD void conditioned_patch_exceptions(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* dst,
-                                        uint32_t stride, uint32_t tid, uint32_t nthreads) {
-  const uint32_t transform = conditioned_transform(e);
-  for (uint32_t x = tid; x < e.n_exc; x += nthreads) {
-    const uint32_t i = conditioned_position(payload, e, x);
-    if (i >= elems) continue;
-    Word* d = dst + (i / w) * stride + i % w;
-    *d = conditioned_word<Word>(*d, (Word)conditioned_exception_value(payload, e, sizeof(Word), x), transform);
-  }
 }
 
 // The whole decode on one worker, in place: `tile` holds the base of a tile `w` words wide (row-major,
@@ -471,9 +472,7 @@ XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elem
   conditioned_clear_widths(width, 0, 1);
   conditioned_fill_widths(l, width, 0, 1);
   conditioned_count_bits<Word>(tile, elems, w, stride, e, width, &bits, 0, 1);
-  if (!conditioned_patch_slots<Word>(l, e, elems, w, tile, stride, width, &bits, 0, 1)) return false;
-  conditioned_patch_exceptions<Word>(payload, e, elems, w, tile, stride, 0, 1);
-  return true;
+  return conditioned_patch<Word>(payload, l, e, elems, w, tile, stride, width, &bits, 0, 1);
 }
 
 }  // namespace codec

@@ -74,7 +74,8 @@ inline void encode_tile(const Word* words, uint32_t elems, uint32_t elem_bytes, 
 
 // The conditioned codec's encoder (layout: tile_codec.h). For each transform, each class of base words gets
 // the slot width that minimizes its bytes: n * width bits for its slots, plus (2 + elem_bytes) bytes for
-// each value that does not fit below the all-ones marker; the smaller transform wins. `size` receives the
+// each value longer than the width (an exception: 2 + high bytes, the same number for the whole tile); the
+// smallest (transform, high bytes) wins. `size` receives the
 // payload's bytes (padding included), to compare with the other codecs'.
 struct ConditionedPlan {
   TileEntry entry{0, kConditioned, 0, 0};
@@ -84,50 +85,50 @@ struct ConditionedPlan {
 
 template <typename Word>
 inline ConditionedPlan plan_conditioned(const Word* base, const Word* ft, uint32_t elems, uint32_t shift) {
-  constexpr uint32_t kBits = 8 * sizeof(Word), kExcBytes = 2 + sizeof(Word);
+  constexpr uint32_t kBits = 8 * sizeof(Word), kLens = kBits + 2;
   ConditionedPlan best;
-  std::vector<uint32_t> longer(256 * (kBits + 2)), ones(256 * (kBits + 1));  // per class and bit length
+  std::vector<uint32_t> hist(256 * kLens);  // per class: hist[l] = values of bit length >= l
   for (uint32_t transform : {kXorTransform, kDiffTransform}) {
-    std::fill(longer.begin(), longer.end(), 0u);
-    std::fill(ones.begin(), ones.end(), 0u);
+    std::fill(hist.begin(), hist.end(), 0u);
     uint32_t count[256] = {0};
     for (uint32_t i = 0; i < elems; ++i) {
       const uint32_t c = base_class(base[i], shift);
       const Word v = conditioned_value<Word>(base[i], ft[i], transform);
-      const uint32_t len = v ? 64 - (uint32_t)__builtin_clzll((uint64_t)v) : 0;
       ++count[c];
-      ++longer[c * (kBits + 2) + len];  // turned into "longer than w" below
-      if (len && (uint64_t)v + 1 == 1ull << len) ++ones[c * (kBits + 1) + len];  // all ones: a marker at w = len
+      ++hist[c * kLens + (v ? 64 - (uint32_t)__builtin_clzll((uint64_t)v) : 0)];
     }
-    ConditionedPlan plan;
-    plan.entry.low_bytes = (uint8_t)(transform | shift << 1);
-    uint64_t slot_bits = 0, n_exc = 0;
-    uint32_t n_classes = 0;
-    for (uint32_t c = 0; c < 256; ++c) {
-      if (!count[c]) continue;
-      uint32_t* hist = &longer[c * (kBits + 2)];
-      for (int len = (int)kBits - 1; len >= 0; --len) hist[len] += hist[len + 1];  // hist[l] = #{len >= l}
-      uint64_t best_cost = UINT64_MAX;
-      uint32_t best_w = 0, best_exc = 0;
-      for (uint32_t w = 0; w <= kBits; ++w) {
-        // Exceptions at width w: values longer than w bits, and (w >= 1) the all-ones value of w bits.
-        const uint32_t exc = w == 0 ? hist[1] : hist[w + 1] + ones[c * (kBits + 1) + w];
-        const uint64_t cost = (uint64_t)count[c] * w + 8ull * kExcBytes * exc;
-        if (cost < best_cost) {
-          best_cost = cost;
-          best_w = w;
-          best_exc = exc;
+    for (uint32_t c = 0; c < 256; ++c)
+      for (int len = (int)kBits - 1; len >= 0; --len) hist[c * kLens + len] += hist[c * kLens + len + 1];
+    // Exceptions keep `high` bytes of what their slot cannot hold: a width is allowed only if every value
+    // of the class fits it plus those bytes.
+    for (uint32_t high = 1; high <= sizeof(Word); ++high) {
+      ConditionedPlan plan;
+      plan.entry.low_bytes = (uint8_t)(transform | shift << 1 | (high - 1) << 6);
+      uint64_t slot_bits = 0, n_exc = 0;
+      uint32_t n_classes = 0;
+      for (uint32_t c = 0; c < 256; ++c) {
+        if (!count[c]) continue;
+        const uint32_t* h = &hist[c * kLens];
+        uint64_t best_cost = UINT64_MAX;
+        uint32_t best_w = 0;
+        for (uint32_t w = 0; w <= kBits; ++w) {
+          if (w + 8 * high < kBits && h[w + 8 * high + 1]) continue;  // a value too long for slot + high bytes
+          const uint64_t cost = (uint64_t)count[c] * w + 8ull * (2 + high) * h[w + 1];  // h[w + 1]: exceptions
+          if (cost < best_cost) {
+            best_cost = cost;
+            best_w = w;
+          }
         }
+        plan.width[c] = (uint8_t)best_w;
+        slot_bits += (uint64_t)count[c] * best_w;
+        n_exc += h[best_w + 1];
+        n_classes += best_w != 0;
       }
-      plan.width[c] = (uint8_t)best_w;
-      slot_bits += (uint64_t)count[c] * best_w;
-      n_exc += best_exc;
-      n_classes += best_w != 0;
+      plan.entry.n_exc = (uint32_t)n_exc;
+      const uint64_t header = conditioned_header_offset(plan.entry) + 2 + 2ull * n_classes;
+      plan.size = align_up(align_up(header, 4) + (slot_bits + 7) / 8 + kConditionedSlack, kTileAlign);
+      if (plan.size < best.size) best = plan;
     }
-    plan.entry.n_exc = (uint32_t)n_exc;
-    const uint64_t header = align_up(n_exc * kExcBytes, 2) + 2 + 2ull * n_classes;
-    plan.size = align_up(align_up(header, 4) + (slot_bits + 7) / 8 + kConditionedSlack, kTileAlign);
-    if (plan.size < best.size) best = plan;
   }
   if (best.size / kTileAlign > 0xffff) best.size = UINT64_MAX;  // too big for the entry: never chosen
   best.entry.reserved = (uint16_t)(best.size / kTileAlign);
@@ -143,7 +144,7 @@ inline void encode_conditioned(const Word* base, const Word* ft, uint32_t elems,
   const uint64_t start = out.size();
   out.resize(start + plan.size, 0);
   uint8_t* p = out.data() + start;
-  const uint64_t h = conditioned_header_offset(e, sizeof(Word));
+  const uint64_t h = conditioned_header_offset(e);
   uint32_t n_classes = 0;
   for (uint32_t c = 0; c < 256; ++c) {
     if (!plan.width[c]) continue;
@@ -157,17 +158,16 @@ inline void encode_conditioned(const Word* base, const Word* ft, uint32_t elems,
   uint64_t acc = 0;  // bits not yet written, LSB first
   uint32_t pending = 0, x = 0;
   for (uint32_t i = 0; i < elems; ++i) {
-    const Word v = conditioned_value<Word>(base[i], ft[i], transform);
+    const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
     const uint32_t w = plan.width[base_class(base[i], shift)];
-    const uint64_t marker = w ? (1ull << w) - 1 : 0;
-    const bool exception = w == 0 ? v != 0 : (uint64_t)v >= marker;
-    if (exception) {
+    if (v >> w) {  // longer than its slot: the high part goes to the exception list
       p[x] = (uint8_t)i;
       p[e.n_exc + x] = (uint8_t)(i >> 8);
-      for (uint32_t j = 0; j < sizeof(Word); ++j) p[(2 + j) * (uint64_t)e.n_exc + x] = (uint8_t)((uint64_t)v >> (8 * j));
+      for (uint32_t j = 0; j < conditioned_high_bytes(e); ++j)
+        p[(2 + j) * (uint64_t)e.n_exc + x] = (uint8_t)((v >> w) >> (8 * j));
       ++x;
     }
-    acc |= (exception ? marker : (uint64_t)v) << pending;  // pending < 8, w <= 32: fits 64 bits
+    acc |= (v & ((1ull << w) - 1)) << pending;  // pending < 8, w <= 32: fits 64 bits
     pending += w;
     for (; pending >= 8; pending -= 8, acc >>= 8) *slots++ = (uint8_t)acc;
   }
