@@ -41,10 +41,9 @@ namespace xorgemm {
 namespace codec {
 
 enum TileCodec : uint8_t { kZero = 0, kSparse = 1, kBytePlane = 2, kRaw = 3, kConditioned = 4 };
-// The codecs a section may hold, and their names in id order: what the file index and the reports say
-// (exported to Python as CODEC_NAMES). kConditioned is not among them yet: sections take it with format
-// version 2, once every decoder (the CPU's, the GPU kernels', unpack's) reads it; until then
-// tile_entry_valid refuses it, so no decoder can be handed one.
+// The codecs the file index names and counts, in id order (exported to Python as CODEC_NAMES). Every
+// decoder reads kConditioned tiles too, but the packer does not write them yet: the file names them from
+// format version 2, with the encoder's switch.
 constexpr int kNumCodecs = 4;
 constexpr const char* kCodecNames[kNumCodecs] = {"zero", "sparse", "byteplane", "raw"};
 
@@ -119,8 +118,19 @@ XG_HD uint64_t tile_payload_bytes(TileEntry e, uint32_t elems, uint32_t elem_byt
   return align_up(n, kTileAlign);
 }
 
+// A conditioned entry's own rules: 16- or 32-bit words, a class inside the word, a payload size; the
+// header's rules come with the payload (conditioned_layout).
+XG_HD bool conditioned_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
+  return e.codec == kConditioned && elems != 0 && elems <= kMaxTileElems && e.n_exc <= elems &&
+         (elem_bytes == 2 || elem_bytes == 4) && ((e.low_bytes >> 1) & 31u) < 8 * elem_bytes &&
+         (e.low_bytes >> 6) < elem_bytes && e.reserved != 0;
+}
+XG_HD uint32_t conditioned_transform(TileEntry e) { return e.low_bytes & 1u; }
+XG_HD uint32_t conditioned_shift(TileEntry e) { return (e.low_bytes >> 1) & 31u; }
+XG_HD uint32_t conditioned_high_bytes(TileEntry e) { return (e.low_bytes >> 6) + 1u; }
 // Whether an entry is well formed for a tile of `elems` words of `elem_bytes` bytes. Decoders assume it.
 XG_HD bool tile_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
+  if (e.codec == kConditioned) return conditioned_entry_valid(e, elems, elem_bytes);
   if (e.reserved != 0 || elems == 0 || elems > kMaxTileElems || e.n_exc > elems) return false;
   switch (e.codec) {
     case kZero: return e.low_bytes == 0 && e.n_exc == 0;
@@ -315,16 +325,6 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
 constexpr uint32_t kXorTransform = 0, kDiffTransform = 1;
 constexpr uint32_t kConditionedSlack = 8;  // bytes after the last slot: its 64-bit window stays inside
 
-// A conditioned entry's own rules: 16- or 32-bit words, a class inside the word, a payload size; the
-// header's rules come with the payload (conditioned_layout).
-XG_HD bool conditioned_entry_valid(TileEntry e, uint32_t elems, uint32_t elem_bytes) {
-  return e.codec == kConditioned && elems != 0 && elems <= kMaxTileElems && e.n_exc <= elems &&
-         (elem_bytes == 2 || elem_bytes == 4) && ((e.low_bytes >> 1) & 31u) < 8 * elem_bytes &&
-         (e.low_bytes >> 6) < elem_bytes && e.reserved != 0;
-}
-XG_HD uint32_t conditioned_transform(TileEntry e) { return e.low_bytes & 1u; }
-XG_HD uint32_t conditioned_shift(TileEntry e) { return (e.low_bytes >> 1) & 31u; }
-XG_HD uint32_t conditioned_high_bytes(TileEntry e) { return (e.low_bytes >> 6) + 1u; }
 XG_HD uint32_t base_class(uint64_t base_word, uint32_t shift) { return (uint32_t)(base_word >> shift) & 0xffu; }
 
 // The stored value of fine-tuned word f against base word b, and the fine-tuned word back.

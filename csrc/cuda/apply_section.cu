@@ -30,7 +30,7 @@ void launch(const at::Tensor& section, const at::Tensor& offsets, const at::Tens
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(base.get_device());
   at::Tensor error = device_error_word(base.device());
-  kernel<<<(unsigned)n_tiles, 256, smem, stream>>>(
+  kernel<<<(unsigned)n_tiles, kApplyThreads, smem, stream>>>(
       section.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), (uint64_t)section.numel(),
       static_cast<const Word*>(base.data_ptr()), static_cast<Word*>(out.data_ptr()), g, gr0 * (int64_t)g.grid_cols(),
       reinterpret_cast<uint32_t*>(error.data_ptr<int32_t>()));

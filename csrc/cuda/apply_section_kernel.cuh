@@ -1,5 +1,5 @@
-// The apply kernel's device code (host side: apply_section.cu): out = base XOR delta, one CUDA block per
-// tile. Kept apart from the host side so tests/cpp/kernel_emulation_test.cpp runs this exact source on the CPU.
+// The apply kernel's device code (host side: apply_section.cu): out = the fine-tuned tensor from base and
+// delta, one CUDA block (at most kApplyThreads threads) per tile. Kept apart from the host side so tests/cpp/kernel_emulation_test.cpp runs this exact source on the CPU.
 #pragma once
 
 #include <stdint.h>
@@ -13,6 +13,8 @@ namespace xorgemm {
 namespace cuda {
 
 using codec::TileEntry;
+
+constexpr uint32_t kApplyThreads = 256;
 
 // Tile t0 + blockIdx.x of grid g. `out` starts at the first row of tile t0's grid row: a block of grid rows
 // of the tensor (the patched-block path) or the whole of it. A tile that is not readable inside the
@@ -32,14 +34,36 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
     if (threadIdx.x == 0) *error |= kErrorTile;
     e = TileEntry{0, codec::kZero, 0, 0};
   }
+  const uint64_t out_row0 = g.tile_row0(t0);
+  const uint8_t* payload = section + offsets[t];
+  if (e.codec == codec::kConditioned) {
+    // The base tile is the decode's context: brought into shared memory and decoded there, in place.
+    __shared__ uint8_t width[256];
+    __shared__ uint32_t bits[kApplyThreads];
+    for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x) tile[i] = base[(r0 + i / w) * cols + c0 + i % w];
+    codec::ConditionedLayout l;
+    bool ok = codec::conditioned_layout(payload, e, sizeof(Word), l);  // the same answer in every thread
+    if (ok) {
+      codec::conditioned_clear_widths(width, threadIdx.x, blockDim.x);
+      __syncthreads();
+      codec::conditioned_fill_widths(l, width, threadIdx.x, blockDim.x);
+      __syncthreads();
+      codec::conditioned_count_bits<Word>(tile, elems, w, w, e, width, bits, threadIdx.x, blockDim.x);
+      __syncthreads();
+      ok = codec::conditioned_patch<Word>(payload, l, e, elems, w, tile, w, width, bits, threadIdx.x, blockDim.x);
+    }
+    if (!ok && threadIdx.x == 0) *error |= kErrorTile;  // nothing written: the tile stays the base
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x)
+      out[(r0 + i / w - out_row0) * cols + c0 + i % w] = tile[i];
+    return;
+  }
   if (e.codec != codec::kZero) {
-    const uint8_t* payload = section + offsets[t];
     codec::decode_tile_low<Word>(payload, e, elems, tile, threadIdx.x, blockDim.x);
     __syncthreads();
     codec::decode_tile_exceptions<Word>(payload, e, elems, tile, threadIdx.x, blockDim.x);
     __syncthreads();
   }
-  const uint64_t out_row0 = g.tile_row0(t0);
   for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x) {
     const uint64_t row = r0 + i / w, col = c0 + i % w;
     const Word b = base[row * cols + col];

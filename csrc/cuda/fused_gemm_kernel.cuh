@@ -247,6 +247,28 @@ __device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, const 
   return readable_or_zero(args, d, entry_of(d.section, t), d.offsets[t], elems);
 }
 
+// A conditioned tile decoded by the whole CTA into `dst`, a padded shared-memory tile that holds the base
+// (the decode's context): codec::conditioned_*'s phases, a barrier after each. A payload that does not fit
+// this base leaves the tile as the base, reported. Every thread calls it alike; it ends with a barrier.
+__device__ __forceinline__ void patch_conditioned(const FusedArgs& args, const uint8_t* payload, TileEntry e,
+                                                  uint32_t elems, uint32_t w, uint16_t* dst, uint8_t* width,
+                                                  uint32_t* bits) {
+  const int tid = threadIdx.x;
+  codec::ConditionedLayout l;
+  bool ok = codec::conditioned_layout(payload, e, 2, l);  // the same answer in every thread
+  if (ok) {
+    codec::conditioned_clear_widths(width, tid, kThreads);
+    __syncthreads();
+    codec::conditioned_fill_widths(l, width, tid, kThreads);
+    __syncthreads();
+    codec::conditioned_count_bits<uint16_t>(dst, elems, w, kStride, e, width, bits, tid, kThreads);
+    __syncthreads();
+    ok = codec::conditioned_patch<uint16_t>(payload, l, e, elems, w, dst, kStride, width, bits, tid, kThreads);
+  }
+  if (!ok && tid == 0) atomic_or(args.error, kErrorTile);
+  __syncthreads();
+}
+
 // Asks L2 for the line holding p ahead of its use (a no-op under the emulation).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if !defined(XORGEMM_EMULATE)
@@ -383,6 +405,8 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   __shared__ TileEntry tile_entry[2][kMaxFinetunes + 1];
   __shared__ const uint8_t* tile_payload[2][kMaxFinetunes + 1];
   __shared__ int16_t exc_start[kSparseBatch][kTile + 1];
+  __shared__ uint8_t cond_width[256];       // a conditioned tile's slot width per class of base words
+  __shared__ uint32_t cond_bits[kThreads];  // and each thread's share of its slots
 
   const int tid = threadIdx.x;
   const int64_t out_block = blockIdx.x;
@@ -550,6 +574,10 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       // One call site per address space: a pointer the compiler knows is shared memory decodes with shared
       // loads it can hoist; a select between shared and global would make every read a generic load.
       const auto patch_in_place = [&](const uint8_t* payload) {
+        if (e.codec == codec::kConditioned) {
+          patch_conditioned(args, payload, e, elems, w, tile, cond_width, cond_bits);
+          return;
+        }
         codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
         __syncthreads();
         codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
@@ -640,10 +668,14 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       for (int i = tid; i < kTileSmem / 16; i += kThreads)
         store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));
       __syncthreads();
-      codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
-      __syncthreads();
-      codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
-      __syncthreads();
+      if (e.codec == codec::kConditioned) {
+        patch_conditioned(args, payload, e, elems, w, patch, cond_width, cond_bits);
+      } else {
+        codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
+        __syncthreads();
+        codec::xor_tile_exceptions_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
+        __syncthreads();
+      }
       mma_tile<kBf16, MT, kTrans>(a, patch, row_mask(seg_lo[g], seg_hi[g]), acc);
       __syncthreads();  // the next segment's copy overwrites the patch
     }

@@ -29,31 +29,57 @@ static void gather_xor_words(const uint8_t* base, const uint8_t* ft, const TileG
   }
 }
 
+// Tile t's words of `src`, row-major inside the tile.
 template <typename Word>
-static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g) {
+static void gather_tile(const uint8_t* src, const TileGrid& g, uint64_t t, std::vector<Word>& words) {
+  const uint32_t h = g.tile_height(t), w = g.tile_width(t);
+  const uint64_t r0 = g.tile_row0(t), c0 = g.tile_col0(t);
+  words.resize((size_t)h * w);
+  for (uint32_t r = 0; r < h; ++r)
+    memcpy(words.data() + (size_t)r * w, src + ((r0 + r) * g.cols + c0) * sizeof(Word), (size_t)w * sizeof(Word));
+}
+
+template <typename Word>
+static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g,
+                                              int shift) {
   const uint64_t n = g.num_tiles();
   std::vector<uint8_t> out(g.table_bytes(), 0);
   // Room for every tile stored raw, so appending never reallocates.
   out.reserve(out.size() + g.tensor_bytes() + n * codec::kTileAlign);
-  std::vector<Word> words, row;
+  std::vector<Word> words, row, base_words, ft_words;
   std::vector<uint64_t> scratch;
+  const bool conditioned = shift >= 0 && (sizeof(Word) == 2 || sizeof(Word) == 4);
   for (uint64_t t = 0; t < n; ++t) {
     gather_xor_words<Word>(base, finetuned, g, t, words, row);
     const uint32_t elems = (uint32_t)words.size();
     TileEntry e = codec::choose_tile_codec(words.data(), elems, g.elem_bytes);
+    if (conditioned && e.codec != codec::kZero && e.codec != codec::kSparse) {
+      gather_tile<Word>(base, g, t, base_words);
+      gather_tile<Word>(finetuned, g, t, ft_words);
+      const codec::ConditionedPlan plan =
+          codec::plan_conditioned<Word>(base_words.data(), ft_words.data(), elems, (uint32_t)shift);
+      if (plan.size < codec::tile_payload_bytes(e, elems, g.elem_bytes)) {
+        memcpy(out.data() + t * sizeof(TileEntry), &plan.entry, sizeof plan.entry);
+        codec::encode_conditioned<Word>(base_words.data(), ft_words.data(), elems, plan, out);
+        continue;
+      }
+    }
     memcpy(out.data() + t * sizeof(TileEntry), &e, sizeof e);
     codec::encode_tile(words.data(), elems, g.elem_bytes, e, out, scratch);
   }
   return out;
 }
 
-std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g) {
+std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift) {
   g.check();
+  if (shift >= (int)(8 * g.elem_bytes))
+    throw FormatError("a context shift of " + std::to_string(shift) + " bits is outside a " +
+                      std::to_string(8 * g.elem_bytes) + "-bit word");
   switch (g.elem_bytes) {
-    case 1: return encode_section_as<uint8_t>(base, finetuned, g);
-    case 2: return encode_section_as<uint16_t>(base, finetuned, g);
-    case 4: return encode_section_as<uint32_t>(base, finetuned, g);
-    default: return encode_section_as<uint64_t>(base, finetuned, g);
+    case 1: return encode_section_as<uint8_t>(base, finetuned, g, shift);
+    case 2: return encode_section_as<uint16_t>(base, finetuned, g, shift);
+    case 4: return encode_section_as<uint32_t>(base, finetuned, g, shift);
+    default: return encode_section_as<uint64_t>(base, finetuned, g, shift);
   }
 }
 
@@ -90,10 +116,16 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
   for (uint64_t t = 0; t < offsets.size(); ++t) {
     const TileEntry e = codec::load_entry(section, t);
     const uint32_t elems = g.tile_height(t) * g.tile_width(t);
+    const uint8_t* payload = section + offsets[t];
+    codec::ConditionedLayout layout;
+    if (e.codec == codec::kConditioned && !codec::conditioned_layout(payload, e, g.elem_bytes, layout))
+      throw FormatError("tile " + std::to_string(t) + " has a malformed header (classes out of order, too wide, "
+                        "or past its payload)");
     // Positions strictly increasing also bounds them by the tile and rules out duplicates.
     int64_t prev = -1;
     for (uint32_t x = 0; x < e.n_exc; ++x) {
-      const uint32_t i = codec::exception_position(section + offsets[t], e, elems, x);
+      const uint32_t i = e.codec == codec::kConditioned ? codec::conditioned_position(payload, e, x)
+                                                        : codec::exception_position(payload, e, elems, x);
       if ((int64_t)i <= prev || i >= elems)
         throw FormatError("tile " + std::to_string(t) + " has a bad exception position " + std::to_string(i));
       prev = i;
@@ -201,6 +233,16 @@ static void apply_block_as(const uint8_t* section, const uint64_t* offsets, cons
           v ^= (Word)codec::exception_high_bits(payload, e, elems, sizeof(Word), x);
           memcpy(o, &v, sizeof(Word));
         }
+        continue;
+      }
+      if (e.codec == codec::kConditioned) {
+        // The base tile is the decode's context: gathered, decoded in place into the fine-tuned tile.
+        for (uint32_t r = 0; r < h; ++r)
+          memcpy(scratch.data() + (size_t)r * w, copied ? out_row(r) : base_row(r), (size_t)w * sizeof(Word));
+        if (!codec::decode_conditioned<Word>(payload, e, elems, w, scratch.data(), w))
+          throw FormatError("tile " + std::to_string(t) + " does not decode against this base: its slots run past "
+                            "its payload, or its header or exceptions are malformed");
+        for (uint32_t r = 0; r < h; ++r) memcpy(out_row(r), scratch.data() + (size_t)r * w, (size_t)w * sizeof(Word));
         continue;
       }
       codec::decode_tile_low<Word>(payload, e, elems, scratch.data(), 0, 1);

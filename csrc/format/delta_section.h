@@ -17,8 +17,11 @@
 namespace xorgemm {
 namespace format {
 
-// Encodes XOR(base, finetuned) (both rows*cols*elem_bytes bytes) as a whole section.
-std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g);
+// Encodes finetuned against base (both rows*cols*elem_bytes bytes) as a whole section, each tile in the
+// smallest codec. `shift` >= 0 names the base words' class bits for the conditioned codec (the exponent:
+// 7 for bf16, 10 for fp16 (with the sign), 23 for fp32); -1 leaves it out (integers, or a caller that
+// wants XOR-only tiles).
+std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift = -1);
 
 // Checks a section's tile table alone (every entry well formed, payloads filling exactly `len` bytes) and
 // returns each tile's payload offset: what a section decompressed on a GPU gets, its table read back.
@@ -36,9 +39,10 @@ struct OutBlock {
   uint64_t row0, col0, ld;
 };
 
-// Writes base XOR delta for the tiles in grid rows [gr0, gr1) x grid columns [gc0, gc1) of a validated
-// section (tile payloads at `offsets`) into `out`: given the base bytes (rows*cols*elem_bytes) it yields
-// the fine-tuned bytes, given zeros the XOR itself. `out` may alias `base` (in place).
+// Writes the fine-tuned tensor for the tiles in grid rows [gr0, gr1) x grid columns [gc0, gc1) of a
+// validated section (tile payloads at `offsets`) into `out`, from the base bytes (rows*cols*elem_bytes).
+// Given zeros instead it yields the XOR itself only when no tile is conditioned (those decode against the
+// base: a tile that does not fit it throws FormatError). `out` may alias `base` (in place).
 void apply_section_block(const uint8_t* section, const uint64_t* offsets, const TileGrid& g, uint64_t gr0,
                          uint64_t gr1, uint64_t gc0, uint64_t gc1, const uint8_t* base, const OutBlock& out);
 

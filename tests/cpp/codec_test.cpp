@@ -12,6 +12,7 @@
 
 #include "codec/tile_encoder.h"
 #include "check.h"
+#include "float_words.h"
 #include "format/delta_section.h"
 
 using namespace xorgemm;
@@ -243,36 +244,6 @@ static void test_strided_xor_decode() {
   }
 }
 
-// Floating-point words of every kind a checkpoint holds (for 16-bit words bf16's layout when `shift` is 7,
-// fp16's when 10; 32-bit: fp32's): normal values around a typical weight scale, zeros of both signs,
-// subnormals, Infs and NaNs. Fine-tunes move them as training does (a few ulps either way, carrying into
-// the exponent across powers of two), flip signs, rewrite whole words, or leave them alone.
-template <typename Word>
-static void float_tile(uint32_t elems, uint32_t shift, uint32_t seed, std::vector<Word>& base, std::vector<Word>& ft) {
-  constexpr uint32_t kBits = 8 * sizeof(Word);
-  const uint32_t exp_bits = shift == 10 ? 5 : 8, exp_max = (1u << exp_bits) - 1, bias = exp_max / 2;
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<double> u(0, 1);
-  std::normal_distribution<double> spread(0, 2.5);
-  base.resize(elems);
-  ft.resize(elems);
-  for (uint32_t i = 0; i < elems; ++i) {
-    const double k = u(rng);
-    uint64_t exp = (uint64_t)std::max(1.0, std::min((double)exp_max - 1, bias - 6 + spread(rng)));
-    if (k < 0.01) exp = 0;                 // zero or subnormal
-    else if (k < 0.015) exp = exp_max;     // Inf or NaN
-    const uint64_t mant = rng() & ((1ull << shift) - 1) & (k < 0.005 ? 0 : ~0ull);
-    const uint64_t sign = (uint64_t)(rng() & 1) << (kBits - 1);
-    base[i] = (Word)(sign | exp << shift | mant);
-    const double m = u(rng);
-    Word f = base[i];
-    if (m < 0.8) f = (Word)(f + (Word)((int64_t)std::lround(spread(rng) * 8)));  // ulps, carries included
-    else if (m < 0.82) f ^= (Word)(1ull << (kBits - 1));                         // a sign flip
-    else if (m < 0.83) f = (Word)rng();                                          // anything
-    ft[i] = f;
-  }
-}
-
 // The cooperative decode (128 workers, phase by phase, as a CTA runs it) into a padded tile of `w`-word rows
 // holding the base: the fine-tuned words, the padding untouched.
 template <typename Word>
@@ -390,10 +361,63 @@ static void test_conditioned_codec() {
             !codec::conditioned_entry_valid({0, codec::kConditioned, 16 << 1, 1}, 64, 2) &&
             !codec::conditioned_entry_valid({0, codec::kConditioned, 7 << 1, 1}, 64, 1),
         "conditioned entries: a size, a shift inside the word, 16- or 32-bit words");
-  check(!codec::tile_entry_valid(plan.entry, 4096, 2), "sections do not take conditioned tiles before version 2");
+  check(codec::tile_entry_valid(plan.entry, 4096, 2), "sections take conditioned tiles");
+}
+
+// Whole sections with the conditioned codec: chosen where it is smaller, validated, applied exactly (whole
+// and by blocks of grid rows and columns), smaller than the XOR-only section; a malformed header refused.
+template <typename Word>
+static void conditioned_section(TileGrid g, uint32_t shift) {
+  std::vector<Word> b, f;
+  float_tile<Word>((uint32_t)(g.rows * g.cols), shift, 77, b, f);
+  const uint8_t* base = reinterpret_cast<const uint8_t*>(b.data());
+  const uint8_t* ft = reinterpret_cast<const uint8_t*>(f.data());
+  const std::vector<uint8_t> s = format::encode_section(base, ft, g, (int)shift);
+  const std::vector<uint8_t> plain = format::encode_section(base, ft, g);
+  const std::string what = "conditioned section, " + std::to_string(g.rows) + "x" + std::to_string(g.cols) +
+                           " eb=" + std::to_string(g.elem_bytes);
+  const auto offsets = format::validate_section(s.data(), s.size(), g);
+  uint64_t conditioned = 0;
+  for (uint64_t t = 0; t < g.num_tiles(); ++t) conditioned += codec::load_entry(s.data(), t).codec == codec::kConditioned;
+  std::vector<uint8_t> out(g.tensor_bytes(), 0xAA), blocks(g.tensor_bytes(), 0xAA), in_place(base, base + g.tensor_bytes());
+  format::apply_section_block(s.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), base,
+                              {out.data(), 0, 0, g.cols});
+  for (uint64_t gr = 0; gr < g.grid_rows(); ++gr)
+    for (uint64_t gc = 0; gc < g.grid_cols(); ++gc)
+      format::apply_section_block(s.data(), offsets.data(), g, gr, gr + 1, gc, gc + 1, base,
+                                  {blocks.data(), 0, 0, g.cols});
+  format::apply_section_block(s.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), in_place.data(),
+                              {in_place.data(), 0, 0, g.cols});
+  const std::vector<uint8_t> want(ft, ft + g.tensor_bytes());
+  check(conditioned > 0 && out == want && blocks == want && in_place == want && s.size() < plain.size(),
+        what + ": " + std::to_string(conditioned) + " conditioned tiles, " + std::to_string(s.size()) + " against " +
+            std::to_string(plain.size()) + " bytes XOR-only");
+  // The wrong base: refused by a tile whose slots no longer fit, or decoded to other words; never read past.
+  std::vector<uint8_t> other(base, base + g.tensor_bytes());
+  for (size_t i = 1; i < other.size(); i += 2) other[i] ^= 0x40;  // exponents moved: other classes, widths
+  bool refused = throws([&] {
+    format::apply_section_block(s.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), other.data(),
+                                {out.data(), 0, 0, g.cols});
+  });
+  check(refused || out != want, what + ": another base does not give the fine-tune");
+  // A header whose classes are out of order: refused by validation.
+  for (uint64_t t = 0; t < g.num_tiles(); ++t) {
+    const codec::TileEntry e = codec::load_entry(s.data(), t);
+    if (e.codec != codec::kConditioned) continue;
+    std::vector<uint8_t> bad = s;
+    const uint64_t h = offsets[t] + codec::conditioned_header_offset(e);
+    if (bad[h] < 2) continue;
+    std::swap(bad[h + 2], bad[h + 4]);
+    check(throws([&] { format::validate_section(bad.data(), bad.size(), g); }),
+          what + ": a header with classes out of order is refused");
+    break;
+  }
 }
 
 int main() {
+  conditioned_section<uint16_t>(TileGrid{130, 200, 64, 64, 2}, 7);
+  conditioned_section<uint16_t>(TileGrid{64, 128, 64, 64, 2}, 10);
+  conditioned_section<uint32_t>(TileGrid{100, 70, 64, 64, 4}, 23);
   test_conditioned_codec();
   test_round_trips();
   test_codec_choice();

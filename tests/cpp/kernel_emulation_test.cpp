@@ -8,6 +8,7 @@
 //   patched-block path), every word size and tile shape: bit-exact fine-tuned bytes.
 // Ends with "N passed, N failed".
 #include "cuda_emulation.h"
+#include "float_words.h"
 // clang-format off: the emulation must come first
 #include "cuda/apply_section_kernel.cuh"
 #include "cuda/fused_gemm_kernel.cuh"
@@ -53,6 +54,7 @@ struct Case {
   int corrupt = 0;  // fine-tune 0's section: 1 tile 1's entry malformed, 2 tile 1's offset far outside it
   bool inf = false;  // fine-tune 0's weight holds an Inf: its rows may be non-finite, no other row may
   bool bad_ids = false;  // grouped: two rows' ids out of range, served the base and reported
+  bool conditioned = false;  // sections may use the conditioned codec (kind0 6: training-like deltas, for it)
 };
 
 // A valid section whose tile 0 is byteplane (1 low byte) with exceptions for every word whose high byte
@@ -125,18 +127,22 @@ static Problem make_problem(const Case& c, std::mt19937& rng) {
   for (int d = 0; d < c.n_finetunes; ++d) {
     std::vector<uint16_t> ft = base;
     for (int64_t i = 0; i < n * k; ++i) {
-      const int kind = c.kind0 == 3 ? 3 : c.kind0 == 4 ? 1 : c.kind0 == 5 ? 4 : (c.kind0 + d) % 3;
+      const int kind = c.kind0 == 3 ? 3 : c.kind0 == 4 ? 1 : c.kind0 == 5 ? 4 : c.kind0 == 6 ? 6 : (c.kind0 + d) % 3;
       if (kind == 0) ft[i] ^= (uint16_t)(rng() & 0x7f);
       if (kind == 1 && u(rng) < 0.03) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;  // keep finite: no exponent 255
       if (kind == 2 && i / k < 64) ft[i] ^= (uint16_t)(rng() & 0x3ff);
       if (kind == 3) ft[i] ^= (uint16_t)(rng() & 0x3fff);  // both bytes, exponent's top bit kept: finite
       if (kind == 4 && u(rng) < 0.2) ft[i] ^= (uint16_t)(rng() | 1) & 0xbfff;
+      // kind 6: training-like, a few ulps either way (exponent carries included, zero and Inf/NaN not crossed)
+      if (kind == 6 && (ft[i] & 0x7fff) > 0x400 && (ft[i] & 0x7fff) < 0x7000)
+        ft[i] = (uint16_t)(ft[i] + (int)std::lround(normal(rng) * 100));
     }
     if (c.inf && d == 0) ft[(n / 2) * k + 1] = std::is_same_v<T, emulate::bf16> ? 0x7f80 : 0x7c00;  // +Inf
     const auto section = c.big_payload && d == 0
                              ? section_with_big_tile(base.data(), ft.data(), grid)
                              : format::encode_section(reinterpret_cast<const uint8_t*>(base.data()),
-                                                      reinterpret_cast<const uint8_t*>(ft.data()), grid);
+                                                      reinterpret_cast<const uint8_t*>(ft.data()), grid,
+                                                      c.conditioned ? (std::is_same_v<T, emulate::bf16> ? 7 : 10) : -1);
     if (c.big_payload && d == 0) {
       codec::TileEntry e0;
       memcpy(&e0, section.data(), 8);
@@ -144,6 +150,11 @@ static Problem make_problem(const Case& c, std::mt19937& rng) {
             c.what + ": tile 0's payload is larger than a stage holds");
     }
     const auto off = format::validate_section(section.data(), section.size(), grid);
+    if (c.conditioned) {
+      uint64_t n = 0;
+      for (uint64_t t = 0; t < grid.num_tiles(); ++t) n += codec::load_entry(section.data(), t).codec == codec::kConditioned;
+      check(n > 0, c.what + ": fine-tune " + std::to_string(d) + " has conditioned tiles");
+    }
     p.sections.emplace_back(section);
     p.offsets.emplace_back(off.begin(), off.end());
     weights.push_back(ft);
@@ -286,8 +297,8 @@ static void run(const Case& c) {
   }
   const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;  // no row checked: the error word alone
   const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
-  char buf[96];
-  snprintf(buf, sizeof buf, " (rel err %.2e, mt %d, splits %d (%d in CTAs), error word %u)", rel, plan.mt,
+  char buf[128];
+  snprintf(buf, sizeof buf, " (rel err %.2e%s, mt %d, splits %d (%d in CTAs), error word %u)", rel, finite ? "" : ", not finite", plan.mt,
            plan.splits, plan.grid_splits, error);
   const uint32_t want_error = (c.corrupt ? cuda::kErrorTile : 0u) | (c.bad_ids ? cuda::kErrorRowId : 0u);
   check(finite && rel < 8e-3 && error == want_error, c.what + buf);
@@ -454,6 +465,48 @@ static void run_apply(const format::TileGrid& g, double density, uint64_t gr0, u
                   std::to_string(gr0) + ".." + std::to_string(gr1));
 }
 
+// The apply kernel on conditioned tiles: the base tile brought into shared memory is the decode's context.
+template <typename Word>
+static void run_apply_conditioned(const format::TileGrid& g, uint32_t shift, uint64_t gr0, uint64_t gr1) {
+  std::vector<Word> b, f;
+  float_tile<Word>((uint32_t)(g.rows * g.cols), shift, 13, b, f);
+  const auto* base = reinterpret_cast<const uint8_t*>(b.data());
+  const Aligned section(format::encode_section(base, reinterpret_cast<const uint8_t*>(f.data()), g, (int)shift));
+  const auto off = format::validate_section(section.data(), section.size, g);
+  const std::vector<int64_t> offsets(off.begin(), off.end());
+  uint64_t conditioned = 0;
+  for (uint64_t t = 0; t < g.num_tiles(); ++t)
+    conditioned += codec::load_entry(section.data(), t).codec == codec::kConditioned;
+  const uint64_t row0 = gr0 * g.tile_rows, row1 = std::min<uint64_t>(gr1 * g.tile_rows, g.rows);
+  std::vector<Word> out((row1 - row0) * g.cols, (Word)0x5a);
+  uint32_t error = 0;
+  emulate::launch(
+      {(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1},
+      [&] {
+        cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size, b.data(), out.data(), g,
+                                         (int64_t)(gr0 * g.grid_cols()), &error);
+      },
+      (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
+  check(conditioned > 0 && error == 0 && !memcmp(out.data(), f.data() + row0 * g.cols, out.size() * sizeof(Word)),
+        "apply kernel, conditioned tiles (" + std::to_string(conditioned) + "), " + std::to_string(g.rows) + "x" +
+            std::to_string(g.cols) + " eb=" + std::to_string(sizeof(Word)) + ", grid rows " + std::to_string(gr0) +
+            ".." + std::to_string(gr1));
+  // Another base (exponents moved): slots that no longer fit are refused and reported, never read past.
+  std::vector<Word> other = b;
+  for (auto& x : other) x ^= (Word)(1u << (shift + 3));
+  error = 0;
+  emulate::launch(
+      {(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1},
+      [&] {
+        cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size, other.data(), out.data(), g,
+                                         (int64_t)(gr0 * g.grid_cols()), &error);
+      },
+      (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
+  check(memcmp(out.data(), f.data() + row0 * g.cols, out.size() * sizeof(Word)) != 0,
+        "apply kernel, conditioned tiles against another base: not the fine-tune (error word " +
+            std::to_string(error) + ")");
+}
+
 // A section nobody validated: the apply kernel leaves the unreadable tile as the base, raises its error word,
 // and reads nothing outside the section (under the emulation a wild read would crash this test).
 static void apply_refuses_unreadable_tiles() {
@@ -569,6 +622,18 @@ int main(int argc, char** argv) {
   all.push_back({136, 200, 64, true, false, 16, true, 17, 132, 4, "grouped, 16 sparse fine-tunes in one CTA",
                  "distinct"});
   all.push_back({136, 200, 64, true, false, 16, true, 17, 132, 5, "grouped, 16 fine-tunes, 20% sparse", "distinct"});
+  // Conditioned tiles: staged (one fine-tune), grouped (patched copies beside other fine-tunes' tiles),
+  // backward, split-K; payloads staged in shared memory and one decoded from global memory (M = 100 rows: no
+  // staging in a grouped launch's dense path is kept for payloads within kPayloadCap).
+  for (Case c : {Case{136, 200, 5, true, false, 1, false, 1, 132, 6, "conditioned, staged, bf16"},
+                 Case{136, 200, 9, false, false, 1, false, 1, 4, 6, "conditioned, staged, fp16, split-K"},
+                 Case{200, 136, 9, true, true, 1, false, 0, 132, 6, "conditioned, staged, backward"},
+                 Case{136, 200, 37, true, false, 3, true, 4, 132, 6, "conditioned, grouped, three fine-tunes"},
+                 Case{200, 584, 12, false, false, 4, true, 1, 4, 6, "conditioned, grouped, fp16, split-K"},
+                 Case{200, 136, 45, true, true, 3, true, 0, 132, 6, "conditioned, grouped, backward"}}) {
+    c.conditioned = true;
+    all.push_back(c);
+  }
   Case bad_ids{136, 200, 20, true, false, 3, true, 4, 132, 1, "grouped, two rows' ids out of range"};
   bad_ids.bad_ids = true;
   for (const Case& c : {corrupt_entry, corrupt_offset, staged_corrupt, inf, inf_fp16, bad_ids}) all.push_back(c);
@@ -595,7 +660,12 @@ int main(int argc, char** argv) {
     slot_table_cases<emulate::bf16>(false);
     slot_table_cases<emulate::fp16>(true);
   }
-  if (wanted("apply kernel")) apply_refuses_unreadable_tiles();
+  if (wanted("apply kernel")) {
+    apply_refuses_unreadable_tiles();
+    run_apply_conditioned<uint16_t>({200, 136, 64, 64, 2}, 7, 0, 4);
+    run_apply_conditioned<uint16_t>({200, 136, 64, 64, 2}, 10, 1, 4);
+    run_apply_conditioned<uint32_t>({100, 70, 64, 64, 4}, 23, 0, 2);
+  }
   const fused::LaunchPlan empty = fused::plan_launch(5, 128, 0, 132);  // K = 0: no division by zero
   check(empty.splits == 1 && empty.tiles_per_split >= 1 && empty.red_tiles == 0, "plan_launch with K = 0");
   const fused::LaunchPlan p16 = fused::plan_launch(16, 4096, 4096, 132), p64 = fused::plan_launch(64, 4096, 4096, 132);
