@@ -1,5 +1,6 @@
 // The apply kernel's device code (host side: apply_section.cu): out = the fine-tuned tensor from base and
-// delta, one CUDA block (at most kApplyThreads threads) per tile. Kept apart from the host side so tests/cpp/kernel_emulation_test.cpp runs this exact source on the CPU.
+// delta, one CUDA block (at most kApplyThreads threads) per tile. Kept apart from the host side so
+// tests/cpp/kernel_emulation_test.cpp runs this exact source on the CPU.
 #pragma once
 
 #include <stdint.h>

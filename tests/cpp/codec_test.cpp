@@ -378,8 +378,10 @@ static void conditioned_section(TileGrid g, uint32_t shift) {
                            " eb=" + std::to_string(g.elem_bytes);
   const auto offsets = format::validate_section(s.data(), s.size(), g);
   uint64_t conditioned = 0;
-  for (uint64_t t = 0; t < g.num_tiles(); ++t) conditioned += codec::load_entry(s.data(), t).codec == codec::kConditioned;
-  std::vector<uint8_t> out(g.tensor_bytes(), 0xAA), blocks(g.tensor_bytes(), 0xAA), in_place(base, base + g.tensor_bytes());
+  for (uint64_t t = 0; t < g.num_tiles(); ++t)
+    conditioned += codec::load_entry(s.data(), t).codec == codec::kConditioned;
+  std::vector<uint8_t> out(g.tensor_bytes(), 0xAA), blocks(g.tensor_bytes(), 0xAA);
+  std::vector<uint8_t> in_place(base, base + g.tensor_bytes());
   format::apply_section_block(s.data(), offsets.data(), g, 0, g.grid_rows(), 0, g.grid_cols(), base,
                               {out.data(), 0, 0, g.cols});
   for (uint64_t gr = 0; gr < g.grid_rows(); ++gr)

@@ -17,7 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint32_t sizes[] = {1, 2, 4, 8};
   format::TileGrid g{1u + data[0] % 96, 1u + data[1] % 96, 1u + data[2] % 80, 1u + data[3] % 80, sizes[data[4] % 4]};
   const bool roundtrip = data[5] & 1;
-  const int shift = (data[5] & 2) == 0 ? -1 : g.elem_bytes == 2 ? ((data[5] & 4) ? 10 : 7) : g.elem_bytes == 4 ? 23 : -1;
+  const int shift =
+      (data[5] & 2) == 0 ? -1 : g.elem_bytes == 2 ? ((data[5] & 4) ? 10 : 7) : g.elem_bytes == 4 ? 23 : -1;
   data += 6;
   size -= 6;
   if (roundtrip) {  // the input is base bytes followed by fine-tuned bytes

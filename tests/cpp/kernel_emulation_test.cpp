@@ -152,7 +152,8 @@ static Problem make_problem(const Case& c, std::mt19937& rng) {
     const auto off = format::validate_section(section.data(), section.size(), grid);
     if (c.conditioned) {
       uint64_t n = 0;
-      for (uint64_t t = 0; t < grid.num_tiles(); ++t) n += codec::load_entry(section.data(), t).codec == codec::kConditioned;
+      for (uint64_t t = 0; t < grid.num_tiles(); ++t)
+        n += codec::load_entry(section.data(), t).codec == codec::kConditioned;
       check(n > 0, c.what + ": fine-tune " + std::to_string(d) + " has conditioned tiles");
     }
     p.sections.emplace_back(section);
@@ -298,8 +299,8 @@ static void run(const Case& c) {
   const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;  // no row checked: the error word alone
   const fused::LaunchPlan plan = fused::plan_launch(m, out_cols, red, c.sms);
   char buf[128];
-  snprintf(buf, sizeof buf, " (rel err %.2e%s, mt %d, splits %d (%d in CTAs), error word %u)", rel, finite ? "" : ", not finite", plan.mt,
-           plan.splits, plan.grid_splits, error);
+  snprintf(buf, sizeof buf, " (rel err %.2e%s, mt %d, splits %d (%d in CTAs), error word %u)", rel,
+           finite ? "" : ", not finite", plan.mt, plan.splits, plan.grid_splits, error);
   const uint32_t want_error = (c.corrupt ? cuda::kErrorTile : 0u) | (c.bad_ids ? cuda::kErrorRowId : 0u);
   check(finite && rel < 8e-3 && error == want_error, c.what + buf);
 }
