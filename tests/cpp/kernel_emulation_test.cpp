@@ -481,13 +481,17 @@ static void run_apply_conditioned(const format::TileGrid& g, uint32_t shift, uin
   const uint64_t row0 = gr0 * g.tile_rows, row1 = std::min<uint64_t>(gr1 * g.tile_rows, g.rows);
   std::vector<Word> out((row1 - row0) * g.cols, (Word)0x5a);
   uint32_t error = 0;
-  emulate::launch(
-      {(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1},
-      [&] {
-        cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size, b.data(), out.data(), g,
-                                         (int64_t)(gr0 * g.grid_cols()), &error);
-      },
-      (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
+  const auto apply = [&](const std::vector<Word>& against) {
+    error = 0;
+    emulate::launch(
+        {(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1},
+        [&] {
+          cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size, against.data(), out.data(),
+                                           g, (int64_t)(gr0 * g.grid_cols()), &error);
+        },
+        (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
+  };
+  apply(b);
   check(conditioned > 0 && error == 0 && !memcmp(out.data(), f.data() + row0 * g.cols, out.size() * sizeof(Word)),
         "apply kernel, conditioned tiles (" + std::to_string(conditioned) + "), " + std::to_string(g.rows) + "x" +
             std::to_string(g.cols) + " eb=" + std::to_string(sizeof(Word)) + ", grid rows " + std::to_string(gr0) +
@@ -495,14 +499,7 @@ static void run_apply_conditioned(const format::TileGrid& g, uint32_t shift, uin
   // Another base (exponents moved): slots that no longer fit are refused and reported, never read past.
   std::vector<Word> other = b;
   for (auto& x : other) x ^= (Word)(1u << (shift + 3));
-  error = 0;
-  emulate::launch(
-      {(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1},
-      [&] {
-        cuda::apply_section_kernel<Word>(section.data(), offsets.data(), section.size, other.data(), out.data(), g,
-                                         (int64_t)(gr0 * g.grid_cols()), &error);
-      },
-      (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
+  apply(other);
   check(memcmp(out.data(), f.data() + row0 * g.cols, out.size() * sizeof(Word)) != 0,
         "apply kernel, conditioned tiles against another base: not the fine-tune (error word " +
             std::to_string(error) + ")");
