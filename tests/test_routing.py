@@ -103,3 +103,17 @@ def test_slot_passes_are_the_same_whatever_the_slots_hold():
         assert out[:, 0].tolist() == [values[held[0]], values[held[1]], 0.0]
         passes.append([p for p, _ in seen])
     assert passes[0] == passes[1] == passes[2], "the same tensors in every pass"
+
+
+def test_slots_made_under_inference_mode_are_written_outside_it():
+    """vLLM may build its LoRA modules under torch.inference_mode and evict fine-tunes outside it."""
+    module, st = nn.LayerNorm(4), ServedModel(finetunes=["a"])
+    st.overrides.add("m.weight", "a", torch.full((4,), 2.0))
+    with torch.inference_mode():
+        routed = SlotForward.install_slots(module, st, "m", 2)
+    routed.set_slot(0, "a")
+    routed.set_slot(0, None)
+    with torch.inference_mode():
+        routed.set_slot(1, "a")
+    assert torch.equal(routed.slot_values["weight"][1], torch.full((4,), 2.0))
+    assert torch.equal(routed.slot_values["weight"][0], module.weight.detach())

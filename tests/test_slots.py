@@ -211,3 +211,23 @@ def test_opcheck(device):
     op = torch.ops.xorgemm.xor_linear_slots
     torch.library.opcheck(op, (x, layer.base_weight, layer._slot_table, ids, layer._slot_bias, 64, 64))
     torch.library.opcheck(op, (x, layer.base_weight, layer._slot_table, ids, None, 64, 64))
+
+
+def test_a_load_rewrites_the_table_at_once_and_a_pickle_keeps_no_address(tmp_path):
+    """A captured graph replays without Python: a load that swaps sections must leave the table pointing at
+    the new ones before any forward; a saved layer carries no address."""
+    layer, _, _ = layer_with()
+    layer.enable_slots(2)
+    layer.set_slot(0, "f0")
+    other, _, _ = layer_with(seed=5)
+    layer.load_state_dict(other.state_dict())
+    section = layer.deltas["f0"].section
+    assert layer._slots_written_for == id(layer)
+    assert int(layer._slot_table[0, 0]) == section.data_ptr() and int(layer._slot_table[0, 2]) == section.numel()
+    x = torch.randn(2, 200, generator=torch.Generator().manual_seed(8)).bfloat16()
+    ids = SlotIds(torch.tensor([0, -1]))
+    want = layer(x, finetune=ids)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert loaded._slot_table is None and loaded.slot_names == ["f0", None]
+    assert torch.equal(loaded(x, finetune=ids), want)

@@ -72,6 +72,11 @@ class DeltaWeight:
         return f"DeltaWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
+def _rewrite_slots_after_load(module, incompatible_keys):
+    if module.slot_names is not None:
+        module._write_slots()
+
+
 class SlotIds:
     """Per-row slot numbers for an XorLinear with slots (`XorLinear.enable_slots`): row i uses the fine-tune
     slot ids[i] holds when the layer runs, -1 (or an empty slot) the base. Inference only."""
@@ -122,6 +127,8 @@ class XorLinear(nn.Module):
         self.slot_names: list[str | None] | None = None
         self._slot_table = self._slot_bias = None
         self._slots_written_for = None  # id(self) when the table matches slot_names, else None
+        # A load may free sections a captured graph's table points at: the table is rewritten at once.
+        self.register_load_state_dict_post_hook(_rewrite_slots_after_load)
 
     # --- construction
 
@@ -299,6 +306,10 @@ class XorLinear(nn.Module):
             if biases is not None:
                 self._slot_bias.copy_(torch.stack([b.detach() for b in biases]))
         self._slots_written_for = id(self)
+
+    def __getstate__(self):
+        # Addresses never leave this object: a copy or an unpickled layer rewrites its own table.
+        return {**self.__dict__, "_slot_table": None, "_slot_bias": None, "_slots_written_for": None}
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

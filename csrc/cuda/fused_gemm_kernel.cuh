@@ -208,8 +208,9 @@ __device__ __forceinline__ void zero_fragments(float (&f)[MT][2][4]) {
 }
 
 // Fine-tune d's delta as the kernel reads it (FusedArgs::sections, slot_table). An empty slot (address 0) has
-// no delta: its rows get the base. A slot row whose section is not 16-byte aligned, whose offsets are not
-// 8-byte aligned or whose section is shorter than its tile table is also read as empty, and reported.
+// no delta: its rows get the base. A slot row whose section is not 16-byte aligned, whose offsets are
+// missing or not 8-byte aligned, or whose length is negative or shorter than its tile table is also read as
+// empty, and reported.
 struct DeltaRef {
   const uint8_t* section;
   const int64_t* offsets;
@@ -223,8 +224,8 @@ __device__ __forceinline__ DeltaRef delta_ref(const FusedArgs& args, int d) {
   const DeltaRef r{reinterpret_cast<const uint8_t*>(row[0]), reinterpret_cast<const int64_t*>(row[1]),
                    (uint64_t)row[2]};
   if (r.section == nullptr) return none;
-  if (reinterpret_cast<uintptr_t>(r.section) % 16 || reinterpret_cast<uintptr_t>(r.offsets) % 8 ||
-      r.bytes < args.table_bytes) {
+  if (reinterpret_cast<uintptr_t>(r.section) % 16 || r.offsets == nullptr ||
+      reinterpret_cast<uintptr_t>(r.offsets) % 8 || row[2] < 0 || r.bytes < args.table_bytes) {
     atomic_or(args.error, kErrorTile);
     return none;
   }

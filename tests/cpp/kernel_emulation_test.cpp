@@ -430,6 +430,14 @@ static void slot_table_cases(bool trans) {
   got = launch_fused<T>(slots, p, a, ids, bias, &error, table.data());
   check(error == cuda::kErrorTile && !memcmp(got.data(), want.data(), bytes),
         what + ": a misaligned and a too short slot read as empty, reported");
+  // No offsets, and a negative length: read as empty, reported (never a read at address 0 or unbounded).
+  served({1, 2, 0, 1, 0}, table);
+  table[1 * 3 + 1] = 0;
+  table[4 * 3 + 2] = -1;
+  error = 0;
+  got = launch_fused<T>(slots, p, a, ids, bias, &error, table.data());
+  check(error == cuda::kErrorTile && !memcmp(got.data(), want.data(), bytes),
+        what + ": a slot without offsets and one of negative length read as empty, reported");
 }
 
 // The apply kernel over grid rows [gr0, gr1) (all of them: the whole tensor) must give exactly the

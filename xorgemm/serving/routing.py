@@ -127,14 +127,15 @@ class SlotForward(RoutedForward):
         """Routes every parameter of `module` itself (HF names `module_name`.<path>) through `n` slots, all
         holding the base's tensors."""
         routed = cls.install(module, st, module_name)
-        for path, p in module.named_parameters(recurse=False):
-            routed.tensors[path] = f"{module_name}.{path}" if module_name else path
-            routed.slot_values[path] = p.detach().unsqueeze(0).repeat(n, *[1] * p.dim())
+        with torch.inference_mode(False):  # never inference tensors: set_slot writes them in any mode
+            for path, p in module.named_parameters(recurse=False):
+                routed.tensors[path] = f"{module_name}.{path}" if module_name else path
+                routed.slot_values[path] = p.detach().unsqueeze(0).repeat(n, *[1] * p.dim())
         return routed
 
     def set_slot(self, slot: int, finetune: str | None):
         """Writes `finetune`'s tensors (the base's where it has none of its own) into `slot`, in place."""
-        with self.lock, torch.no_grad():
+        with self.lock, torch.inference_mode(False), torch.no_grad():
             for path, values in self.slot_values.items():
                 value = self.st.overrides.value(self.tensors[path], finetune) if finetune is not None else None
                 values[slot].copy_(value if value is not None else _get(self.module, path))
