@@ -117,3 +117,23 @@ def test_slots_made_under_inference_mode_are_written_outside_it():
         routed.set_slot(1, "a")
     assert torch.equal(routed.slot_values["weight"][1], torch.full((4,), 2.0))
     assert torch.equal(routed.slot_values["weight"][0], module.weight.detach())
+
+
+def test_slots_route_a_function_that_reads_the_module():
+    """An embedding's local lookup routed instead of its forward (whose all-reduce must follow the rows'
+    choice): the function is called per slot with that slot's tensors in place."""
+    module, st = nn.Embedding(10, 3), ServedModel(finetunes=["a"])
+    st.overrides.add("m.weight", "a", torch.full((10, 3), 7.0))
+
+    class Lookup:
+        def embedding(self, layer, ids):
+            return torch.nn.functional.embedding(ids, layer.weight)
+
+    method = Lookup()
+    routed = SlotForward.install_slots(module, st, "m", 2, method, "embedding")
+    routed.set_slot(1, "a")
+    ids = torch.tensor([1, 2, 3])
+    with torch.no_grad(), st.choosing(SlotIds(torch.tensor([1, -1, 0]))):
+        out = method.embedding(module, ids)
+    assert torch.equal(out[0], torch.full((3,), 7.0)) and torch.equal(out[1], module.weight[2].detach())
+    assert torch.equal(out[2], module.weight[3].detach())

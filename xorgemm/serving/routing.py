@@ -123,10 +123,19 @@ class SlotForward(RoutedForward):
         self.slot_values: dict[str, torch.Tensor] = {}  # path -> [slots, *shape]: each slot's tensor at path
 
     @classmethod
-    def install_slots(cls, module: nn.Module, st: ServedModel, module_name: str, n: int) -> SlotForward:
+    def install_slots(cls, module: nn.Module, st: ServedModel, module_name: str, n: int,
+                      owner=None, attr: str = "forward") -> SlotForward:
         """Routes every parameter of `module` itself (HF names `module_name`.<path>) through `n` slots, all
-        holding the base's tensors."""
-        routed = cls.install(module, st, module_name)
+        holding the base's tensors. The routed call is `module.forward`, or `owner.<attr>` when given (a
+        function that reads the module's tensors, such as a vocabulary-parallel embedding's local lookup,
+        whose module forward ends in an all-reduce: routing the lookup keeps that one all-reduce, after the
+        rows are chosen, so ranks whose slots hold the fine-tunes in different orders still agree)."""
+        if owner is None:
+            routed = cls.install(module, st, module_name)
+        else:
+            routed = cls(module, st, module_name)
+            routed.forward = getattr(owner, attr)
+            setattr(owner, attr, routed)
         with torch.inference_mode(False):  # never inference tensors: set_slot writes them in any mode
             for path, p in module.named_parameters(recurse=False):
                 routed.tensors[path] = f"{module_name}.{path}" if module_name else path
@@ -147,7 +156,8 @@ class SlotForward(RoutedForward):
         ids = selection.ids.reshape(-1)
         n = len(next(iter(self.slot_values.values()))) if self.slot_values else 0
         # Every pass on copies: the module may work in place on its inputs (vLLM's fused residual norms do).
-        # Slot order is the same on every tensor parallel rank, so collectives inside the passes pair up.
+        # Ranks may hold fine-tunes in different slots: a routed call must not end in a collective (an
+        # embedding's lookup is routed, not its all-reduced forward; see install_slots).
         out = self._run_with({}, *_copies(args, kwargs))
         for s in range(n):
             part = self._run_with({path: v[s] for path, v in self.slot_values.items()}, *_copies(args, kwargs))

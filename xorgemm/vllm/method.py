@@ -85,7 +85,12 @@ class FinetuneBank:
             if hasattr(module, "base_layer") or not _row_wise(module) or not list(module.parameters(recurse=False)):
                 continue
             hf = mname.removesuffix(".base_layer")
-            self.slot_forwards[hf] = SlotForward.install_slots(module, self.st, hf, n)
+            lookup = getattr(getattr(module, "quant_method", None), "embedding", None)
+            if lookup is not None:  # an embedding: route its local lookup, not the forward's all-reduce
+                self.slot_forwards[hf] = SlotForward.install_slots(module, self.st, hf, n, module.quant_method,
+                                                                   "embedding")
+            else:
+                self.slot_forwards[hf] = SlotForward.install_slots(module, self.st, hf, n)
 
     def sync_slots(self, slot_to_id):
         """Makes every layer's slots hold what vLLM's LoRA slots hold (`slot_to_id`: LoRA int id or None per
