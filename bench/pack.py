@@ -3,7 +3,14 @@
 For each delta (the seed notebook's scenario, synthetic sparse/structured/partial/dense deltas, real
 fine-tunes of all-MiniLM-L6-v2) it reports, as a share of the fine-tuned weights' bytes:
   xorgemm     the whole .xor.safetensors file (index included) at the default zstd level 3, and at 19
+  resident    the decoded sections: what a GPU holds (tile tables + payloads)
+  XOR-only    the same two with the XOR codecs alone (format version 1: the codecs before the
+              base-conditioned one), packed in the same run
   zstd whole  zstd of the concatenated XOR of all tensors (one frame), levels 3 and 19
+  xz diff     xz -9 of the integer differences ft - base of every float tensor (the study's best CPU codec)
+  floor       an entropy estimate: the plug-in H(d | base exponent) of those differences per tensor (fp32:
+              of their bit length and next 3 bits, the lower bits at 1 bit each), other tensors' XOR bytes
+              at zstd-19; in-sample, so slightly optimistic
   planes-19   the XOR split into byte planes per tensor, then zstd-19 (the best known disk ratio)
   zipnn       zipnn (byte grouping + entropy coding) over the same XOR bytes, single thread; its own
               delta mode is not implemented in the package, so this is how it compresses a delta
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import lzma
 import os
 import platform
 import sys
@@ -98,6 +106,52 @@ def planes(base, ft) -> bytes:
     return b"".join(out)
 
 
+_INT = {torch.float32: (torch.int32, 23, 32), torch.float16: (torch.int16, 10, 16),
+        torch.bfloat16: (torch.int16, 7, 16)}
+
+
+def differences(base, ft):
+    """Per float tensor: (its differences ft - base mod 2^bits as int64, its base exponents, bits)."""
+    for k, f in ft.items():
+        b = base.get(k)
+        if b is None or b.shape != f.shape or f.dtype not in _INT:
+            continue
+        it, shift, bits = _INT[f.dtype]
+        mask = (1 << bits) - 1
+        bb = b.contiguous().view(it).reshape(-1).numpy().astype(np.int64) & mask
+        fb = f.contiguous().view(it).reshape(-1).numpy().astype(np.int64) & mask
+        yield (fb - bb) & mask, (bb >> shift) & 0xFF, bits
+
+
+def xz_of_differences(base, ft) -> int:
+    parts = [d.astype(np.uint32 if bits == 32 else np.uint16).tobytes() for d, _, bits in differences(base, ft)]
+    return len(lzma.compress(b"".join(parts), preset=9)) if parts else 0
+
+
+def entropy_floor(base, ft) -> float:
+    """Bytes of the plug-in H(d | base exponent), per tensor (see the module docstring)."""
+    total_bits = 0.0
+    for d, exp, bits in differences(base, ft):
+        z = ((d << 1) ^ np.where(d >> (bits - 1) & 1, (1 << bits) - 1, 0)) & ((1 << bits) - 1)  # zig-zag
+        if bits == 16:
+            sym, low = z, 0
+        else:  # (bit length, the next 3 bits) as the symbol, the bits below at one bit each
+            length = np.zeros_like(z)
+            nz = z > 0
+            length[nz] = np.floor(np.log2(z[nz])).astype(np.int64) + 1
+            drop = np.maximum(length - 4, 0)
+            sym = (length << 3) | ((z >> drop) & 7)
+            low = int(drop.sum())
+        key = (exp << 33) | sym
+        _, joint = np.unique(key, return_counts=True)
+        _, per_exp = np.unique(exp, return_counts=True)
+        h = -(joint * np.log2(joint)).sum() + (per_exp * np.log2(per_exp)).sum()  # n H(sym | exp)
+        total_bits += h + low
+    others = b"".join(((tensor_bytes(base[k]) ^ tensor_bytes(v)).numpy().tobytes() for k, v in ft.items()
+                       if k in base and base[k].shape == v.shape and v.dtype not in _INT))
+    return total_bits / 8 + (len(zstandard.ZstdCompressor(level=19).compress(others)) if others else 0)
+
+
 def timed(fn, repeat=1):
     best = float("inf")
     for _ in range(repeat):
@@ -135,7 +189,10 @@ def measure(name, dtype, make, levels19: bool):
         rep, t_pack = timed(lambda: xorgemm.pack(base, ft, path), repeat=2)
         out, t_unpack = timed(lambda: xorgemm.unpack(base, path), repeat=2)
         assert all(torch.equal(tensor_bytes(out[k]), tensor_bytes(ft[k])) for k in ft), "round trip must be exact"
-        row.update(xorgemm=rep.file_bytes, pack_mb_s=nbytes / t_pack / 1e6, unpack_mb_s=nbytes / t_unpack / 1e6)
+        row.update(xorgemm=rep.file_bytes, resident=rep.stream_bytes, pack_mb_s=nbytes / t_pack / 1e6,
+                   unpack_mb_s=nbytes / t_unpack / 1e6)
+        plain = xorgemm.pack(base, ft, path, conditioned=False)
+        row.update(xor_only=plain.file_bytes, xor_only_resident=plain.stream_bytes)
         if levels19:
             row["xorgemm_19"] = xorgemm.pack(base, ft, path, level=19).file_bytes
     z3 = zstandard.ZstdCompressor(level=3)
@@ -146,6 +203,8 @@ def measure(name, dtype, make, levels19: bool):
         row["zstd_19"] = len(zstandard.ZstdCompressor(level=19).compress(xor))
         row["planes_19"] = len(zstandard.ZstdCompressor(level=19).compress(planes(base, ft)))
     row["zipnn"], row["zipnn_lossless"] = zipnn_ratio(xor, dtype)
+    row["xz_diff"] = xz_of_differences(base, ft)
+    row["floor"] = entropy_floor(base, ft)
     return row
 
 
@@ -159,18 +218,20 @@ def pct(row, key):
 
 def markdown(rows, meta) -> str:
     lines = [
-        "| delta | dtype | weights | changed | **xorgemm** (zstd-3) | xorgemm (zstd-19) | zstd-3 whole | "
-        "zstd-19 whole | planes zstd-19 | zipnn | pack MB/s | unpack MB/s | zstd-3 alone MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| delta | dtype | weights | changed | **xorgemm** (zstd-3) | xorgemm (zstd-19) | resident | XOR-only "
+        "disk / resident | zstd-3 whole | zstd-19 whole | planes zstd-19 | xz diff | floor | zipnn | pack MB/s | "
+        "unpack MB/s | zstd-3 alone MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         zipnn = pct(r, "zipnn") + ("" if r.get("zipnn_lossless") in (True, None) else " (not lossless)")
         lines.append(
             f"| {r['delta']} | {r['dtype']} | {r['weights_bytes'] / 2**20:.2f} MiB | "
             f"{100 * r['changed_elements']:.1f}% | "
-            f"**{pct(r, 'xorgemm')}** | {pct(r, 'xorgemm_19')} | {pct(r, 'zstd_3')} | {pct(r, 'zstd_19')} | "
-            f"{pct(r, 'planes_19')} | {zipnn} | {r['pack_mb_s']:.0f} | {r['unpack_mb_s']:.0f} | "
-            f"{r['zstd3_pack_mb_s']:.0f} / {r['zstd3_unpack_mb_s']:.0f} |")
+            f"**{pct(r, 'xorgemm')}** | {pct(r, 'xorgemm_19')} | {pct(r, 'resident')} | "
+            f"{pct(r, 'xor_only')} / {pct(r, 'xor_only_resident')} | {pct(r, 'zstd_3')} | {pct(r, 'zstd_19')} | "
+            f"{pct(r, 'planes_19')} | {pct(r, 'xz_diff')} | {pct(r, 'floor')} | {zipnn} | {r['pack_mb_s']:.0f} | "
+            f"{r['unpack_mb_s']:.0f} | {r['zstd3_pack_mb_s']:.0f} / {r['zstd3_unpack_mb_s']:.0f} |")
     lines.append("")
     lines.append(f"Sizes are shares of the fine-tuned weights' bytes (lower is better); throughput is one core "
                  f"({meta['cpu']}), best of 2. Made by `{meta['command']}` on {meta['date']} "
@@ -186,11 +247,11 @@ def machine_meta(argv):
 
 def summary(rows, meta) -> str:
     """The README's short table: the headline ratio beside zstd-19 of the whole XOR, and throughput."""
-    lines = ["| delta | dtype | xorgemm | zstd-19 of the whole XOR | pack MB/s | unpack MB/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| delta | dtype | xorgemm | resident | zstd-19 of the whole XOR | pack MB/s | unpack MB/s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['delta']} | {r['dtype']} | **{pct(r, 'xorgemm')}** | {pct(r, 'zstd_19')} | "
-                     f"{r['pack_mb_s']:.0f} | {r['unpack_mb_s']:.0f} |")
+        lines.append(f"| {r['delta']} | {r['dtype']} | **{pct(r, 'xorgemm')}** | {pct(r, 'resident')} | "
+                     f"{pct(r, 'zstd_19')} | {r['pack_mb_s']:.0f} | {r['unpack_mb_s']:.0f} |")
     return "\n".join(lines) + f"\n\n{meta['cpu']}, one core, {meta['date']}, `{meta['command']}`.\n"
 
 

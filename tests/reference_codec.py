@@ -7,12 +7,14 @@ import math
 import numpy as np
 
 TILE_ALIGN = 16
-ZERO, SPARSE, BYTEPLANE, RAW = range(4)
+ZERO, SPARSE, BYTEPLANE, RAW, CONDITIONED = range(5)
 
 
-def payload_size(codec, low_bytes, n_exc, elems, w):
+def payload_size(codec, low_bytes, n_exc, elems, w, reserved=0):
     if codec == ZERO:
         return 0
+    if codec == CONDITIONED:
+        return reserved * TILE_ALIGN
     n = elems * low_bytes + n_exc * (2 + w - low_bytes)
     return -(-n // TILE_ALIGN) * TILE_ALIGN
 
@@ -25,8 +27,42 @@ def tile_table(section: bytes, n_tiles: int) -> np.ndarray:
     return np.frombuffer(section[: n_tiles * ENTRY.itemsize], dtype=ENTRY)
 
 
-def decode_section(section: bytes, rows: int, cols: int, tile_rows: int, tile_cols: int, w: int) -> np.ndarray:
-    """The XOR words of a whole tensor (rows x cols, uint64) from its section."""
+def conditioned_tile(p: np.ndarray, e, base: np.ndarray, w: int) -> np.ndarray:
+    """A conditioned tile's XOR words (uint64) from its payload and its base words (uint64, row-major)."""
+    bits = 8 * w
+    nx, low = int(e["n_exc"]), int(e["low"])
+    transform, shift, high = low & 1, (low >> 1) & 31, (low >> 6) + 1
+    pos = p[:nx].astype(np.int64) | (p[nx:2 * nx].astype(np.int64) << 8)
+    hi = np.zeros(nx, dtype=np.uint64)
+    for j in range(high):
+        hi |= p[(2 + j) * nx:(3 + j) * nx].astype(np.uint64) << np.uint64(8 * j)
+    h = -(-nx * (2 + high) // 2) * 2
+    n_classes = int(p[h]) | int(p[h + 1]) << 8
+    width = np.zeros(256, dtype=np.int64)
+    for c in range(n_classes):
+        width[p[h + 2 + 2 * c]] = p[h + 3 + 2 * c]
+    slots = -(-(h + 2 + 2 * n_classes) // 4) * 4
+    stream = np.unpackbits(p[slots:], bitorder="little")  # bit i of the slots, LSB first
+    widths = width[((base >> np.uint64(shift)) & np.uint64(0xFF)).astype(np.int64)]
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    value = np.zeros(len(base), dtype=np.uint64)
+    for b in range(bits):  # bit b of every element whose slot is wider than b
+        has = widths > b
+        value[has] |= stream[starts[has] + b].astype(np.uint64) << np.uint64(b)
+    value[pos] |= hi << widths[pos].astype(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    if transform == 0:
+        ft = base ^ value
+    else:  # zig-zag back to a difference modulo 2^bits
+        d = (value >> np.uint64(1)) ^ ((np.uint64(0) - (value & np.uint64(1))) & mask)
+        ft = (base + d) & mask
+    return base ^ ft
+
+
+def decode_section(section: bytes, rows: int, cols: int, tile_rows: int, tile_cols: int, w: int,
+                   base: np.ndarray | None = None) -> np.ndarray:
+    """The XOR words of a whole tensor (rows x cols, uint64) from its section; `base` (rows x cols words,
+    uint64) for conditioned tiles, which decode against it."""
     gr, gc = math.ceil(rows / tile_rows), math.ceil(cols / tile_cols)
     n = gr * gc
     table = tile_table(section, n)
@@ -38,10 +74,12 @@ def decode_section(section: bytes, rows: int, cols: int, tile_rows: int, tile_co
         h, wd = min(tile_rows, rows - r0), min(tile_cols, cols - c0)
         elems = h * wd
         codec, k, nx = int(e["codec"]), int(e["low"]), int(e["n_exc"])
-        size = payload_size(codec, k, nx, elems, w)
+        size = payload_size(codec, k, nx, elems, w, int(e["r"]))
         p = buf[at: at + size]
         words = np.zeros(elems, dtype=np.uint64)
-        if codec != ZERO:
+        if codec == CONDITIONED:
+            words = conditioned_tile(p, e, base[r0:r0 + h, c0:c0 + wd].reshape(-1), w)
+        elif codec != ZERO:
             for j in range(k):
                 words |= p[j * elems:(j + 1) * elems].astype(np.uint64) << np.uint64(8 * j)
             q = p[k * elems:]
@@ -63,3 +101,10 @@ def xor_words(base: np.ndarray, ft: np.ndarray, w: int, rows: int, cols: int) ->
     shifts = (np.arange(w, dtype=np.uint64) * np.uint64(8))
     x = ((a ^ b) << shifts).sum(axis=1, dtype=np.uint64)
     return x.reshape(rows, cols)
+
+
+def words(buf: np.ndarray, w: int, rows: int, cols: int) -> np.ndarray:
+    """A byte buffer as (rows, cols) little-endian words, uint64."""
+    a = np.frombuffer(buf, dtype=np.uint8).reshape(-1, w).astype(np.uint64)
+    shifts = (np.arange(w, dtype=np.uint64) * np.uint64(8))
+    return (a << shifts).sum(axis=1, dtype=np.uint64).reshape(rows, cols)

@@ -20,7 +20,8 @@ def pair():
     g = torch.Generator().manual_seed(0)
     base = {"a.weight": torch.randn(130, 70, generator=g).bfloat16(),
             "a.bias": torch.randn(130, generator=g).bfloat16(),
-            "b.weight": torch.randn(64, 64, generator=g).bfloat16()}
+            "b.weight": torch.randn(64, 64, generator=g).bfloat16(),
+            "c.weight": torch.randn(256, 128, generator=g).bfloat16()}  # the stream spans several chunks
     ft = {k: perturb(v, "dense", seed=i) for i, (k, v) in enumerate(base.items())}
     return base, ft
 
@@ -165,8 +166,16 @@ def test_declared_chunk_size_limit(delta, pair):
 
 def test_unknown_format_version(delta, pair):
     raw = delta.read_bytes()
-    delta.write_bytes(raw.replace(b'"format_version":"1"', b'"format_version":"7"', 1))
+    assert b'"format_version":"2"' in raw  # dense bf16 deltas: conditioned tiles, so version 2
+    delta.write_bytes(raw.replace(b'"format_version":"2"', b'"format_version":"7"', 1))
     assert "format version '7'" in unpack_error(pair[0], delta)
+
+
+def test_a_version_that_does_not_declare_its_codecs(delta, pair):
+    """A version 1 file has no conditioned tiles: one that claims version 1 with five codecs is refused."""
+    raw = delta.read_bytes()
+    delta.write_bytes(raw.replace(b'"format_version":"2"', b'"format_version":"1"', 1))
+    assert "format version 1 has ['zero', 'sparse', 'byteplane', 'raw']" in unpack_error(pair[0], delta)
 
 
 def test_unknown_codec_table(delta, pair):

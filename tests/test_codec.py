@@ -4,30 +4,43 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_codec import BYTEPLANE, RAW, SPARSE, ZERO, decode_section, payload_size, tile_table, xor_words
+from reference_codec import (
+    BYTEPLANE,
+    CONDITIONED,
+    RAW,
+    SPARSE,
+    ZERO,
+    decode_section,
+    payload_size,
+    tile_table,
+    words,
+    xor_words,
+)
 
 from xorgemm._native import C
-from xorgemm.format.layout import grid_of, tensor_bytes, tile_for
+from xorgemm.format.layout import context_shift, grid_of, tensor_bytes, tile_for
 from xorgemm.testing import DELTA_KINDS, perturb
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def encode(base, ft, tile=(64, 64)):
+def encode(base, ft, tile=(64, 64), conditioned=False):
     grid = grid_of(base.shape, tile_for(base.shape, tile), base.dtype)
-    return C.encode_section(tensor_bytes(base), tensor_bytes(ft), grid), grid
+    shift = context_shift(base.dtype, base.shape) if conditioned else -1
+    return C.encode_section(tensor_bytes(base), tensor_bytes(ft), grid, shift), grid
 
 
 def table(section, grid):
     return tile_table(section.numpy().tobytes(), grid.num_tiles)
 
 
-def check_section(base, ft, tile=(64, 64)):
+def check_section(base, ft, tile=(64, 64), conditioned=False):
     """Native and reference decoders both give back the exact XOR; returns the tile table."""
-    section, grid = encode(base, ft, tile)
+    section, grid = encode(base, ft, tile, conditioned)
     want = xor_words(tensor_bytes(base).numpy(), tensor_bytes(ft).numpy(), grid.elem_bytes, grid.rows, grid.cols)
+    base_words = words(tensor_bytes(base).numpy(), grid.elem_bytes, grid.rows, grid.cols)
     got_ref = decode_section(section.numpy().tobytes(), grid.rows, grid.cols, grid.tile_rows, grid.tile_cols,
-                             grid.elem_bytes)
+                             grid.elem_bytes, base_words)
     np.testing.assert_array_equal(got_ref, want)
     offsets = C.validate_section(section, grid)
     out = torch.empty_like(base)
@@ -42,6 +55,52 @@ def check_section(base, ft, tile=(64, 64)):
 def test_roundtrip_every_dtype_kind_and_ragged_shape(dtype, kind, shape):
     base = torch.randn(shape).to(dtype)
     check_section(base, perturb(base, kind, seed=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", DELTA_KINDS)
+@pytest.mark.parametrize("shape", [(256, 192), (100, 70), (65, 129), (1, 1), (3, 200)])
+def test_conditioned_roundtrip_every_dtype_kind_and_ragged_shape(dtype, kind, shape):
+    base = torch.randn(shape).to(dtype)
+    check_section(base, perturb(base, kind, seed=1), conditioned=True)
+
+
+# Float words of every kind a checkpoint holds: normal ones at a weight's scale, zeros of both signs,
+# subnormals, Infs and NaNs (bit patterns, so NaN payloads survive).
+SPECIAL = {torch.float32: [0x00000000, 0x80000000, 0x00000001, 0x807fffff, 0x7f800000, 0xff800000, 0x7fc00001],
+           torch.float16: [0x0000, 0x8000, 0x0001, 0x83ff, 0x7c00, 0xfc00, 0x7e01],
+           torch.bfloat16: [0x0000, 0x8000, 0x0001, 0x807f, 0x7f80, 0xff80, 0x7fc1]}
+INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), rows=st.integers(1, 140), cols=st.integers(1, 140),
+       seed=st.integers(0, 2**31 - 1), ulps=st.integers(1, 3000), flips=st.floats(0, 0.2),
+       special=st.floats(0, 0.1))
+def test_conditioned_roundtrip_hypothesis(dtype, rows, cols, seed, ulps, flips, special):
+    """Training-like moves of a few ulps (carrying into the exponent across powers of two), sign flips and
+    special words, on ragged shapes: the native and the reference decoder rebuild the fine-tune exactly."""
+    g = torch.Generator().manual_seed(seed)
+    it = INT[dtype]
+    base = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
+    bits = base.view(it).clone()
+    specials = torch.tensor(SPECIAL[dtype], dtype=torch.int64).to(it)
+    pick = torch.rand(rows, cols, generator=g) < special
+    bits[pick] = specials[torch.randint(len(specials), (int(pick.sum()),), generator=g)]
+    base = bits.view(dtype)
+    ft_bits = bits + torch.randint(-ulps, ulps + 1, (rows, cols), generator=g).to(it)
+    flip = torch.rand(rows, cols, generator=g) < flips
+    ft_bits[flip] ^= torch.tensor(1 << (8 * base.element_size() - 1), dtype=torch.int64).to(it)
+    check_section(base, ft_bits.view(dtype), conditioned=True)
+
+
+def test_conditioned_tiles_are_chosen_for_training_like_deltas():
+    base = (torch.randn(256, 256) * 0.05).bfloat16()
+    ft = (base.view(torch.int16) + torch.randint(-20, 21, (256, 256)).to(torch.int16)).view(torch.bfloat16)
+    codecs = check_section(base, ft, conditioned=True)["codec"].tolist()
+    plain, grid = encode(base, ft)
+    cond, _ = encode(base, ft, conditioned=True)
+    assert codecs == [CONDITIONED] * 16 and cond.numel() < 0.8 * plain.numel()
 
 
 def test_each_codec_is_chosen_where_it_is_smallest():

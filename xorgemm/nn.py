@@ -31,7 +31,7 @@ from torch import nn
 
 from xorgemm._native import C, require_kernel
 from xorgemm.errors import InputError
-from xorgemm.format.layout import DEFAULT_TILE, grid_of, tensor_bytes, tile_for
+from xorgemm.format.layout import DEFAULT_TILE, context_shift, grid_of, tensor_bytes, tile_for
 from xorgemm.ops import xor_linear
 from xorgemm.resident import resident_section, section_offsets
 
@@ -174,7 +174,8 @@ class XorLinear(nn.Module):
                              f"the base is {w.dtype} {tuple(w.shape)}")
         grid = grid_of(w.shape, self.tile, w.dtype)
         # Encoded on the CPU (tensor_bytes copies there); _add_delta puts the section beside the base.
-        section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), grid)
+        shift = context_shift(w.dtype, w.shape)
+        section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), grid, shift)
         self._add_delta(name, section, C.validate_section(section, grid), finetuned_bias)
 
     def add_finetune_from_file(self, name: str, weight, bias=None, *, check_base: bool = True):

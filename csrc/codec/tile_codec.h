@@ -41,11 +41,10 @@ namespace xorgemm {
 namespace codec {
 
 enum TileCodec : uint8_t { kZero = 0, kSparse = 1, kBytePlane = 2, kRaw = 3, kConditioned = 4 };
-// The codecs the file index names and counts, in id order (exported to Python as CODEC_NAMES). Every
-// decoder reads kConditioned tiles too, but the packer does not write them yet: the file names them from
-// format version 2, with the encoder's switch.
-constexpr int kNumCodecs = 4;
-constexpr const char* kCodecNames[kNumCodecs] = {"zero", "sparse", "byteplane", "raw"};
+// Their names, in id order: what the file index and the reports say (exported to Python as CODEC_NAMES).
+// Format version 1 files name the first four.
+constexpr int kNumCodecs = 5;
+constexpr const char* kCodecNames[kNumCodecs] = {"zero", "sparse", "byteplane", "raw", "conditioned"};
 
 // Payloads start on this boundary in the decoded stream, so a kernel can cp.async them in 16-byte units.
 constexpr uint64_t kTileAlign = 16;

@@ -22,7 +22,8 @@ torch::Tensor offsets_tensor(const std::vector<uint64_t>& offsets) {
   return out;
 }
 
-torch::Tensor encode_section(const torch::Tensor& base, const torch::Tensor& finetuned, const TileGrid& g) {
+torch::Tensor encode_section(const torch::Tensor& base, const torch::Tensor& finetuned, const TileGrid& g,
+                             int shift) {
   const uint8_t* b = bytes_of(base, "base");
   const uint8_t* f = bytes_of(finetuned, "finetuned");
   TORCH_CHECK((uint64_t)base.numel() == g.tensor_bytes() && (uint64_t)finetuned.numel() == g.tensor_bytes(),
@@ -30,7 +31,7 @@ torch::Tensor encode_section(const torch::Tensor& base, const torch::Tensor& fin
   std::vector<uint8_t> section;
   {
     py::gil_scoped_release no_gil;
-    section = xorgemm::format::encode_section(b, f, g);
+    section = xorgemm::format::encode_section(b, f, g, shift);
   }
   auto out = torch::empty({(int64_t)section.size()}, torch::kUInt8);
   memcpy(out.data_ptr<uint8_t>(), section.data(), section.size());
@@ -139,8 +140,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                ", elem_bytes=" + std::to_string(g.elem_bytes) + ")";
       });
 
-  m.def("encode_section", &encode_section, "Encode XOR(base, finetuned) bytes as a delta section", py::arg("base"),
-        py::arg("finetuned"), py::arg("grid"));
+  m.def("encode_section", &encode_section,
+        "Encode finetuned against base (bytes) as a delta section; `shift` >= 0: the base words' class bits for "
+        "the conditioned codec (xorgemm.format.layout.context_shift), -1: XOR codecs only",
+        py::arg("base"), py::arg("finetuned"), py::arg("grid"), py::arg("shift") = -1);
   m.def("validate_section", &validate_section, "Validate a delta section; returns tile payload offsets",
         py::arg("section"), py::arg("grid"));
   m.def("table_offsets", &table_offsets, "Check a section's tile table alone; returns tile payload offsets",

@@ -181,18 +181,18 @@ def test_a_bad_delta_fails_alone(models, dense, served, bad, error):
 def test_engine_args_and_the_serve_flags(tmp_path):
     a = xorgemm.vllm.engine_args(max_finetunes=3)
     assert a["quantization"] == "xorgemm" and a["enable_lora"] and a["max_loras"] == 3
-    assert a["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"} and "enforce_eager" not in a
-    assert xorgemm.vllm.engine_args(eager=True)["enforce_eager"]
-    vllm.config.CompilationConfig(**a["compilation_config"])  # vLLM takes it as it is
-    args = [sys.executable, "-m", "xorgemm.vllm", "args", "--max-finetunes", "3"]
-    out = subprocess.run(args, capture_output=True, text=True, check=True,
-                         cwd=tmp_path).stdout.split()  # not the checkout's in-place build
-    assert out[:2] == ["--quantization", "xorgemm"] and "--enable-lora" in out
+    assert a["enforce_eager"] and "compilation_config" not in a  # no CUDA GPU here: eager
+    graphs = xorgemm.vllm.engine_args(eager=False)  # what a CUDA GPU gets by default
+    assert graphs["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    assert "enforce_eager" not in graphs
+    vllm.config.CompilationConfig(**graphs["compilation_config"])  # vLLM takes it as it is
+    out = subprocess.run([sys.executable, "-m", "xorgemm.vllm", "args", "--max-finetunes", "3"], capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout.split()  # not the checkout's in-place build
+    assert out[:2] == ["--quantization", "xorgemm"] and "--enable-lora" in out and "--enforce-eager" in out
     assert out[out.index("--max-loras") + 1] == "3"
-    assert out[out.index("--compilation-config") + 1] == '{"mode":0,"cudagraph_mode":"FULL_DECODE_ONLY"}'
     assert out[-1] == '{"quantization_config":{"quant_method":"xorgemm"}}'  # one word, valid JSON, for $(...)
-    eager = subprocess.run(args + ["--eager"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-    assert "--enforce-eager" in eager.split() and "--compilation-config" not in eager
+    assert xorgemm.vllm.cli_args(3, eager=False)[-4:-2] == ["--compilation-config",
+                                                           '{"mode":0,"cudagraph_mode":"FULL_DECODE_ONLY"}']
 
 
 def test_an_unsupported_vllm_version_is_a_one_line_error(monkeypatch):

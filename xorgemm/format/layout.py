@@ -22,7 +22,9 @@ DEFAULT_TILE = (64, 64)
 # The container (docs/format.md): what the metadata says, how a tensor can be stored, and the limits every
 # reader enforces whatever a file claims.
 FORMAT = "xorgemm.delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What each version's index declares as its codecs: version 1 had no conditioned tiles.
+VERSION_CODECS = {1: CODEC_NAMES[:4], 2: CODEC_NAMES}
 KINDS = ("xor", "same", "whole")  # a tiled XOR section; identical to the base; stored whole (new / reshaped)
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # bounds any single decompression
@@ -58,6 +60,17 @@ def tile_for(shape, tile=DEFAULT_TILE) -> tuple[int, int]:
     if tr <= 0 or tc <= 0 or tr * tc > MAX_TILE_ELEMS:
         raise InputError(f"tile shape {tr}x{tc} must be positive and hold at most {MAX_TILE_ELEMS} elements")
     return (1, tr * tc) if len(shape) <= 1 else (tr, tc)
+
+
+# The conditioned codec's class of a base word: the bits from here up (the exponent; fp16: sign and exponent).
+_CONTEXT_SHIFT = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+
+
+def context_shift(dtype: torch.dtype, shape) -> int:
+    """The class bits the conditioned codec may use for a tensor (docs/format.md), or -1: floats of 16 and
+    32 bits with two or more dimensions. A 1-D tensor (bias, norm) keeps the XOR codecs: it is small, and a
+    tensor-parallel rank decodes its slice of one without the rest of the base."""
+    return _CONTEXT_SHIFT.get(dtype, -1) if len(shape) >= 2 else -1
 
 
 def grid_of(shape, tile, dtype: torch.dtype) -> TileGrid:

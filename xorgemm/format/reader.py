@@ -30,11 +30,11 @@ from xorgemm.format.layout import (
     CODEC_NAMES,
     DTYPES,
     FORMAT,
-    FORMAT_VERSION,
     KINDS,
     MAX_CHUNK_BYTES,
     MAX_HEADER_BYTES,
     TILE_ALIGN,
+    VERSION_CODECS,
     grid_of,
 )
 from xorgemm.format.tensor import DeltaTensor
@@ -88,10 +88,11 @@ class DeltaFile:
         meta = header.get("__metadata__")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             self._fail("is a safetensors file but not an xorgemm delta (no 'format: xorgemm.delta' metadata)")
-        if meta.get("format_version") != str(FORMAT_VERSION):
+        versions = {str(v): v for v in VERSION_CODECS}
+        if meta.get("format_version") not in versions:
             self._fail(f"has format version {meta.get('format_version')!r}; "
-                       f"this xorgemm reads version {FORMAT_VERSION}")
-        self.format_version = FORMAT_VERSION
+                       f"this xorgemm reads versions {', '.join(versions)}")
+        self.format_version = versions[meta["format_version"]]
         data_start = 8 + hlen
         data_len = size - data_start
         spans = {}
@@ -140,8 +141,9 @@ class DeltaFile:
         for key in ("stream_bytes", "chunk_bytes", "zstd_level"):
             if not isinstance(ix.get(key), int) or ix[key] < 0:
                 self._fail(f"index field '{key}' is missing or not a non-negative integer")
-        if ix.get("codecs") != list(CODEC_NAMES):
-            self._fail(f"declares codecs {ix.get('codecs')!r}; this xorgemm knows {list(CODEC_NAMES)}")
+        codecs = list(VERSION_CODECS[self.format_version])
+        if ix.get("codecs") != codecs:
+            self._fail(f"declares codecs {ix.get('codecs')!r}; format version {self.format_version} has {codecs}")
         if not 0 < ix["chunk_bytes"] <= MAX_CHUNK_BYTES:
             self._fail(f"declares a chunk size of {ix['chunk_bytes']} bytes (at most {MAX_CHUNK_BYTES})")
         self.stream_bytes = ix["stream_bytes"]
@@ -181,7 +183,8 @@ class DeltaFile:
         if not is_hash(ft_hash) or (kind != "whole" and not is_hash(base_hash)):
             bad("hashes are missing or malformed")
         tile = None
-        counts = tuple(e.get("tiles", (0,) * len(CODEC_NAMES)))
+        declared = len(VERSION_CODECS[self.format_version])
+        counts = tuple(e.get("tiles", (0,) * declared))
         if kind == "xor":
             tile = e.get("tile")
             if not _int_list(tile, 1) or len(tile) != 2:
@@ -193,7 +196,7 @@ class DeltaFile:
                 grid = grid_of(shape, tile, dtype)  # the native grid refuses tile shapes the format cannot hold
             except (ValueError, TypeError, OverflowError) as err:  # FormatError, or integers beyond int64
                 bad(f"tile shape {list(tile)} over shape {list(shape)}: {err}")
-            if len(counts) != len(CODEC_NAMES) or not all(isinstance(c, int) and c >= 0 for c in counts) \
+            if len(counts) != declared or not all(isinstance(c, int) and c >= 0 for c in counts) \
                     or sum(counts) != grid.num_tiles:
                 bad(f"tile counts {list(counts)} do not match the {grid.num_tiles} tiles of shape {list(shape)}")
             if span[1] < grid.table_bytes:
@@ -205,6 +208,7 @@ class DeltaFile:
             bad("is identical to its base but claims stored bytes")
         if kind == "same" and base_hash != ft_hash:
             bad("is marked identical to its base but its hashes differ")
+        counts = counts + (0,) * (len(CODEC_NAMES) - len(counts))  # an older version's list: the rest are none
         return DeltaTensor(name, kind, dtype, shape, tile, (span[0], span[1]), base_hash, ft_hash, counts,
                            e.get("reason"), file=self)
 

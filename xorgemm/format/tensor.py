@@ -9,7 +9,7 @@ import torch
 from xorgemm._native import C, require_kernel
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, where
 from xorgemm.format.hashes import digest
-from xorgemm.format.layout import TileGrid, dtype_name, grid_of
+from xorgemm.format.layout import TileGrid, dtype_name, grid_of, tensor_bytes
 
 if TYPE_CHECKING:
     from xorgemm.format.reader import DeltaFile
@@ -125,12 +125,11 @@ class DeltaTensor:
                                    "hash: the file is corrupted")
         return out
 
-    def xor_bytes(self) -> torch.Tensor:
-        """The XOR of base and fine-tuned bytes (flat uint8), decoded from the section."""
-        sec, offsets = self.section()
-        out = torch.zeros(self.shape, dtype=self.dtype)
-        torch.ops.xorgemm.apply_section(sec, offsets, out, out, *self.tile)
-        return out.reshape(-1).view(torch.uint8)
+    def xor_bytes(self, base: torch.Tensor) -> torch.Tensor:
+        """The XOR of base and fine-tuned bytes (flat uint8 on the CPU). Conditioned tiles decode against the
+        base, so it is needed even for the XOR; it is checked as apply() checks it."""
+        ft = self.apply(base.detach().cpu())
+        return (tensor_bytes(ft) ^ tensor_bytes(base)).reshape(-1)
 
 
 def dtype_name_safe(dtype) -> str:

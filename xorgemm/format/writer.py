@@ -13,7 +13,7 @@ import zstandard
 
 from xorgemm.errors import InputError
 from xorgemm.format.hashes import checksum
-from xorgemm.format.layout import FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, TILE_ALIGN
+from xorgemm.format.layout import FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, TILE_ALIGN, VERSION_CODECS
 
 
 class StreamWriter:
@@ -63,12 +63,14 @@ class StreamWriter:
 
 
 def write_delta_file(path, index: dict, chunk_table: np.ndarray, payload: bytes):
-    """Writes the container atomically (see atomic_path)."""
+    """Writes the container atomically (see atomic_path), in the format version whose codec list the index
+    declares (the oldest that holds the file's tiles: see packing)."""
     # The index is a zstd'd JSON tensor, not a metadata string: metadata values are strings, so nested JSON
     # would be escaped, and the index of a large model runs to megabytes.
     raw_index = json.dumps(index, separators=(",", ":")).encode()
     packed_index = zstandard.ZstdCompressor(level=19).compress(raw_index)
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "index_bytes": str(len(raw_index)),
+    version = next((v for v, names in VERSION_CODECS.items() if list(names) == index["codecs"]), FORMAT_VERSION)
+    meta = {"format": FORMAT, "format_version": str(version), "index_bytes": str(len(raw_index)),
             "index_xxh3": str(checksum(raw_index)), "tensors": str(len(index["tensors"])),
             "base_fingerprint": index["base_fingerprint"]}
     parts, header, at = [], {"__metadata__": meta}, 0

@@ -15,7 +15,16 @@ from tqdm.auto import tqdm
 from xorgemm._native import C
 from xorgemm.errors import BaseMismatchError, InputError, XorgemmError
 from xorgemm.format.hashes import base_fingerprint, digest
-from xorgemm.format.layout import CODEC_NAMES, DEFAULT_TILE, dtype_name, grid_of, tensor_bytes, tile_for
+from xorgemm.format.layout import (
+    CODEC_NAMES,
+    DEFAULT_TILE,
+    VERSION_CODECS,
+    context_shift,
+    dtype_name,
+    grid_of,
+    tensor_bytes,
+    tile_for,
+)
 from xorgemm.format.reader import DeltaFile, load_delta
 from xorgemm.format.writer import StreamWriter, atomic_path, write_delta_file
 from xorgemm.packing.sources import TensorSource, open_source
@@ -47,12 +56,14 @@ class PackReport:
 
 
 def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_bytes: int = 64 * 1024,
-         progress: bool = False) -> PackReport:
+         progress: bool = False, conditioned: bool = True) -> PackReport:
     """Writes `finetuned` as an XOR delta against `base` to `out_path` (a .xor.safetensors file).
 
     `base` and `finetuned` are state dicts, modules, .safetensors files or Hugging Face model folders.
     Tensors equal to the base cost an index entry; tensors new in the fine-tune or with another shape are
     stored whole. A dtype that differs from the base's is refused: casting is the caller's choice.
+    `conditioned=False` keeps to the XOR codecs (format version 1: what an older xorgemm reads, and the
+    benchmarks' baseline); by default tiles may use the base-conditioned codec where it is smaller.
     """
     t0 = time.perf_counter()
     out_path = Path(out_path)
@@ -93,7 +104,8 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
                     else:
                         t = tile_for(fshape, tile)
                         grid = grid_of(fshape, t, fdtype)
-                        section = C.encode_section(bb, fb, grid)
+                        shift = context_shift(fdtype, fshape) if conditioned else -1
+                        section = C.encode_section(bb, fb, grid, shift)
                         counts = tuple(C.codec_counts(section, grid))
                         entry.update(kind="xor", tile=list(t), tiles=list(counts))
                         entry["span"] = list(writer.append(section.numpy()))
@@ -108,8 +120,16 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
             report.finetuned_bytes += nbytes
             bar.update(nbytes)
     table, payload = writer.finish()
+    # The oldest format version whose codecs hold every tile: a file without conditioned tiles stays
+    # readable by an xorgemm that predates them.
+    version = min(v for v, names in VERSION_CODECS.items()
+                  if all(not any(e.get("tiles", [])[len(names):]) for e in entries.values()))
+    codecs = list(VERSION_CODECS[version])
+    for e in entries.values():
+        if "tiles" in e:
+            e["tiles"] = e["tiles"][:len(codecs)]
     index = {"stream_bytes": writer.stream_bytes, "chunk_bytes": chunk_bytes, "zstd_level": level,
-             "codecs": list(CODEC_NAMES), "base_fingerprint": base_fingerprint(base_hashes), "tensors": entries}
+             "codecs": codecs, "base_fingerprint": base_fingerprint(base_hashes), "tensors": entries}
     write_delta_file(out_path, index, table, payload)
     report.stream_bytes = writer.stream_bytes
     report.file_bytes = out_path.stat().st_size

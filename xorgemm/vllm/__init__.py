@@ -29,30 +29,40 @@ def check_version():
 
 # Full CUDA graphs of decode steps over the eager model, no torch.compile: the plugin's steps run the same
 # kernels on the same tensors whatever the LoRA slots hold (docs/vllm.md), but Dynamo has not been tested
-# over its layers. Prefill and mixed steps run eagerly. On the CPU vLLM captures no graphs.
+# over its layers. Prefill and mixed steps run eagerly.
 GRAPHS = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
 
-def engine_args(max_finetunes: int = 4, *, eager: bool = False) -> dict:
+def _graphs_by_default() -> bool:
+    """CUDA graphs where vLLM runs on a CUDA GPU. Elsewhere there are none to capture, and vLLM's
+    non-eager start (its JIT warmup) is what the CPU tests found unreliable with the plugin (docs/vllm.md)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+def engine_args(max_finetunes: int = 4, *, eager: bool | None = None) -> dict:
     """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs` that serve up to `max_finetunes` fine-tunes per
-    batch through the xorgemm plugin, decode steps in CUDA graphs (`eager=True`: none). Checks the vLLM
-    version first."""
+    batch through the xorgemm plugin: on a CUDA GPU decode steps in CUDA graphs, elsewhere eagerly
+    (`eager` forces either). Checks the vLLM version first."""
     check_version()
     if max_finetunes < 1:
         raise ValueError(f"max_finetunes must be at least 1, got {max_finetunes}")
+    if eager is None:
+        eager = not _graphs_by_default()
     steps = {"enforce_eager": True} if eager else {"compilation_config": dict(GRAPHS)}
     return {"quantization": "xorgemm", "enable_lora": True, "max_loras": int(max_finetunes), "max_lora_rank": 8,
             **steps, "hf_overrides": {"quantization_config": {"quant_method": "xorgemm"}}}
 
 
-def cli_args(max_finetunes: int = 4, *, eager: bool = False) -> list[str]:
+def cli_args(max_finetunes: int = 4, *, eager: bool | None = None) -> list[str]:
     """The same as `vllm serve` flags (what `python -m xorgemm.vllm args --max-finetunes K [--eager]` prints)."""
     import json
 
     a = engine_args(max_finetunes, eager=eager)
     # Compact JSON, no spaces: the flags survive the shell's word splitting of `$(python -m xorgemm.vllm args)`.
     compact = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731
-    steps = ["--enforce-eager"] if eager else ["--compilation-config", compact(a["compilation_config"])]
+    steps = ["--enforce-eager"] if a.get("enforce_eager") else ["--compilation-config", compact(a["compilation_config"])]
     return ["--quantization", a["quantization"], "--enable-lora", "--max-loras", str(a["max_loras"]),
             "--max-lora-rank", str(a["max_lora_rank"]), *steps, "--hf-overrides", compact(a["hf_overrides"])]
 

@@ -13,7 +13,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("args", help="print the vllm serve flags")
     a.add_argument("--max-finetunes", type=int, default=4, help="fine-tunes per batch (vLLM's --max-loras)")
-    a.add_argument("--eager", action="store_true", help="no CUDA graphs (vLLM's --enforce-eager)")
+    a.add_argument("--eager", action="store_true", default=None,
+                   help="no CUDA graphs (vLLM's --enforce-eager; the default except on a CUDA GPU)")
     ns = p.parse_args(argv)
     try:
         print(" ".join(cli_args(ns.max_finetunes, eager=ns.eager)))  # unquoted: meant for $(...) (see cli_args)

@@ -39,6 +39,7 @@ from xorgemm.errors import BaseMismatchError, InputError
 from xorgemm.format.layout import DEFAULT_TILE
 from xorgemm.format.reader import load_delta
 from xorgemm.nn import XorLinear
+from xorgemm.packing.sources import open_source
 from xorgemm.resident import resident_section
 from xorgemm.serving.routing import SlotForward
 from xorgemm.serving.state import ServedModel
@@ -70,6 +71,7 @@ class FinetuneBank:
         self.manager = None  # made its LoRA modules (patches.py)
         self.punica = None
         self.id_to_name: dict[int, str] = {}  # LoRA int id -> fine-tune name in st.finetunes
+        self.model_dir = None  # the served checkpoint's folder: whole base tensors for the ranks' shards
         self.slot_names: list[str | None] = []  # the fine-tune in each of vLLM's LoRA slots (enable_slots)
         self.slot_forwards: dict[str, SlotForward] = {}  # HF module name -> the slots of a norm or embedding
 
@@ -140,7 +142,7 @@ class FinetuneBank:
                     raise InputError(f"{d.path}: tensor '{tname}': {why}; a fine-tuned bias cannot be served per "
                                      "request here")
                 if shard.bias == "here":  # else a row-parallel layer's bias, which rank 0 serves
-                    biases[weight] = _local_copy(t, shard.xl.bias, shard.block[0])
+                    biases[weight] = _local_copy(t, shard.xl.bias, self._whole_base, shard.block[0])
                 continue
             module, attr = self.dense_reader(tname)
             base = getattr(module, attr, None) if module is not None else None
@@ -151,7 +153,8 @@ class FinetuneBank:
             if not served_here:
                 raise InputError(f"{d.path}: tensor '{tname}': not a tensor xorgemm serves per row here; this "
                                  "vLLM model cannot serve it per request")
-            dense[tname] = (_local_copy(t, base, loader=getattr(base, "weight_loader", None)), module, attr)
+            dense[tname] = (_local_copy(t, base, self._whole_base, loader=getattr(base, "weight_loader", None)),
+                            module, attr)
         for tname, shard in self.linears.items():  # every layer gets the fine-tune: unchanged ones an empty delta
             section, bias = linear.get(tname), biases.get(tname)
             if section is None:
@@ -214,6 +217,14 @@ class FinetuneBank:
             out[name] += n
         return out
 
+    def _whole_base(self, tname: str) -> torch.Tensor:
+        """The whole base tensor `tname`, read from the served checkpoint: a rank holds only its shard, and
+        a conditioned tile decodes against its whole base tile."""
+        if self.model_dir is None:
+            raise InputError(f"tensor '{tname}': this rank holds a shard of it and the served checkpoint's "
+                             "folder is unknown")
+        return open_source(self.model_dir, "base").get(tname)
+
     def slot_bytes(self) -> int:
         """Bytes the slots keep whatever they hold: the norms' and embeddings' per-slot copies, the tables."""
         n = sum(v.numel() * v.element_size() for r in self.slot_forwards.values() for v in r.slot_values.values())
@@ -250,12 +261,12 @@ def _xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.view(as_int) ^ b.to(a.device).view(as_int)).view(a.dtype)
 
 
-def _local_copy(t, base: torch.Tensor, rows: tuple[int, int] | None = None, loader=None) -> torch.Tensor:
+def _local_copy(t, base: torch.Tensor, whole_base, rows: tuple[int, int] | None = None, loader=None) -> torch.Tensor:
     """This rank's fine-tuned copy of tensor `t`, whose local base is `base`: base XOR this rank's part of the
     delta, which is rows `rows` of it, or what vLLM's weight `loader` puts on this rank (vocabulary shards,
     padding rows left as the base's; a replicated tensor whole), else the whole delta for a tensor of the
-    same shape (`t` applied, its base hash checked). The front end checked the base hashes of the whole
-    tensors (admission.py)."""
+    same shape (`t` applied, its base hash checked). The delta is decoded against the whole base tensor
+    (`whole_base(name)`: conditioned tiles need it), whose hash apply() checks."""
     attrs = {k: v for k, v in vars(base).items() if k != "weight_loader"}  # vLLM's sharding facts (output_dim...)
     base = base.detach()
     if rows is None and loader is None and tuple(base.shape) == t.shape:
@@ -263,7 +274,7 @@ def _local_copy(t, base: torch.Tensor, rows: tuple[int, int] | None = None, load
         return t.apply(base.cpu(), verify=False).to(base.device)
     if base.dtype != t.dtype:
         raise BaseMismatchError(f"{t.where()}: the delta is {t.dtype}, the served tensor {base.dtype}")
-    xor = t.xor_bytes().view(t.dtype).reshape(t.shape)
+    xor = t.xor_bytes(whole_base(t.name)).view(t.dtype).reshape(t.shape)
     part = None
     if rows is not None:
         part = xor[rows[0]:rows[1]]
@@ -318,7 +329,11 @@ class XorgemmConfig(QuantizationConfig):
     def get_quant_method(self, layer, prefix):
         global BANK
         if self.bank is None:
+            from vllm.config import get_current_vllm_config_or_none  # set while vLLM builds the model
+
             self.bank = BANK = FinetuneBank()
+            config = get_current_vllm_config_or_none()
+            self.bank.model_dir = config.model_config.model if config is not None else None
         if isinstance(layer, ParallelLMHead):
             return XorLMHeadMethod(self.bank)
         if isinstance(layer, LinearBase):
