@@ -62,7 +62,8 @@ def cli_args(max_finetunes: int = 4, *, eager: bool | None = None) -> list[str]:
     a = engine_args(max_finetunes, eager=eager)
     # Compact JSON, no spaces: the flags survive the shell's word splitting of `$(python -m xorgemm.vllm args)`.
     compact = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731
-    steps = ["--enforce-eager"] if a.get("enforce_eager") else ["--compilation-config", compact(a["compilation_config"])]
+    eager_steps = a.get("enforce_eager")
+    steps = ["--enforce-eager"] if eager_steps else ["--compilation-config", compact(a["compilation_config"])]
     return ["--quantization", a["quantization"], "--enable-lora", "--max-loras", str(a["max_loras"]),
             "--max-lora-rank", str(a["max_lora_rank"]), *steps, "--hf-overrides", compact(a["hf_overrides"])]
 
