@@ -34,8 +34,7 @@ GRAPHS = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
 
 def _graphs_by_default() -> bool:
-    """CUDA graphs where vLLM runs on a CUDA GPU. Elsewhere there are none to capture, and vLLM's
-    non-eager start (its JIT warmup) is what the CPU tests found unreliable with the plugin (docs/vllm.md)."""
+    """CUDA graphs where vLLM runs on a CUDA GPU; elsewhere there are none to capture."""
     from vllm.platforms import current_platform
 
     return current_platform.is_cuda()
