@@ -72,6 +72,7 @@ class FinetuneBank:
         self.punica = None
         self.id_to_name: dict[int, str] = {}  # LoRA int id -> fine-tune name in st.finetunes
         self.model_dir = None  # the served checkpoint's folder: whole base tensors for the ranks' shards
+        self._base_source = None
         self.slot_names: list[str | None] = []  # the fine-tune in each of vLLM's LoRA slots (enable_slots)
         self.slot_forwards: dict[str, SlotForward] = {}  # HF module name -> the slots of a norm or embedding
 
@@ -223,7 +224,9 @@ class FinetuneBank:
         if self.model_dir is None:
             raise InputError(f"tensor '{tname}': this rank holds a shard of it and the served checkpoint's "
                              "folder is unknown")
-        return open_source(self.model_dir, "base").get(tname)
+        if self._base_source is None:  # opened once (lazily, mmap): a fine-tune reads several tensors
+            self._base_source = open_source(self.model_dir, "base")
+        return self._base_source.get(tname)
 
     def slot_bytes(self) -> int:
         """Bytes the slots keep whatever they hold: the norms' and embeddings' per-slot copies, the tables."""
