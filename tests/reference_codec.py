@@ -8,6 +8,7 @@ import numpy as np
 
 TILE_ALIGN = 16
 ZERO, SPARSE, BYTEPLANE, RAW, CONDITIONED = range(5)
+RICE_ESCAPE = 16  # a unary run of this many ones: the quotient is in the escape list
 
 
 def payload_size(codec, low_bytes, n_exc, elems, w, reserved=0):
@@ -38,10 +39,18 @@ def conditioned_tile(p: np.ndarray, e, base: np.ndarray, w: int) -> np.ndarray:
         hi |= p[(2 + j) * nx:(3 + j) * nx].astype(np.uint64) << np.uint64(8 * j)
     h = -(-nx * (2 + high) // 2) * 2
     n_classes = int(p[h]) | int(p[h + 1]) << 8
+    unary_words = int(p[h + 2]) | int(p[h + 3]) << 8
     width = np.zeros(256, dtype=np.int64)
     for c in range(n_classes):
-        width[p[h + 2 + 2 * c]] = p[h + 3 + 2 * c]
-    slots = -(-(h + 2 + 2 * n_classes) // 4) * 4
+        width[p[h + 4 + 2 * c]] = p[h + 5 + 2 * c]
+    unary = -(-(h + 4 + 2 * n_classes) // 4) * 4
+    slots = unary + 4 * unary_words
+    # The quotients: element i's unary run ends at the i-th zero bit of the stream (LSB first).
+    zeros = np.flatnonzero(np.unpackbits(p[unary:slots], bitorder="little") == 0)[:len(base)]
+    q = (zeros - np.concatenate([[-1], zeros[:-1]]) - 1).astype(np.uint64)
+    assert len(zeros) == len(base) and q.max(initial=0) <= RICE_ESCAPE
+    assert np.array_equal(np.flatnonzero(q == RICE_ESCAPE), pos), "escape codes must be the listed positions"
+    q[pos] = hi
     stream = np.unpackbits(p[slots:], bitorder="little")  # bit i of the slots, LSB first
     widths = width[((base >> np.uint64(shift)) & np.uint64(0xFF)).astype(np.int64)]
     starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
@@ -49,7 +58,7 @@ def conditioned_tile(p: np.ndarray, e, base: np.ndarray, w: int) -> np.ndarray:
     for b in range(bits):  # bit b of every element whose slot is wider than b
         has = widths > b
         value[has] |= stream[starts[has] + b].astype(np.uint64) << np.uint64(b)
-    value[pos] |= hi << widths[pos].astype(np.uint64)
+    value |= q << widths.astype(np.uint64)
     mask = np.uint64((1 << bits) - 1)
     if transform == 0:
         ft = base ^ value

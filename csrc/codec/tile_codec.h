@@ -303,25 +303,32 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// The conditioned codec. Entry: low_bytes = transform | shift << 1 | (high_bytes - 1) << 6, reserved =
-// payload bytes / kTileAlign.
+// The conditioned codec: a Rice code whose parameter is chosen per class of base words. Entry: low_bytes =
+// transform | shift << 1 | (high_bytes - 1) << 6, n_exc = escapes, reserved = payload bytes / kTileAlign.
 // A base word's class is its 8 bits from `shift` up (bf16: 7 and fp32: 23, the exponent; fp16: 10, sign
 // and exponent). Each element's value v is its XOR word (transform 0) or its difference d = ft - base
 // (mod 2^bits) zig-zagged, (d << 1) ^ -(d >> (bits - 1)) (transform 1): small changes of either sign are
-// small numbers. Payload:
+// small numbers. With k = width(class of its base word), v = q << k | low: `low` goes to a k-bit slot, q
+// to a unary code (q one bits, then a zero); q >= kRiceEscape is written as kRiceEscape ones and a zero,
+// and q itself goes to the escape list. Payload:
 //
-//   [exception positions: lo plane, hi plane, n_exc bytes each]  strictly increasing, < elems
-//   [exception high parts: high_bytes planes x n_exc bytes]      v >> width: the bits its slot cannot hold
-//   [n_classes: u16, at an even offset][n_classes x (class u8, width u8)]  classes strictly increasing
-//   [slots, at a 4-byte offset: the low width(class of base i) bits of element i's value, row-major, LSB
-//    first (a class the header does not list has width 0)]
+//   [escape positions: lo plane, hi plane, n_exc bytes each]  strictly increasing, < elems
+//   [escape quotients: high_bytes planes x n_exc bytes]       q = v >> width, the whole quotient
+//   [at an even offset: n_classes u16, unary_words u16, n_classes x (class u8, width u8)]  classes increasing
+//   [unary stream, at a 4-byte offset: unary_words 32-bit words, element by element, LSB first]
+//   [slots: the low width(class of base i) bits of element i's value, row-major, LSB first (a class the
+//    header does not list has width 0)]
 //   [zero padding: at least 8 bytes after the slots, then to kTileAlign]
 //
-// Decoding an element is O(1) once its slot's bit offset is known: the exclusive prefix sum of the
-// widths, which the decoder computes from the base (a running sum on the CPU, per-chunk sums on the
-// GPU), and its exception, if any, is found by walking the sorted positions from its chunk's first (a
-// binary search). A payload whose slots would run past its end is malformed (conditioned_slots_fit).
+// Why: conditioned on its base exponent, a training delta's difference is close to i.i.d. and two-sided
+// geometric, which a Rice code fits within a few percent of its entropy; a fixed width per class needs
+// about 0.6 bit/element more (docs/format.md has the measurements). Splitting the code keeps decoding O(1)
+// per element and parallel: a slot's bit offset is the prefix sum of the widths, computable from the base
+// alone (a running sum on the CPU, per-chunk sums on the GPU); a unary code starts after the previous
+// element's terminating zero, found by counting zeros per chunk of stream words (popcounts) and selecting
+// inside one word. The stream does not depend on the base, so host validation checks it whole.
 constexpr uint32_t kXorTransform = 0, kDiffTransform = 1;
+constexpr uint32_t kRiceEscape = 16;       // a unary run of this many ones marks an escape (quotient listed)
 constexpr uint32_t kConditionedSlack = 8;  // bytes after the last slot: its 64-bit window stays inside
 
 XG_HD uint32_t base_class(uint64_t base_word, uint32_t shift) { return (uint32_t)(base_word >> shift) & 0xffu; }
@@ -346,17 +353,22 @@ XG_HD uint64_t conditioned_header_offset(TileEntry e) {
 struct ConditionedLayout {
   uint32_t n_classes;
   const uint8_t* classes;  // n_classes x (class, width)
-  const uint8_t* slots;    // 4-byte aligned when the payload is
+  const uint8_t* unary;    // the unary stream; 4-byte aligned when the payload is
+  uint32_t unary_words;
+  const uint8_t* slots;    // right after the stream
   uint64_t slot_bytes;     // from `slots` to the payload's end
 };
-// The payload's parts; false when its header does not fit it or its classes are out of order or too wide.
+// The payload's parts; false when its header or stream does not fit it or its classes are out of order or
+// too wide.
 XG_HD bool conditioned_layout(const uint8_t* payload, TileEntry e, uint32_t elem_bytes, ConditionedLayout& out) {
   const uint64_t size = tile_payload_bytes(e, 0, elem_bytes), h = conditioned_header_offset(e);
-  if (h + 2 > size) return false;
+  if (h + 4 > size) return false;
   out.n_classes = (uint32_t)payload[h] | ((uint32_t)payload[h + 1] << 8);
-  const uint64_t slots = align_up(h + 2 + 2ull * out.n_classes, 4);
+  out.unary_words = (uint32_t)payload[h + 2] | ((uint32_t)payload[h + 3] << 8);
+  const uint64_t unary = align_up(h + 4 + 2ull * out.n_classes, 4), slots = unary + 4ull * out.unary_words;
   if (out.n_classes > 256 || slots + kConditionedSlack > size) return false;
-  out.classes = payload + h + 2;
+  out.classes = payload + h + 4;
+  out.unary = payload + unary;
   out.slots = payload + slots;
   out.slot_bytes = size - slots;
   for (uint32_t c = 0; c < out.n_classes; ++c) {
@@ -377,16 +389,19 @@ XG_HD void conditioned_fill_widths(const ConditionedLayout& l, uint8_t* width, u
 XG_HD bool conditioned_slots_fit(const ConditionedLayout& l, uint64_t total_bits) {
   return (total_bits + 7) / 8 + kConditionedSlack <= l.slot_bytes;
 }
-// The `width` bits at bit `at` of the slots (width <= 32), from two aligned 32-bit words.
+// The 64 bits from bit `at` of a 4-byte aligned bit stream (at least 33 meaningful), from two 32-bit words.
+XG_HD uint64_t conditioned_window(const uint8_t* stream, uint64_t at) {
+  const uint8_t* q = stream + (at / 32) * 4;
+  return ((uint64_t)load_as<uint32_t>(q) | ((uint64_t)load_as<uint32_t>(q + 4) << 32)) >> (at % 32);
+}
+// The `width` bits at bit `at` of the slots (width <= 32).
 XG_HD uint32_t conditioned_slot(const uint8_t* slots, uint64_t at, uint32_t width) {
-  const uint8_t* q = slots + (at / 32) * 4;
-  const uint64_t window = (uint64_t)load_as<uint32_t>(q) | ((uint64_t)load_as<uint32_t>(q + 4) << 32);
-  return (uint32_t)(window >> (at % 32)) & (uint32_t)((1ull << width) - 1);
+  return (uint32_t)conditioned_window(slots, at) & (uint32_t)((1ull << width) - 1);
 }
 XG_HD uint32_t conditioned_position(const uint8_t* payload, TileEntry e, uint32_t x) {
   return (uint32_t)payload[x] | ((uint32_t)payload[e.n_exc + x] << 8);
 }
-// The first exception whose position is >= i (n_exc if none): positions are strictly increasing.
+// The first escape whose position is >= i (n_exc if none): positions are strictly increasing.
 XG_HD uint32_t conditioned_first_exception(const uint8_t* payload, TileEntry e, uint32_t i) {
   uint32_t lo = 0, hi = e.n_exc;
   while (lo < hi) {
@@ -402,76 +417,160 @@ XG_HD uint64_t conditioned_exception_high(const uint8_t* payload, TileEntry e, u
   return w;
 }
 
+XG_HD uint32_t popcount32(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return (uint32_t)__popc(x);
+#else
+  return (uint32_t)__builtin_popcount(x);
+#endif
+}
+XG_HD uint32_t trailing_zeros64(uint64_t x) {  // x != 0
+#if defined(__CUDA_ARCH__)
+  return (uint32_t)__ffsll((long long)x) - 1;
+#else
+  return (uint32_t)__builtin_ctzll(x);
+#endif
+}
+// The bit index of the n-th (from 0) set bit of x; n < popcount(x). Five halving steps, no loop over bits.
+XG_HD uint32_t select_bit(uint32_t x, uint32_t n) {
+  uint32_t at = 0;
+  for (uint32_t half = 16; half != 0; half /= 2) {
+    const uint32_t low = popcount32(x & ((1u << half) - 1));
+    if (n >= low) {
+      n -= low;
+      x >>= half;
+      at += half;
+    }
+  }
+  return at;
+}
+
 // Cooperative decode, for a tile that already holds the base (a padded shared-memory tile: element i at
 // dst[(i / w) * stride + i % w]), by `nthreads` workers, phase by phase with a barrier between phases:
 //   1. conditioned_clear_widths; 2. conditioned_fill_widths (width[256] in shared memory);
-//   3. conditioned_count_bits: each worker sums the slot widths of its chunk of elements into bits[tid];
-//   4. conditioned_patch: each worker finds its chunk's bit offset (the sum of the chunks before it) and
-//      first exception, and patches its elements; false, from every worker alike and before any write,
-//      when the slots do not fit the payload.
-// Chunks are contiguous runs of ceil(elems / nthreads) elements, so a worker reads its slots and its
-// exceptions in order, and only its own elements are written.
+//   3. conditioned_count: worker tid sums the slot widths of its chunk of elements into counts[tid] and
+//      the zero bits of its share of the unary stream's words into counts[nthreads + tid];
+//   4. conditioned_patch: each worker finds its chunk's slot offset (the sum of the chunks before it), its
+//      first unary code (after the right zero) and first escape, and patches its elements; false, from
+//      every worker alike and before any write, when the slots do not fit the payload (another base).
+//      A stream that host validation would refuse (conditioned_stream_valid: a section nobody validated)
+//      makes the workers that meet it stop and return false, having read nothing outside the payload;
+//      their elements are then unspecified.
+// Chunks are contiguous runs of ceil(elems / nthreads) elements, so a worker reads its slots, its codes and
+// its escapes in order, and only its own elements are written.
 XG_HD uint32_t conditioned_chunk(uint32_t elems, uint32_t nthreads) { return (elems + nthreads - 1) / nthreads; }
 
 template <typename Word>
-XG_HD void conditioned_count_bits(const Word* dst, uint32_t elems, uint32_t w, uint32_t stride, TileEntry e,
-                                  const uint8_t* width, uint32_t* bits, uint32_t tid, uint32_t nthreads) {
+XG_HD void conditioned_count(const ConditionedLayout& l, const Word* dst, uint32_t elems, uint32_t w,
+                             uint32_t stride, TileEntry e, const uint8_t* width, uint32_t* counts, uint32_t tid,
+                             uint32_t nthreads) {
   const uint32_t chunk = conditioned_chunk(elems, nthreads), shift = conditioned_shift(e);
   uint32_t sum = 0;
   for (uint32_t i = tid * chunk; i < elems && i < (tid + 1) * chunk; ++i)
     sum += width[base_class(dst[(i / w) * stride + i % w], shift)];
-  bits[tid] = sum;
+  counts[tid] = sum;
+  const uint32_t words = conditioned_chunk(l.unary_words, nthreads);
+  uint32_t zeros = 0;
+  for (uint32_t q = tid * words; q < l.unary_words && q < (tid + 1) * words; ++q)
+    zeros += 32 - popcount32(load_as<uint32_t>(l.unary + 4ull * q));
+  counts[nthreads + tid] = zeros;
 }
 
 template <typename Word>
 XG_HD bool conditioned_patch(const uint8_t* payload, const ConditionedLayout& l, TileEntry e, uint32_t elems,
-                             uint32_t w, Word* dst, uint32_t stride, const uint8_t* width, const uint32_t* bits,
+                             uint32_t w, Word* dst, uint32_t stride, const uint8_t* width, const uint32_t* counts,
                              uint32_t tid, uint32_t nthreads) {
   uint64_t at = 0, total = 0;
   for (uint32_t t = 0; t < nthreads; ++t) {
     if (t == tid) at = total;
-    total += bits[t];
+    total += counts[t];
   }
   if (!conditioned_slots_fit(l, total)) return false;
-  const uint32_t chunk = conditioned_chunk(elems, nthreads), shift = conditioned_shift(e);
-  const uint32_t transform = conditioned_transform(e), begin = tid * chunk;
-  uint32_t x = begin < elems ? conditioned_first_exception(payload, e, begin) : e.n_exc;
-  uint32_t next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;  // the next exception's element
+  const uint32_t chunk = conditioned_chunk(elems, nthreads), begin = tid * chunk;
+  if (begin >= elems) return true;
+  // The chunk's first code starts after zero number begin - 1 of the stream: find its word by the
+  // per-worker zero counts, then the word, then the bit.
+  const uint64_t stream_bits = 32ull * l.unary_words;
+  uint64_t p = 0;
+  if (begin > 0) {
+    uint32_t target = begin - 1, t = 0;
+    for (; t < nthreads && target >= counts[nthreads + t]; ++t) target -= counts[nthreads + t];
+    if (t == nthreads) return false;  // fewer terminating zeros than elements
+    const uint32_t words = conditioned_chunk(l.unary_words, nthreads);
+    for (uint32_t q = t * words; q < l.unary_words; ++q) {  // the zeros counted for worker t lie in its words
+      const uint32_t zeros = ~load_as<uint32_t>(l.unary + 4ull * q), n = popcount32(zeros);
+      if (target < n) {
+        p = 32ull * q + select_bit(zeros, target) + 1;
+        break;
+      }
+      target -= n;
+    }
+  }
+  const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
+  uint32_t x = conditioned_first_exception(payload, e, begin);
+  uint32_t next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;  // the next escape's element
   for (uint32_t i = begin; i < elems && i < begin + chunk; ++i) {
+    if (p >= stream_bits) return false;  // its code would start past the stream
+    const uint32_t run = trailing_zeros64(~conditioned_window(l.unary, p));  // < 64: 33 meaningful bits
+    if (run > kRiceEscape) return false;
+    p += run + 1;
     Word* d = dst + (i / w) * stride + i % w;
     const Word b = *d;
-    const uint32_t wd = width[base_class(b, shift)];
-    uint64_t v = wd ? conditioned_slot(l.slots, at, wd) : 0;
-    at += wd;
-    if (i == next) {
-      v |= conditioned_exception_high(payload, e, x) << wd;
+    const uint32_t k = width[base_class(b, shift)];
+    uint64_t q = run;
+    if (run == kRiceEscape) {
+      if (i != next) return false;  // an escape code without its escape
+      q = conditioned_exception_high(payload, e, x);
       ++x;
       next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;
     }
+    const uint64_t v = (q << k) | (k ? conditioned_slot(l.slots, at, k) : 0);
+    at += k;
     if (v != 0) *d = conditioned_word<Word>(b, (Word)v, transform);
   }
   return true;
 }
 
+// What host validation checks of a conditioned payload without the base: its layout, and a stream holding
+// exactly `elems` codes, none longer than an escape, whose escapes are exactly the listed positions, in
+// order, followed by zero bits only. A section that passes decodes against any base whose slots fit.
+XG_HD bool conditioned_stream_valid(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes) {
+  ConditionedLayout l;
+  if (!conditioned_entry_valid(e, elems, elem_bytes) || !conditioned_layout(payload, e, elem_bytes, l)) return false;
+  const uint64_t stream_bits = 32ull * l.unary_words;
+  uint64_t p = 0;
+  uint32_t x = 0;
+  for (uint32_t i = 0; i < elems; ++i) {
+    if (p >= stream_bits) return false;
+    const uint32_t run = trailing_zeros64(~conditioned_window(l.unary, p));
+    if (run > kRiceEscape || p + run + 1 > stream_bits) return false;
+    p += run + 1;
+    if (run == kRiceEscape) {
+      if (x >= e.n_exc || conditioned_position(payload, e, x) != i) return false;
+      ++x;
+    }
+  }
+  // Canonical: the stream ends in the word holding the last code's zero, its remaining bits zero.
+  return x == e.n_exc && stream_bits - p < 32 &&
+         (conditioned_window(l.unary, p) & ((1ull << (stream_bits - p)) - 1)) == 0;
+}
+
 // The whole decode on one worker, in place: `tile` holds the base of a tile `w` words wide (row-major,
 // `stride` words a row) and receives the fine-tuned words. False, with the tile untouched, for a malformed
-// entry or payload (exception positions must also be strictly increasing and inside the tile).
+// entry, payload or stream, or slots that do not fit this base.
 template <typename Word>
 XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* tile,
                               uint32_t stride) {
   ConditionedLayout l;
-  if (!conditioned_entry_valid(e, elems, sizeof(Word)) || !conditioned_layout(payload, e, sizeof(Word), l))
+  if (!conditioned_stream_valid(payload, e, elems, sizeof(Word)) ||
+      !conditioned_layout(payload, e, sizeof(Word), l))
     return false;
-  for (uint32_t x = 0; x < e.n_exc; ++x)
-    if (conditioned_position(payload, e, x) >= elems ||
-        (x > 0 && conditioned_position(payload, e, x) <= conditioned_position(payload, e, x - 1)))
-      return false;
   uint8_t width[256];
-  uint32_t bits;
+  uint32_t counts[2];
   conditioned_clear_widths(width, 0, 1);
   conditioned_fill_widths(l, width, 0, 1);
-  conditioned_count_bits<Word>(tile, elems, w, stride, e, width, &bits, 0, 1);
-  return conditioned_patch<Word>(payload, l, e, elems, w, tile, stride, width, &bits, 0, 1);
+  conditioned_count<Word>(l, tile, elems, w, stride, e, width, counts, 0, 1);
+  return conditioned_patch<Word>(payload, l, e, elems, w, tile, stride, width, counts, 0, 1);
 }
 
 }  // namespace codec

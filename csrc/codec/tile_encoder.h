@@ -4,7 +4,10 @@
 
 #include <stdint.h>
 
+#include <string.h>
+
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "codec/tile_codec.h"
@@ -72,68 +75,121 @@ inline void encode_tile(const Word* words, uint32_t elems, uint32_t elem_bytes, 
     for (uint32_t y = 0; y < e.n_exc; ++y) hi[(uint64_t)j * e.n_exc + y] = (uint8_t)(exc_high[y] >> (8 * j));
 }
 
-// The conditioned codec's encoder (layout: tile_codec.h). For each transform, each class of base words gets
-// the slot width that minimizes its bytes: n * width bits for its slots, plus (2 + elem_bytes) bytes for
-// each value longer than the width (an exception: 2 + high bytes, the same number for the whole tile); the
-// smallest (transform, high bytes) wins. `size` receives the
-// payload's bytes (padding included), to compare with the other codecs'.
+// The conditioned codec's encoder (layout: tile_codec.h). Per transform, each class of base words gets the
+// Rice parameter k that minimizes its estimated bits: n * (k + 1) for slots and terminators, the sum of
+// min(q, escape) for the unary runs, (2 + high_bytes) bytes for each escape. The estimate comes from a
+// histogram of the values' bit lengths and their sums per length (floor(v / 2^k) summed as if v mod 2^k
+// were uniform), so planning costs O(1) a value; the chosen plan is then sized exactly. The smallest
+// (transform, high bytes) wins; `size` is the payload's bytes, padding included, to compare with the other
+// codecs'.
 struct ConditionedPlan {
   TileEntry entry{0, kConditioned, 0, 0};
   uint8_t width[256] = {0};
+  uint32_t n_classes = 0;    // classes of nonzero width
+  uint32_t unary_words = 0;  // the unary stream's 32-bit words
+  uint64_t slot_bits = 0;
   uint64_t size = UINT64_MAX;
 };
 
 template <typename Word>
 inline ConditionedPlan plan_conditioned(const Word* base, const Word* ft, uint32_t elems, uint32_t shift) {
-  constexpr uint32_t kBits = 8 * sizeof(Word), kLens = kBits + 2;
-  ConditionedPlan best;
-  std::vector<uint32_t> hist(256 * kLens);  // per class: hist[l] = values of bit length >= l
-  for (uint32_t transform : {kXorTransform, kDiffTransform}) {
-    std::fill(hist.begin(), hist.end(), 0u);
-    uint32_t count[256] = {0};
-    for (uint32_t i = 0; i < elems; ++i) {
-      const uint32_t c = base_class(base[i], shift);
-      const Word v = conditioned_value<Word>(base[i], ft[i], transform);
-      ++count[c];
-      ++hist[c * kLens + (v ? 64 - (uint32_t)__builtin_clzll((uint64_t)v) : 0)];
+  constexpr uint32_t kBits = 8 * sizeof(Word), kLens = kBits + 1;
+  struct Stats {
+    uint32_t count[256][kLens];  // values of each bit length, per class
+    uint64_t sum[256][kLens];    // and their sum
+  };
+  thread_local Stats stats[2];  // per transform; only the rows of the classes present are cleared and read
+  uint32_t n_class[256] = {0}, present[256], n_present = 0;
+  for (uint32_t i = 0; i < elems; ++i) {
+    const uint32_t c = base_class(base[i], shift);
+    if (n_class[c]++ == 0) {
+      present[n_present++] = c;
+      for (Stats& st : stats) {
+        memset(st.count[c], 0, sizeof st.count[c]);
+        memset(st.sum[c], 0, sizeof st.sum[c]);
+      }
     }
-    for (uint32_t c = 0; c < 256; ++c)
-      for (int len = (int)kBits - 1; len >= 0; --len) hist[c * kLens + len] += hist[c * kLens + len + 1];
-    // Exceptions keep `high` bytes of what their slot cannot hold: a width is allowed only if every value
-    // of the class fits it plus those bytes.
+    for (uint32_t transform : {kXorTransform, kDiffTransform}) {
+      const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
+      const uint32_t len = v ? 64 - (uint32_t)__builtin_clzll(v) : 0;
+      ++stats[transform].count[c][len];
+      stats[transform].sum[c][len] += v;
+    }
+  }
+  ConditionedPlan best;
+  double best_cost = 1e300;
+  for (uint32_t transform : {kXorTransform, kDiffTransform}) {
+    const Stats& st = stats[transform];
     for (uint32_t high = 1; high <= sizeof(Word); ++high) {
       ConditionedPlan plan;
       plan.entry.low_bytes = (uint8_t)(transform | shift << 1 | (high - 1) << 6);
-      uint64_t slot_bits = 0, n_exc = 0;
+      double cost = 0;  // bits
       uint32_t n_classes = 0;
-      for (uint32_t c = 0; c < 256; ++c) {
-        if (!count[c]) continue;
-        const uint32_t* h = &hist[c * kLens];
-        uint64_t best_cost = UINT64_MAX;
-        uint32_t best_w = 0;
-        for (uint32_t w = 0; w <= kBits; ++w) {
-          if (w + 8 * high < kBits && h[w + 8 * high + 1]) continue;  // a value too long for slot + high bytes
-          const uint64_t cost = (uint64_t)count[c] * w + 8ull * (2 + high) * h[w + 1];  // h[w + 1]: exceptions
-          if (cost < best_cost) {
-            best_cost = cost;
-            best_w = w;
+      for (uint32_t j = 0; j < n_present; ++j) {
+        const uint32_t c = present[j], n = n_class[c];
+        uint32_t longest = kBits;
+        while (longest > 0 && st.count[c][longest] == 0) --longest;
+        uint32_t above = 0;  // values longer than k + log2(escape) bits: escapes
+        double best_k_cost = 1e300;
+        uint32_t best_k = kBits;
+        for (int k = (int)kBits; k >= 0; --k) {
+          if ((uint32_t)k + 4 + 1 <= kBits) above += st.count[c][k + 5];  // kRiceEscape == 1 << 4
+          if (longest > (uint32_t)k + 8 * high) break;  // an escape's quotient would not fit `high` bytes
+          double runs = 0;
+          for (uint32_t len = (uint32_t)k + 1; len <= (uint32_t)k + 4 && len <= kBits; ++len)
+            runs += ((double)st.sum[c][len] - st.count[c][len] * (std::ldexp(1.0, k) - 1) / 2) / std::ldexp(1.0, k);
+          const double bits = (double)n * (k + 1) + runs + above * (kRiceEscape + 8.0 * (2 + high));
+          if (bits < best_k_cost) {
+            best_k_cost = bits;
+            best_k = (uint32_t)k;
           }
         }
-        plan.width[c] = (uint8_t)best_w;
-        slot_bits += (uint64_t)count[c] * best_w;
-        n_exc += h[best_w + 1];
-        n_classes += best_w != 0;
+        plan.width[c] = (uint8_t)best_k;
+        n_classes += best_k != 0;
+        cost += best_k_cost + (best_k != 0 ? 16 : 0);
       }
-      plan.entry.n_exc = (uint32_t)n_exc;
-      const uint64_t header = conditioned_header_offset(plan.entry) + 2 + 2ull * n_classes;
-      plan.size = align_up(align_up(header, 4) + (slot_bits + 7) / 8 + kConditionedSlack, kTileAlign);
-      if (plan.size < best.size) best = plan;
+      if (cost < best_cost) {
+        best_cost = cost;
+        best = plan;
+        best.n_classes = n_classes;
+      }
     }
   }
-  if (best.size / kTileAlign > 0xffff) best.size = UINT64_MAX;  // too big for the entry: never chosen
+  // The chosen plan, sized exactly.
+  const TileEntry e = best.entry;
+  const uint32_t transform = conditioned_transform(e);
+  uint64_t unary_bits = 0;
+  uint32_t n_exc = 0;
+  for (uint32_t i = 0; i < elems; ++i) {
+    const uint32_t k = best.width[base_class(base[i], shift)];
+    const uint64_t q = (uint64_t)conditioned_value<Word>(base[i], ft[i], transform) >> k;
+    best.slot_bits += k;
+    unary_bits += (q < kRiceEscape ? q : kRiceEscape) + 1;
+    n_exc += q >= kRiceEscape;
+  }
+  best.entry.n_exc = n_exc;
+  best.unary_words = (uint32_t)((unary_bits + 31) / 32);
+  const uint64_t unary = align_up(conditioned_header_offset(best.entry) + 4 + 2ull * best.n_classes, 4);
+  best.size = align_up(unary + 4ull * best.unary_words + (best.slot_bits + 7) / 8 + kConditionedSlack, kTileAlign);
+  if (best.size / kTileAlign > 0xffff || best.unary_words > 0xffff) best.size = UINT64_MAX;  // never chosen
   best.entry.reserved = (uint16_t)(best.size / kTileAlign);
   return best;
 }
+
+// Appends bits LSB first.
+struct BitWriter {
+  uint8_t* out;
+  uint64_t acc = 0;  // bits not yet written
+  uint32_t pending = 0;
+  void put(uint64_t bits, uint32_t n) {  // n <= 56 - 8 = 48 keeps acc from overflowing
+    acc |= bits << pending;
+    pending += n;
+    for (; pending >= 8; pending -= 8, acc >>= 8) *out++ = (uint8_t)acc;
+  }
+  void flush() {
+    if (pending) *out = (uint8_t)acc;
+  }
+};
 
 // Appends the payload of `plan` for these words to `out`.
 template <typename Word>
@@ -145,33 +201,37 @@ inline void encode_conditioned(const Word* base, const Word* ft, uint32_t elems,
   out.resize(start + plan.size, 0);
   uint8_t* p = out.data() + start;
   const uint64_t h = conditioned_header_offset(e);
+  p[h] = (uint8_t)plan.n_classes;
+  p[h + 1] = (uint8_t)(plan.n_classes >> 8);
+  p[h + 2] = (uint8_t)plan.unary_words;
+  p[h + 3] = (uint8_t)(plan.unary_words >> 8);
   uint32_t n_classes = 0;
   for (uint32_t c = 0; c < 256; ++c) {
     if (!plan.width[c]) continue;
-    p[h + 2 + 2 * n_classes] = (uint8_t)c;
-    p[h + 3 + 2 * n_classes] = plan.width[c];
+    p[h + 4 + 2 * n_classes] = (uint8_t)c;
+    p[h + 5 + 2 * n_classes] = plan.width[c];
     ++n_classes;
   }
-  p[h] = (uint8_t)n_classes;
-  p[h + 1] = (uint8_t)(n_classes >> 8);
-  uint8_t* slots = p + align_up(h + 2 + 2ull * n_classes, 4);
-  uint64_t acc = 0;  // bits not yet written, LSB first
-  uint32_t pending = 0, x = 0;
+  uint8_t* unary = p + align_up(h + 4 + 2ull * n_classes, 4);
+  BitWriter runs{unary}, slots{unary + 4ull * plan.unary_words};
+  uint32_t x = 0;
   for (uint32_t i = 0; i < elems; ++i) {
     const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
-    const uint32_t w = plan.width[base_class(base[i], shift)];
-    if (v >> w) {  // longer than its slot: the high part goes to the exception list
+    const uint32_t k = plan.width[base_class(base[i], shift)];
+    const uint64_t q = v >> k;
+    if (q >= kRiceEscape) {  // an escape: the whole quotient goes to the list
       p[x] = (uint8_t)i;
       p[e.n_exc + x] = (uint8_t)(i >> 8);
-      for (uint32_t j = 0; j < conditioned_high_bytes(e); ++j)
-        p[(2 + j) * (uint64_t)e.n_exc + x] = (uint8_t)((v >> w) >> (8 * j));
+      for (uint32_t j = 0; j < conditioned_high_bytes(e); ++j) p[(2 + j) * (uint64_t)e.n_exc + x] = (uint8_t)(q >> (8 * j));
       ++x;
+      runs.put((1u << kRiceEscape) - 1, kRiceEscape + 1);
+    } else {
+      runs.put((1u << q) - 1, (uint32_t)q + 1);
     }
-    acc |= (v & ((1ull << w) - 1)) << pending;  // pending < 8, w <= 32: fits 64 bits
-    pending += w;
-    for (; pending >= 8; pending -= 8, acc >>= 8) *slots++ = (uint8_t)acc;
+    if (k) slots.put(v & ((1ull << k) - 1), k);  // k <= 32
   }
-  if (pending) *slots = (uint8_t)acc;
+  runs.flush();
+  slots.flush();
 }
 
 }  // namespace codec

@@ -40,7 +40,7 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
   if (e.codec == codec::kConditioned) {
     // The base tile is the decode's context: brought into shared memory and decoded there, in place.
     __shared__ uint8_t width[256];
-    __shared__ uint32_t bits[kApplyThreads];
+    __shared__ uint32_t counts[2 * kApplyThreads];
     for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x) tile[i] = base[(r0 + i / w) * cols + c0 + i % w];
     codec::ConditionedLayout l;
     bool ok = codec::conditioned_layout(payload, e, sizeof(Word), l);  // the same answer in every thread
@@ -49,9 +49,9 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
       __syncthreads();
       codec::conditioned_fill_widths(l, width, threadIdx.x, blockDim.x);
       __syncthreads();
-      codec::conditioned_count_bits<Word>(tile, elems, w, w, e, width, bits, threadIdx.x, blockDim.x);
+      codec::conditioned_count<Word>(l, tile, elems, w, w, e, width, counts, threadIdx.x, blockDim.x);
       __syncthreads();
-      ok = codec::conditioned_patch<Word>(payload, l, e, elems, w, tile, w, width, bits, threadIdx.x, blockDim.x);
+      ok = codec::conditioned_patch<Word>(payload, l, e, elems, w, tile, w, width, counts, threadIdx.x, blockDim.x);
     }
     if (!ok && threadIdx.x == 0) *error |= kErrorTile;  // nothing written: the tile stays the base
     __syncthreads();

@@ -253,7 +253,7 @@ __device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, const 
 // this base leaves the tile as the base, reported. Every thread calls it alike; it ends with a barrier.
 __device__ __forceinline__ void patch_conditioned(const FusedArgs& args, const uint8_t* payload, TileEntry e,
                                                   uint32_t elems, uint32_t w, uint16_t* dst, uint8_t* width,
-                                                  uint32_t* bits) {
+                                                  uint32_t* counts) {
   const int tid = threadIdx.x;
   codec::ConditionedLayout l;
   bool ok = codec::conditioned_layout(payload, e, 2, l);  // the same answer in every thread
@@ -262,9 +262,9 @@ __device__ __forceinline__ void patch_conditioned(const FusedArgs& args, const u
     __syncthreads();
     codec::conditioned_fill_widths(l, width, tid, kThreads);
     __syncthreads();
-    codec::conditioned_count_bits<uint16_t>(dst, elems, w, kStride, e, width, bits, tid, kThreads);
+    codec::conditioned_count<uint16_t>(l, dst, elems, w, kStride, e, width, counts, tid, kThreads);
     __syncthreads();
-    ok = codec::conditioned_patch<uint16_t>(payload, l, e, elems, w, dst, kStride, width, bits, tid, kThreads);
+    ok = codec::conditioned_patch<uint16_t>(payload, l, e, elems, w, dst, kStride, width, counts, tid, kThreads);
   }
   if (!ok && tid == 0) atomic_or(args.error, kErrorTile);
   __syncthreads();
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
   __shared__ const uint8_t* tile_payload[2][kMaxFinetunes + 1];
   __shared__ int16_t exc_start[kSparseBatch][kTile + 1];
   __shared__ uint8_t cond_width[256];       // a conditioned tile's slot width per class of base words
-  __shared__ uint32_t cond_bits[kThreads];  // and each thread's share of its slots
+  __shared__ uint32_t cond_counts[2 * kThreads];  // and each thread's share of its slots and stream
 
   const int tid = threadIdx.x;
   const int64_t out_block = blockIdx.x;
@@ -576,7 +576,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
       // loads it can hoist; a select between shared and global would make every read a generic load.
       const auto patch_in_place = [&](const uint8_t* payload) {
         if (e.codec == codec::kConditioned) {
-          patch_conditioned(args, payload, e, elems, w, tile, cond_width, cond_bits);
+          patch_conditioned(args, payload, e, elems, w, tile, cond_width, cond_counts);
           return;
         }
         codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, tile, kStride, tid, kThreads);
@@ -670,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_xor_gemm_kernel(const XG_GR
         store_as<uint4>(patch + 8 * i, load_as<uint4>(tile + 8 * i));
       __syncthreads();
       if (e.codec == codec::kConditioned) {
-        patch_conditioned(args, payload, e, elems, w, patch, cond_width, cond_bits);
+        patch_conditioned(args, payload, e, elems, w, patch, cond_width, cond_counts);
       } else {
         codec::xor_tile_low_strided<uint16_t>(payload, e, elems, w, patch, kStride, tid, kThreads);
         __syncthreads();

@@ -117,15 +117,18 @@ std::vector<uint64_t> validate_section(const uint8_t* section, uint64_t len, con
     const TileEntry e = codec::load_entry(section, t);
     const uint32_t elems = g.tile_height(t) * g.tile_width(t);
     const uint8_t* payload = section + offsets[t];
-    codec::ConditionedLayout layout;
-    if (e.codec == codec::kConditioned && !codec::conditioned_layout(payload, e, g.elem_bytes, layout))
-      throw FormatError("tile " + std::to_string(t) + " has a malformed header (classes out of order, too wide, "
-                        "or past its payload)");
+    if (e.codec == codec::kConditioned) {
+      // Its header, stream and escapes need no base: checked whole here (the slots' fit needs the base and
+      // is checked by every decode).
+      if (!codec::conditioned_stream_valid(payload, e, elems, g.elem_bytes))
+        throw FormatError("tile " + std::to_string(t) + " has a malformed conditioned payload (header, unary "
+                          "stream or escapes)");
+      continue;
+    }
     // Positions strictly increasing also bounds them by the tile and rules out duplicates.
     int64_t prev = -1;
     for (uint32_t x = 0; x < e.n_exc; ++x) {
-      const uint32_t i = e.codec == codec::kConditioned ? codec::conditioned_position(payload, e, x)
-                                                        : codec::exception_position(payload, e, elems, x);
+      const uint32_t i = codec::exception_position(payload, e, elems, x);
       if ((int64_t)i <= prev || i >= elems)
         throw FormatError("tile " + std::to_string(t) + " has a bad exception position " + std::to_string(i));
       prev = i;
@@ -241,7 +244,7 @@ static void apply_block_as(const uint8_t* section, const uint64_t* offsets, cons
           memcpy(scratch.data() + (size_t)r * w, copied ? out_row(r) : base_row(r), (size_t)w * sizeof(Word));
         if (!codec::decode_conditioned<Word>(payload, e, elems, w, scratch.data(), w))
           throw FormatError("tile " + std::to_string(t) + " does not decode against this base: its slots run past "
-                            "its payload, or its header or exceptions are malformed");
+                            "its payload, or its header, stream or escapes are malformed");
         for (uint32_t r = 0; r < h; ++r) memcpy(out_row(r), scratch.data() + (size_t)r * w, (size_t)w * sizeof(Word));
         continue;
       }

@@ -256,13 +256,13 @@ static bool cooperative_conditioned(const std::vector<uint8_t>& payload, codec::
   codec::ConditionedLayout l;
   if (!codec::conditioned_layout(payload.data(), e, sizeof(Word), l)) return false;
   uint8_t width[256];
-  uint32_t bits[kWorkers];
+  uint32_t counts[2 * kWorkers];
   for (uint32_t t = 0; t < kWorkers; ++t) codec::conditioned_clear_widths(width, t, kWorkers);
   for (uint32_t t = 0; t < kWorkers; ++t) codec::conditioned_fill_widths(l, width, t, kWorkers);
   for (uint32_t t = 0; t < kWorkers; ++t)
-    codec::conditioned_count_bits<Word>(tile.data(), elems, w, kStride, e, width, bits, t, kWorkers);
+    codec::conditioned_count<Word>(l, tile.data(), elems, w, kStride, e, width, counts, t, kWorkers);
   for (uint32_t t = 0; t < kWorkers; ++t)
-    if (!codec::conditioned_patch<Word>(payload.data(), l, e, elems, w, tile.data(), kStride, width, bits, t,
+    if (!codec::conditioned_patch<Word>(payload.data(), l, e, elems, w, tile.data(), kStride, width, counts, t,
                                         kWorkers))
       return false;
   for (uint32_t r = 0; r < h; ++r)
@@ -341,9 +341,34 @@ static void test_conditioned_codec() {
         "conditioned: a header past the payload is refused");
   std::vector<uint8_t> swapped = payload;
   const uint64_t h = codec::conditioned_header_offset(plan.entry);
-  if (swapped[h] >= 2) std::swap(swapped[h + 2], swapped[h + 4]);
+  if (swapped[h] >= 2) std::swap(swapped[h + 4], swapped[h + 6]);
   check(swapped[h] >= 2 && !codec::decode_conditioned<uint16_t>(swapped.data(), plan.entry, 4096, 64, out.data(), 64),
         "conditioned: classes out of order are refused");
+  // The unary stream, which host validation checks whole: a run longer than an escape, an escape code
+  // without its listed escape, a stray bit after the last code, a word too many: each refused, the tile
+  // untouched.
+  codec::ConditionedLayout l;
+  check(codec::conditioned_layout(payload.data(), plan.entry, 2, l) && plan.entry.n_exc > 0,
+        "conditioned: the training-like delta has escapes");
+  const uint64_t unary = (uint64_t)(l.unary - payload.data());
+  const auto refused_stream = [&](const std::vector<uint8_t>& p, codec::TileEntry e) {
+    out = b;
+    return !codec::conditioned_stream_valid(p.data(), e, 4096, 2) &&
+           !codec::decode_conditioned<uint16_t>(p.data(), e, 4096, 64, out.data(), 64) && out == b;
+  };
+  std::vector<uint8_t> bad = payload;
+  for (int j = 0; j < 3; ++j) bad[unary + j] = 0xff;  // 24 ones: longer than any code
+  check(refused_stream(bad, plan.entry), "conditioned: a unary run longer than an escape is refused");
+  codec::TileEntry fewer = plan.entry;
+  fewer.n_exc -= 1;  // the last escape's code now has no escape (and the header moves: refused either way)
+  check(refused_stream(payload, fewer), "conditioned: an escape code without its escape is refused");
+  bad = payload;
+  bad[unary + 4ull * l.unary_words - 1] |= 0x80;  // the last word's top bit: past the last code
+  check(refused_stream(bad, plan.entry), "conditioned: a bit set after the last code is refused");
+  bad = payload;
+  bad[codec::conditioned_header_offset(plan.entry) + 2] += 1;  // one stream word more
+  check(refused_stream(bad, plan.entry), "conditioned: a stream longer than its codes is refused");
+  check(codec::conditioned_stream_valid(payload.data(), plan.entry, 4096, 2), "conditioned: the encoder's stream");
   // Random payloads of every size: decoded or refused, never read past (the sanitizer builds watch).
   std::mt19937 rng(5);
   int refused = 0;
