@@ -389,15 +389,30 @@ XG_HD void conditioned_fill_widths(const ConditionedLayout& l, uint8_t* width, u
 XG_HD bool conditioned_slots_fit(const ConditionedLayout& l, uint64_t total_bits) {
   return (total_bits + 7) / 8 + kConditionedSlack <= l.slot_bytes;
 }
-// The 64 bits from bit `at` of a 4-byte aligned bit stream (at least 33 meaningful), from two 32-bit words.
-XG_HD uint64_t conditioned_window(const uint8_t* stream, uint64_t at) {
-  const uint8_t* q = stream + (at / 32) * 4;
-  return ((uint64_t)load_as<uint32_t>(q) | ((uint64_t)load_as<uint32_t>(q + 4) << 32)) >> (at % 32);
-}
-// The `width` bits at bit `at` of the slots (width <= 32).
-XG_HD uint32_t conditioned_slot(const uint8_t* slots, uint64_t at, uint32_t width) {
-  return (uint32_t)conditioned_window(slots, at) & (uint32_t)((1ull << width) - 1);
-}
+// Reads a 4-byte aligned bit stream LSB first from bit `at`, 32 bits a load. It reads at most one word
+// past the last bit consumed and one more when asked to look ahead: the payload's slack covers both.
+struct BitReader {
+  const uint8_t* next;  // the next word to load
+  uint64_t buf;         // `avail` bits from the cursor on; zero above them
+  uint32_t avail;
+  XG_HD BitReader(const uint8_t* stream, uint64_t at)
+      : next(stream + (at / 32) * 4 + 4), buf(load_as<uint32_t>(stream + (at / 32) * 4) >> (at % 32)),
+        avail(32 - (uint32_t)(at % 32)) {}
+  XG_HD void ensure(uint32_t n) {  // n <= 32
+    if (avail < n) {
+      buf |= (uint64_t)load_as<uint32_t>(next) << avail;
+      next += 4;
+      avail += 32;
+    }
+  }
+  XG_HD uint32_t take(uint32_t n) {  // n <= 32
+    ensure(n);
+    const uint32_t v = (uint32_t)buf & (uint32_t)((1ull << n) - 1);
+    buf >>= n;
+    avail -= n;
+    return v;
+  }
+};
 XG_HD uint32_t conditioned_position(const uint8_t* payload, TileEntry e, uint32_t x) {
   return (uint32_t)payload[x] | ((uint32_t)payload[e.n_exc + x] << 8);
 }
@@ -465,9 +480,15 @@ XG_HD void conditioned_count(const ConditionedLayout& l, const Word* dst, uint32
                              uint32_t stride, TileEntry e, const uint8_t* width, uint32_t* counts, uint32_t tid,
                              uint32_t nthreads) {
   const uint32_t chunk = conditioned_chunk(elems, nthreads), shift = conditioned_shift(e);
+  const uint32_t begin = tid * chunk, end = begin + chunk < elems ? begin + chunk : elems;
   uint32_t sum = 0;
-  for (uint32_t i = tid * chunk; i < elems && i < (tid + 1) * chunk; ++i)
-    sum += width[base_class(dst[(i / w) * stride + i % w], shift)];
+  for (uint32_t i = begin, r = begin / w, c = begin % w; i < end; ++i) {
+    sum += width[base_class(dst[r * stride + c], shift)];
+    if (++c == w) {
+      c = 0;
+      ++r;
+    }
+  }
   counts[tid] = sum;
   const uint32_t words = conditioned_chunk(l.unary_words, nthreads);
   uint32_t zeros = 0;
@@ -509,68 +530,149 @@ XG_HD bool conditioned_patch(const uint8_t* payload, const ConditionedLayout& l,
   const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
   uint32_t x = conditioned_first_exception(payload, e, begin);
   uint32_t next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;  // the next escape's element
-  for (uint32_t i = begin; i < elems && i < begin + chunk; ++i) {
+  const uint32_t end = begin + chunk < elems ? begin + chunk : elems;
+  BitReader codes(l.unary, p), slots(l.slots, at);
+  uint32_t r = begin / w, c = begin % w;  // walked, not divided, element by element
+  for (uint32_t i = begin; i < end; ++i) {
     if (p >= stream_bits) return false;  // its code would start past the stream
-    const uint32_t run = trailing_zeros64(~conditioned_window(l.unary, p));  // < 64: 33 meaningful bits
-    if (run > kRiceEscape) return false;
+    codes.ensure(kRiceEscape + 1);
+    const uint32_t run = trailing_zeros64(~codes.buf);  // the bits above `avail` read as zeros: run <= avail
+    if (run > kRiceEscape || (run == kRiceEscape) != (i == next)) return false;  // too long, or a lone escape
+    codes.buf >>= run + 1;
+    codes.avail -= run + 1;
     p += run + 1;
-    Word* d = dst + (i / w) * stride + i % w;
+    Word* d = dst + r * stride + c;
+    if (++c == w) {
+      c = 0;
+      ++r;
+    }
     const Word b = *d;
     const uint32_t k = width[base_class(b, shift)];
     uint64_t q = run;
     if (run == kRiceEscape) {
-      if (i != next) return false;  // an escape code without its escape
       q = conditioned_exception_high(payload, e, x);
       ++x;
       next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;
     }
-    const uint64_t v = (q << k) | (k ? conditioned_slot(l.slots, at, k) : 0);
-    at += k;
+    const uint64_t v = (q << k) | slots.take(k);
     if (v != 0) *d = conditioned_word<Word>(b, (Word)v, transform);
   }
   return true;
 }
 
-// What host validation checks of a conditioned payload without the base: its layout, and a stream holding
-// exactly `elems` codes, none longer than an escape, whose escapes are exactly the listed positions, in
-// order, followed by zero bits only. A section that passes decodes against any base whose slots fit.
+// What host validation checks of a conditioned payload without the base: its layout, escape positions
+// strictly increasing, and a stream holding exactly `elems` codes, none longer than an escape, whose
+// escape codes are exactly the listed positions, followed by zero bits to the end of its last word. A
+// section that passes decodes against any base whose slots fit. Word-parallel: per 32-bit word, popcounts
+// rank the zeros and shift-and masks find runs of ones; only escape codes are looked at one by one.
 XG_HD bool conditioned_stream_valid(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t elem_bytes) {
   ConditionedLayout l;
-  if (!conditioned_entry_valid(e, elems, elem_bytes) || !conditioned_layout(payload, e, elem_bytes, l)) return false;
-  const uint64_t stream_bits = 32ull * l.unary_words;
-  uint64_t p = 0;
-  uint32_t x = 0;
-  for (uint32_t i = 0; i < elems; ++i) {
-    if (p >= stream_bits) return false;
-    const uint32_t run = trailing_zeros64(~conditioned_window(l.unary, p));
-    if (run > kRiceEscape || p + run + 1 > stream_bits) return false;
-    p += run + 1;
-    if (run == kRiceEscape) {
-      if (x >= e.n_exc || conditioned_position(payload, e, x) != i) return false;
+  if (!conditioned_entry_valid(e, elems, elem_bytes) || !conditioned_layout(payload, e, elem_bytes, l) ||
+      l.unary_words == 0)
+    return false;
+  uint32_t zeros = 0, x = 0, carry = 0;  // zeros before the word; escapes matched; the bit before it
+  for (uint32_t j = 0; j < l.unary_words; ++j) {
+    const uint32_t word = load_as<uint32_t>(l.unary + 4ull * j);
+    const uint64_t next = j + 1 < l.unary_words ? load_as<uint32_t>(l.unary + 4ull * j + 4) : 0;
+    const uint32_t n = 32 - popcount32(word);
+    if (j + 1 == l.unary_words) {  // the last code's zero is here, and only zeros above it
+      if (zeros >= elems || elems - zeros > n) return false;
+      const uint32_t last = select_bit(~word, elems - zeros - 1);
+      if (last < 31 && (word >> (last + 1)) != 0) return false;
+    }
+    const uint64_t win = word | next << 32;
+    uint64_t run16 = win & (win >> 1);  // bit i: bits i .. i+1 are ones; then i .. i+3, i .. i+7, i .. i+15
+    run16 &= run16 >> 2;
+    run16 &= run16 >> 4;
+    run16 &= run16 >> 8;
+    run16 &= 0xffffffffu;  // runs that start in this word
+    if (run16 & (win >> 16)) return false;  // 17 ones in a row: longer than any code
+    // Escape codes: 16 ones that start a code (after a zero, or at the stream's start).
+    for (uint64_t starts = run16 & ~((win << 1) | carry) & 0xffffffffu; starts != 0; starts &= starts - 1) {
+      const uint32_t bit = trailing_zeros64(starts);
+      const uint32_t element = zeros + (bit ? bit - popcount32(word & ((1u << bit) - 1)) : 0);
+      if (x >= e.n_exc || conditioned_position(payload, e, x) != element || element >= elems) return false;
       ++x;
     }
+    carry = word >> 31;
+    zeros += n;
   }
-  // Canonical: the stream ends in the word holding the last code's zero, its remaining bits zero.
-  return x == e.n_exc && stream_bits - p < 32 &&
-         (conditioned_window(l.unary, p) & ((1ull << (stream_bits - p)) - 1)) == 0;
+  return x == e.n_exc;
 }
 
-// The whole decode on one worker, in place: `tile` holds the base of a tile `w` words wide (row-major,
-// `stride` words a row) and receives the fine-tuned words. False, with the tile untouched, for a malformed
-// entry, payload or stream, or slots that do not fit this base.
+// 64 bits from byte `p` on, at any alignment (the host's one-worker decode; it keeps 8 bytes of slack).
+XG_HD uint64_t load_u64_unaligned(const uint8_t* p) {
+  uint64_t v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The whole decode on one worker (the CPU's), in place: `tile` holds the base of a tile `w` words wide
+// (row-major, `stride` words a row) and receives the fine-tuned words. False for a malformed entry or
+// header (the tile untouched), or for slots that do not fit this base or a stream conditioned_stream_valid
+// refuses (then the tile's words are unspecified: a caller discards them; sections are validated before
+// they are decoded). The same format as conditioned_patch, read in a way that suits one core, 256
+// elements at a time: their slot widths (checked against the payload before the block is written), their
+// runs (every zero of a 56-bit window found with tzcnt / clear-lowest-bit: no serial chain of code
+// lengths), then the elements patched branch-free with one unaligned 64-bit load per slot.
 template <typename Word>
 XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* tile,
                               uint32_t stride) {
   ConditionedLayout l;
-  if (!conditioned_stream_valid(payload, e, elems, sizeof(Word)) ||
-      !conditioned_layout(payload, e, sizeof(Word), l))
+  if (!conditioned_entry_valid(e, elems, sizeof(Word)) || !conditioned_layout(payload, e, sizeof(Word), l))
     return false;
   uint8_t width[256];
-  uint32_t counts[2];
   conditioned_clear_widths(width, 0, 1);
   conditioned_fill_widths(l, width, 0, 1);
-  conditioned_count<Word>(l, tile, elems, w, stride, e, width, counts, 0, 1);
-  return conditioned_patch<Word>(payload, l, e, elems, w, tile, stride, width, counts, 0, 1);
+  const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
+  const uint64_t stream_bits = 32ull * l.unary_words;
+  uint64_t p = 0, at = 0;  // the next code's bit, the next slot's bit
+  uint32_t x = 0, next = e.n_exc ? conditioned_position(payload, e, 0) : elems, r = 0, c = 0;
+  uint8_t runs[256], ks[256];
+  for (uint32_t i0 = 0; i0 < elems; i0 += 256) {
+    const uint32_t n = elems - i0 < 256 ? elems - i0 : 256;
+    uint64_t block_bits = 0;
+    for (uint32_t j = 0, rr = r, cc = c; j < n; ++j) {  // the block's slot widths, from the base
+      ks[j] = width[base_class(tile[stride == w ? i0 + j : rr * stride + cc], shift)];
+      block_bits += ks[j];
+      if (stride != w && ++cc == w) {
+        cc = 0;
+        ++rr;
+      }
+    }
+    if (!conditioned_slots_fit(l, at + block_bits)) return false;  // another base: stop before reading past
+    for (uint32_t got = 0; got < n;) {  // the block's runs
+      if (p >= stream_bits) return false;
+      uint64_t zeros = ~(load_u64_unaligned(l.unary + p / 8) >> (p % 8)) & ((1ull << 56) - 1);
+      if (zeros == 0) return false;  // 56 ones: no code is that long
+      uint32_t end = 0;              // bits used by the codes found so far
+      for (; zeros != 0 && got < n; zeros &= zeros - 1) {
+        const uint32_t z = trailing_zeros64(zeros);
+        runs[got++] = (uint8_t)(z - end);
+        end = z + 1;
+      }
+      p += end;
+    }
+    for (uint32_t j = 0; j < n; ++j) {
+      const uint32_t i = i0 + j, k = ks[j];
+      Word* d = tile + (stride == w ? i : r * stride + c);
+      if (stride != w && ++c == w) {
+        c = 0;
+        ++r;
+      }
+      uint64_t q = runs[j];
+      if (q >= kRiceEscape) {  // rare: an escape, or a run too long
+        if (q > kRiceEscape || i != next) return false;
+        q = conditioned_exception_high(payload, e, x);
+        ++x;
+        next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;
+      }
+      const uint64_t low = (load_u64_unaligned(l.slots + at / 8) >> (at % 8)) & ((1ull << k) - 1);
+      at += k;
+      *d = conditioned_word<Word>(*d, (Word)((q << k) | low), transform);  // v = 0 writes the base back
+    }
+  }
+  return p <= stream_bits && x == e.n_exc;
 }
 
 }  // namespace codec

@@ -75,20 +75,17 @@ inline void encode_tile(const Word* words, uint32_t elems, uint32_t elem_bytes, 
     for (uint32_t y = 0; y < e.n_exc; ++y) hi[(uint64_t)j * e.n_exc + y] = (uint8_t)(exc_high[y] >> (8 * j));
 }
 
-// The conditioned codec's encoder (layout: tile_codec.h). Per transform, each class of base words gets the
-// Rice parameter k that minimizes its estimated bits: n * (k + 1) for slots and terminators, the sum of
-// min(q, escape) for the unary runs, (2 + high_bytes) bytes for each escape. The estimate comes from a
-// histogram of the values' bit lengths and their sums per length (floor(v / 2^k) summed as if v mod 2^k
-// were uniform), so planning costs O(1) a value; the chosen plan is then sized exactly. The smallest
-// (transform, high bytes) wins; `size` is the payload's bytes, padding included, to compare with the other
-// codecs'.
+// The conditioned codec's encoder (layout: tile_codec.h). The transform is the one whose values have the
+// fewer significant bits in all (the difference, nearly always, on float weights). Each class of base words
+// then gets the Rice parameter k that minimizes its estimated bits: n * (k + 1) for slots and terminators,
+// the sum of min(q, escape) for the unary runs, (2 + high_bytes) bytes for each escape. The estimate comes
+// from a histogram of the values' bit lengths and their sums per length (floor(v / 2^k) summed as if
+// v mod 2^k were uniform), so planning costs O(1) a value. The smallest (high bytes) wins. The plan is
+// then encoded, which gives its exact size (encode_conditioned) to compare with the other codecs'.
 struct ConditionedPlan {
-  TileEntry entry{0, kConditioned, 0, 0};
+  TileEntry entry{0, kConditioned, 0, 0};  // n_exc and reserved are set by encode_conditioned
   uint8_t width[256] = {0};
-  uint32_t n_classes = 0;    // classes of nonzero width
-  uint32_t unary_words = 0;  // the unary stream's 32-bit words
-  uint64_t slot_bits = 0;
-  uint64_t size = UINT64_MAX;
+  uint32_t n_classes = 0;  // classes of nonzero width
 };
 
 template <typename Word>
@@ -98,140 +95,163 @@ inline ConditionedPlan plan_conditioned(const Word* base, const Word* ft, uint32
     uint32_t count[256][kLens];  // values of each bit length, per class
     uint64_t sum[256][kLens];    // and their sum
   };
-  thread_local Stats stats[2];  // per transform; only the rows of the classes present are cleared and read
+  thread_local Stats tls_stats;  // only the rows of the classes present are cleared and read
+  Stats& st = tls_stats;         // one TLS lookup, not one per element
+  // floor(v / 2^k) summed over a bit length's values, as if v mod 2^k were uniform.
+  static const struct Scales {
+    double scale[kBits + 1], half_mod[kBits + 1];  // 2^-k, (2^k - 1) / 2
+    Scales() {
+      for (uint32_t k = 0; k <= kBits; ++k) scale[k] = std::ldexp(1.0, -(int)k), half_mod[k] = (std::ldexp(1.0, k) - 1) / 2;
+    }
+  } sc;
+  // Branch-free: 63 - clz(2v + 1) is 0 for v = 0 and 64 - clz(v) otherwise (values have at most 32 bits).
+  const auto bit_length = [](uint64_t v) { return 63 - (uint32_t)__builtin_clzll((v << 1) | 1); };
+  uint64_t xor_bits = 0, diff_bits = 0;
+  for (uint32_t i = 0; i < elems; i += 4) {  // every fourth element is enough to pick a transform
+    xor_bits += bit_length(conditioned_value<Word>(base[i], ft[i], kXorTransform));
+    diff_bits += bit_length(conditioned_value<Word>(base[i], ft[i], kDiffTransform));
+  }
+  const uint32_t transform = xor_bits < diff_bits ? kXorTransform : kDiffTransform;
   uint32_t n_class[256] = {0}, present[256], n_present = 0;
   for (uint32_t i = 0; i < elems; ++i) {
     const uint32_t c = base_class(base[i], shift);
     if (n_class[c]++ == 0) {
       present[n_present++] = c;
-      for (Stats& st : stats) {
-        memset(st.count[c], 0, sizeof st.count[c]);
-        memset(st.sum[c], 0, sizeof st.sum[c]);
-      }
+      memset(st.count[c], 0, sizeof st.count[c]);
+      memset(st.sum[c], 0, sizeof st.sum[c]);
     }
-    for (uint32_t transform : {kXorTransform, kDiffTransform}) {
-      const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
-      const uint32_t len = v ? 64 - (uint32_t)__builtin_clzll(v) : 0;
-      ++stats[transform].count[c][len];
-      stats[transform].sum[c][len] += v;
-    }
+    const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
+    const uint32_t len = bit_length(v);
+    ++st.count[c][len];
+    st.sum[c][len] += v;
   }
   ConditionedPlan best;
   double best_cost = 1e300;
-  for (uint32_t transform : {kXorTransform, kDiffTransform}) {
-    const Stats& st = stats[transform];
-    for (uint32_t high = 1; high <= sizeof(Word); ++high) {
-      ConditionedPlan plan;
-      plan.entry.low_bytes = (uint8_t)(transform | shift << 1 | (high - 1) << 6);
-      double cost = 0;  // bits
-      uint32_t n_classes = 0;
-      for (uint32_t j = 0; j < n_present; ++j) {
-        const uint32_t c = present[j], n = n_class[c];
-        uint32_t longest = kBits;
-        while (longest > 0 && st.count[c][longest] == 0) --longest;
-        uint32_t above = 0;  // values longer than k + log2(escape) bits: escapes
-        double best_k_cost = 1e300;
-        uint32_t best_k = kBits;
-        for (int k = (int)kBits; k >= 0; --k) {
-          if ((uint32_t)k + 4 + 1 <= kBits) above += st.count[c][k + 5];  // kRiceEscape == 1 << 4
-          if (longest > (uint32_t)k + 8 * high) break;  // an escape's quotient would not fit `high` bytes
-          double runs = 0;
-          for (uint32_t len = (uint32_t)k + 1; len <= (uint32_t)k + 4 && len <= kBits; ++len)
-            runs += ((double)st.sum[c][len] - st.count[c][len] * (std::ldexp(1.0, k) - 1) / 2) / std::ldexp(1.0, k);
-          const double bits = (double)n * (k + 1) + runs + above * (kRiceEscape + 8.0 * (2 + high));
-          if (bits < best_k_cost) {
-            best_k_cost = bits;
-            best_k = (uint32_t)k;
-          }
+  for (uint32_t high = 1; high <= sizeof(Word); ++high) {
+    ConditionedPlan plan;
+    plan.entry.low_bytes = (uint8_t)(transform | shift << 1 | (high - 1) << 6);
+    double cost = 0;  // bits
+    for (uint32_t j = 0; j < n_present; ++j) {
+      const uint32_t c = present[j], n = n_class[c];
+      uint32_t longest = kBits;
+      while (longest > 0 && st.count[c][longest] == 0) --longest;
+      uint32_t above = 0;  // values longer than k + log2(escape) bits: escapes
+      double best_k_cost = 1e300;
+      uint32_t best_k = kBits;
+      for (int k = (int)kBits; k >= 0; --k) {
+        if ((uint32_t)k + 4 + 1 <= kBits) above += st.count[c][k + 5];  // kRiceEscape == 1 << 4
+        if (longest > (uint32_t)k + 8 * high) break;  // an escape's quotient would not fit `high` bytes
+        double runs = 0;
+        for (uint32_t len = (uint32_t)k + 1; len <= (uint32_t)k + 4 && len <= kBits; ++len)
+          runs += ((double)st.sum[c][len] - st.count[c][len] * sc.half_mod[k]) * sc.scale[k];
+        const double bits = (double)n * (k + 1) + runs + above * (kRiceEscape + 8.0 * (2 + high));
+        if (bits < best_k_cost) {
+          best_k_cost = bits;
+          best_k = (uint32_t)k;
         }
-        plan.width[c] = (uint8_t)best_k;
-        n_classes += best_k != 0;
-        cost += best_k_cost + (best_k != 0 ? 16 : 0);
       }
-      if (cost < best_cost) {
-        best_cost = cost;
-        best = plan;
-        best.n_classes = n_classes;
-      }
+      plan.width[c] = (uint8_t)best_k;
+      plan.n_classes += best_k != 0;
+      cost += best_k_cost + (best_k != 0 ? 16 : 0);
+    }
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = plan;
     }
   }
-  // The chosen plan, sized exactly.
-  const TileEntry e = best.entry;
-  const uint32_t transform = conditioned_transform(e);
-  uint64_t unary_bits = 0;
-  uint32_t n_exc = 0;
-  for (uint32_t i = 0; i < elems; ++i) {
-    const uint32_t k = best.width[base_class(base[i], shift)];
-    const uint64_t q = (uint64_t)conditioned_value<Word>(base[i], ft[i], transform) >> k;
-    best.slot_bits += k;
-    unary_bits += (q < kRiceEscape ? q : kRiceEscape) + 1;
-    n_exc += q >= kRiceEscape;
-  }
-  best.entry.n_exc = n_exc;
-  best.unary_words = (uint32_t)((unary_bits + 31) / 32);
-  const uint64_t unary = align_up(conditioned_header_offset(best.entry) + 4 + 2ull * best.n_classes, 4);
-  best.size = align_up(unary + 4ull * best.unary_words + (best.slot_bits + 7) / 8 + kConditionedSlack, kTileAlign);
-  if (best.size / kTileAlign > 0xffff || best.unary_words > 0xffff) best.size = UINT64_MAX;  // never chosen
-  best.entry.reserved = (uint16_t)(best.size / kTileAlign);
   return best;
 }
 
-// Appends bits LSB first.
+// Appends bits LSB first to a byte vector (zero-padded to whole 32-bit words by the caller).
 struct BitWriter {
-  uint8_t* out;
+  std::vector<uint8_t>& out;
   uint64_t acc = 0;  // bits not yet written
   uint32_t pending = 0;
-  void put(uint64_t bits, uint32_t n) {  // n <= 56 - 8 = 48 keeps acc from overflowing
-    acc |= bits << pending;
+  uint64_t bits = 0;  // written in all
+  void put(uint64_t v, uint32_t n) {  // n <= 32
+    acc |= v << pending;
     pending += n;
-    for (; pending >= 8; pending -= 8, acc >>= 8) *out++ = (uint8_t)acc;
+    bits += n;
+    if (pending >= 32) {
+      const uint32_t word = (uint32_t)acc;
+      out.insert(out.end(), reinterpret_cast<const uint8_t*>(&word), reinterpret_cast<const uint8_t*>(&word) + 4);
+      acc >>= 32;
+      pending -= 32;
+    }
   }
-  void flush() {
-    if (pending) *out = (uint8_t)acc;
+  void flush() {  // to a whole 32-bit word
+    if (pending) {
+      const uint32_t word = (uint32_t)acc;
+      out.insert(out.end(), reinterpret_cast<const uint8_t*>(&word), reinterpret_cast<const uint8_t*>(&word) + 4);
+    }
+    acc = pending = 0;
   }
 };
 
-// Appends the payload of `plan` for these words to `out`.
+// Appends the payload of `plan` for these words to `out` and returns its entry (escapes and size set).
+// Returns an entry with reserved == 0, out unchanged, if the payload is too big for an entry to describe.
 template <typename Word>
-inline void encode_conditioned(const Word* base, const Word* ft, uint32_t elems, const ConditionedPlan& plan,
-                               std::vector<uint8_t>& out) {
-  const TileEntry e = plan.entry;
+inline TileEntry encode_conditioned(const Word* base, const Word* ft, uint32_t elems, const ConditionedPlan& plan,
+                                    std::vector<uint8_t>& out) {
+  thread_local std::vector<uint8_t> unary, slots;  // the two streams, assembled behind the header at the end
+  thread_local std::vector<uint32_t> escapes;
+  thread_local std::vector<uint64_t> quotients;
+  unary.clear();
+  slots.clear();
+  escapes.clear();
+  quotients.clear();
+  unary.reserve((uint64_t)elems * (kRiceEscape + 1) / 8 + 8);
+  slots.reserve((uint64_t)elems * sizeof(Word) + 8);
+  TileEntry e = plan.entry;
   const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
-  const uint64_t start = out.size();
-  out.resize(start + plan.size, 0);
-  uint8_t* p = out.data() + start;
-  const uint64_t h = conditioned_header_offset(e);
-  p[h] = (uint8_t)plan.n_classes;
-  p[h + 1] = (uint8_t)(plan.n_classes >> 8);
-  p[h + 2] = (uint8_t)plan.unary_words;
-  p[h + 3] = (uint8_t)(plan.unary_words >> 8);
-  uint32_t n_classes = 0;
-  for (uint32_t c = 0; c < 256; ++c) {
-    if (!plan.width[c]) continue;
-    p[h + 4 + 2 * n_classes] = (uint8_t)c;
-    p[h + 5 + 2 * n_classes] = plan.width[c];
-    ++n_classes;
-  }
-  uint8_t* unary = p + align_up(h + 4 + 2ull * n_classes, 4);
-  BitWriter runs{unary}, slots{unary + 4ull * plan.unary_words};
-  uint32_t x = 0;
+  BitWriter runs{unary}, low{slots};
   for (uint32_t i = 0; i < elems; ++i) {
     const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
     const uint32_t k = plan.width[base_class(base[i], shift)];
     const uint64_t q = v >> k;
     if (q >= kRiceEscape) {  // an escape: the whole quotient goes to the list
-      p[x] = (uint8_t)i;
-      p[e.n_exc + x] = (uint8_t)(i >> 8);
-      for (uint32_t j = 0; j < conditioned_high_bytes(e); ++j) p[(2 + j) * (uint64_t)e.n_exc + x] = (uint8_t)(q >> (8 * j));
-      ++x;
+      escapes.push_back(i);
+      quotients.push_back(q);
       runs.put((1u << kRiceEscape) - 1, kRiceEscape + 1);
     } else {
       runs.put((1u << q) - 1, (uint32_t)q + 1);
     }
-    if (k) slots.put(v & ((1ull << k) - 1), k);  // k <= 32
+    low.put(v & ((1ull << k) - 1), k);  // k <= 32
   }
   runs.flush();
-  slots.flush();
+  const uint64_t slot_bytes = (low.bits + 7) / 8;
+  low.flush();
+  e.n_exc = (uint32_t)escapes.size();
+  const uint64_t h = conditioned_header_offset(e), at = align_up(h + 4 + 2ull * plan.n_classes, 4);
+  const uint64_t size = align_up(at + unary.size() + slot_bytes + kConditionedSlack, kTileAlign);
+  const uint32_t unary_words = (uint32_t)(unary.size() / 4);
+  if (size / kTileAlign > 0xffff || unary_words > 0xffff) {
+    e.reserved = 0;
+    return e;
+  }
+  e.reserved = (uint16_t)(size / kTileAlign);
+  const uint64_t start = out.size();
+  out.resize(start + size, 0);
+  uint8_t* p = out.data() + start;
+  for (uint32_t x = 0; x < e.n_exc; ++x) {
+    p[x] = (uint8_t)escapes[x];
+    p[e.n_exc + x] = (uint8_t)(escapes[x] >> 8);
+    for (uint32_t j = 0; j < conditioned_high_bytes(e); ++j)
+      p[(2 + j) * (uint64_t)e.n_exc + x] = (uint8_t)(quotients[x] >> (8 * j));
+  }
+  p[h] = (uint8_t)plan.n_classes;
+  p[h + 1] = (uint8_t)(plan.n_classes >> 8);
+  p[h + 2] = (uint8_t)unary_words;
+  p[h + 3] = (uint8_t)(unary_words >> 8);
+  for (uint32_t c = 0, n = 0; c < 256; ++c) {
+    if (!plan.width[c]) continue;
+    p[h + 4 + 2 * n] = (uint8_t)c;
+    p[h + 5 + 2 * n] = plan.width[c];
+    ++n;
+  }
+  memcpy(p + at, unary.data(), unary.size());
+  memcpy(p + at + unary.size(), slots.data(), slot_bytes);
+  return e;
 }
 
 }  // namespace codec

@@ -58,11 +58,13 @@ static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t
       gather_tile<Word>(finetuned, g, t, ft_words);
       const codec::ConditionedPlan plan =
           codec::plan_conditioned<Word>(base_words.data(), ft_words.data(), elems, (uint32_t)shift);
-      if (plan.size < codec::tile_payload_bytes(e, elems, g.elem_bytes)) {
-        memcpy(out.data() + t * sizeof(TileEntry), &plan.entry, sizeof plan.entry);
-        codec::encode_conditioned<Word>(base_words.data(), ft_words.data(), elems, plan, out);
+      const uint64_t start = out.size();
+      const TileEntry c = codec::encode_conditioned<Word>(base_words.data(), ft_words.data(), elems, plan, out);
+      if (c.reserved != 0 && out.size() - start < codec::tile_payload_bytes(e, elems, g.elem_bytes)) {
+        memcpy(out.data() + t * sizeof(TileEntry), &c, sizeof c);
         continue;
       }
+      out.resize(start);  // the XOR codecs are smaller here
     }
     memcpy(out.data() + t * sizeof(TileEntry), &e, sizeof e);
     codec::encode_tile(words.data(), elems, g.elem_bytes, e, out, scratch);
