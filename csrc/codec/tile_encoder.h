@@ -162,30 +162,22 @@ inline ConditionedPlan plan_conditioned(const Word* base, const Word* ft, uint32
   return best;
 }
 
-// Appends bits LSB first to a byte vector (zero-padded to whole 32-bit words by the caller).
+// Writes bits LSB first, branch-free: every put stores the whole 64-bit accumulator and advances by its
+// whole bytes, so the buffer needs 8 bytes of room past the last bit.
 struct BitWriter {
-  std::vector<uint8_t>& out;
-  uint64_t acc = 0;  // bits not yet written
+  uint8_t* out;
+  uint64_t acc = 0;  // the bits of the byte being filled and beyond
   uint32_t pending = 0;
-  uint64_t bits = 0;  // written in all
-  void put(uint64_t v, uint32_t n) {  // n <= 32
+  void put(uint64_t v, uint32_t n) {  // n <= 32, v < 2^n
     acc |= v << pending;
     pending += n;
-    bits += n;
-    if (pending >= 32) {
-      const uint32_t word = (uint32_t)acc;
-      out.insert(out.end(), reinterpret_cast<const uint8_t*>(&word), reinterpret_cast<const uint8_t*>(&word) + 4);
-      acc >>= 32;
-      pending -= 32;
-    }
+    memcpy(out, &acc, sizeof acc);
+    const uint32_t whole = pending / 8;
+    out += whole;
+    acc >>= 8 * whole;  // pending < 40: whole <= 4
+    pending %= 8;
   }
-  void flush() {  // to a whole 32-bit word
-    if (pending) {
-      const uint32_t word = (uint32_t)acc;
-      out.insert(out.end(), reinterpret_cast<const uint8_t*>(&word), reinterpret_cast<const uint8_t*>(&word) + 4);
-    }
-    acc = pending = 0;
-  }
+  uint64_t bits(const uint8_t* begin) const { return 8 * (uint64_t)(out - begin) + pending; }
 };
 
 // Appends the payload of `plan` for these words to `out` and returns its entry (escapes and size set).
@@ -196,15 +188,13 @@ inline TileEntry encode_conditioned(const Word* base, const Word* ft, uint32_t e
   thread_local std::vector<uint8_t> unary, slots;  // the two streams, assembled behind the header at the end
   thread_local std::vector<uint32_t> escapes;
   thread_local std::vector<uint64_t> quotients;
-  unary.clear();
-  slots.clear();
+  unary.assign((uint64_t)elems * (kRiceEscape + 1) / 8 + 16, 0);
+  slots.assign((uint64_t)elems * sizeof(Word) + 16, 0);
   escapes.clear();
   quotients.clear();
-  unary.reserve((uint64_t)elems * (kRiceEscape + 1) / 8 + 8);
-  slots.reserve((uint64_t)elems * sizeof(Word) + 8);
   TileEntry e = plan.entry;
   const uint32_t shift = conditioned_shift(e), transform = conditioned_transform(e);
-  BitWriter runs{unary}, low{slots};
+  BitWriter runs{unary.data()}, low{slots.data()};
   for (uint32_t i = 0; i < elems; ++i) {
     const uint64_t v = conditioned_value<Word>(base[i], ft[i], transform);
     const uint32_t k = plan.width[base_class(base[i], shift)];
@@ -212,19 +202,16 @@ inline TileEntry encode_conditioned(const Word* base, const Word* ft, uint32_t e
     if (q >= kRiceEscape) {  // an escape: the whole quotient goes to the list
       escapes.push_back(i);
       quotients.push_back(q);
-      runs.put((1u << kRiceEscape) - 1, kRiceEscape + 1);
-    } else {
-      runs.put((1u << q) - 1, (uint32_t)q + 1);
     }
+    const uint32_t run = q < kRiceEscape ? (uint32_t)q : kRiceEscape;
+    runs.put((1u << run) - 1, run + 1);
     low.put(v & ((1ull << k) - 1), k);  // k <= 32
   }
-  runs.flush();
-  const uint64_t slot_bytes = (low.bits + 7) / 8;
-  low.flush();
+  const uint64_t unary_bytes = (runs.bits(unary.data()) + 31) / 32 * 4, slot_bytes = (low.bits(slots.data()) + 7) / 8;
   e.n_exc = (uint32_t)escapes.size();
   const uint64_t h = conditioned_header_offset(e), at = align_up(h + 4 + 2ull * plan.n_classes, 4);
-  const uint64_t size = align_up(at + unary.size() + slot_bytes + kConditionedSlack, kTileAlign);
-  const uint32_t unary_words = (uint32_t)(unary.size() / 4);
+  const uint64_t size = align_up(at + unary_bytes + slot_bytes + kConditionedSlack, kTileAlign);
+  const uint32_t unary_words = (uint32_t)(unary_bytes / 4);
   if (size / kTileAlign > 0xffff || unary_words > 0xffff) {
     e.reserved = 0;
     return e;
@@ -249,8 +236,8 @@ inline TileEntry encode_conditioned(const Word* base, const Word* ft, uint32_t e
     p[h + 5 + 2 * n] = plan.width[c];
     ++n;
   }
-  memcpy(p + at, unary.data(), unary.size());
-  memcpy(p + at + unary.size(), slots.data(), slot_bytes);
+  memcpy(p + at, unary.data(), unary_bytes);  // zero past the last bit: the buffer was cleared
+  memcpy(p + at + unary_bytes, slots.data(), slot_bytes);
   return e;
 }
 
