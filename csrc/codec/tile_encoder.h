@@ -101,7 +101,10 @@ inline ConditionedPlan plan_conditioned(const Word* base, const Word* ft, uint32
   static const struct Scales {
     double scale[kBits + 1], half_mod[kBits + 1];  // 2^-k, (2^k - 1) / 2
     Scales() {
-      for (uint32_t k = 0; k <= kBits; ++k) scale[k] = std::ldexp(1.0, -(int)k), half_mod[k] = (std::ldexp(1.0, k) - 1) / 2;
+      for (uint32_t k = 0; k <= kBits; ++k) {
+        scale[k] = std::ldexp(1.0, -(int)k);
+        half_mod[k] = (std::ldexp(1.0, (int)k) - 1) / 2;
+      }
     }
   } sc;
   // Branch-free: 63 - clz(2v + 1) is 0 for v = 0 and 64 - clz(v) otherwise (values have at most 32 bits).
