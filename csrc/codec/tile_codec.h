@@ -612,9 +612,9 @@ XG_HD uint64_t load_u64_unaligned(const uint8_t* p) {
 // header (the tile untouched), or for slots that do not fit this base or a stream conditioned_stream_valid
 // refuses (then the tile's words are unspecified: a caller discards them; sections are validated before
 // they are decoded). The same format as conditioned_patch, read in a way that suits one core, 256
-// elements at a time: their slot widths (checked against the payload before the block is written), their
-// runs (every zero of a 56-bit window found with tzcnt / clear-lowest-bit: no serial chain of code
-// lengths), then the elements patched branch-free with one unaligned 64-bit load per slot.
+// elements at a time: first their runs (every zero of a 56-bit window found with tzcnt / clear-lowest-bit:
+// no serial chain of code lengths), then the elements, each with one unaligned 64-bit load for its slot
+// (bounds-checked: against another base the slots may not fit) and no data-dependent branch.
 template <typename Word>
 XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* tile,
                               uint32_t stride) {
@@ -628,19 +628,11 @@ XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elem
   const uint64_t stream_bits = 32ull * l.unary_words;
   uint64_t p = 0, at = 0;  // the next code's bit, the next slot's bit
   uint32_t x = 0, next = e.n_exc ? conditioned_position(payload, e, 0) : elems, r = 0, c = 0;
-  uint8_t runs[256], ks[256];
+  // The slots may be read up to this bit: past it, a 64-bit load would leave the payload (another base).
+  const uint64_t slot_limit = l.slot_bytes >= kConditionedSlack ? 8 * (l.slot_bytes - kConditionedSlack) : 0;
+  uint8_t runs[256];
   for (uint32_t i0 = 0; i0 < elems; i0 += 256) {
     const uint32_t n = elems - i0 < 256 ? elems - i0 : 256;
-    uint64_t block_bits = 0;
-    for (uint32_t j = 0, rr = r, cc = c; j < n; ++j) {  // the block's slot widths, from the base
-      ks[j] = width[base_class(tile[stride == w ? i0 + j : rr * stride + cc], shift)];
-      block_bits += ks[j];
-      if (stride != w && ++cc == w) {
-        cc = 0;
-        ++rr;
-      }
-    }
-    if (!conditioned_slots_fit(l, at + block_bits)) return false;  // another base: stop before reading past
     for (uint32_t got = 0; got < n;) {  // the block's runs
       if (p >= stream_bits) return false;
       uint64_t zeros = ~(load_u64_unaligned(l.unary + p / 8) >> (p % 8)) & ((1ull << 56) - 1);
@@ -654,12 +646,14 @@ XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elem
       p += end;
     }
     for (uint32_t j = 0; j < n; ++j) {
-      const uint32_t i = i0 + j, k = ks[j];
-      Word* d = tile + (stride == w ? i : r * stride + c);
+      const uint32_t i = i0 + j;
+      Word* d = tile + (stride == w ? i : r * stride + c);  // a tile of whole rows (the CPU's scratch): i
       if (stride != w && ++c == w) {
         c = 0;
         ++r;
       }
+      const Word b = *d;
+      const uint32_t k = width[base_class(b, shift)];
       uint64_t q = runs[j];
       if (q >= kRiceEscape) {  // rare: an escape, or a run too long
         if (q > kRiceEscape || i != next) return false;
@@ -667,12 +661,13 @@ XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elem
         ++x;
         next = x < e.n_exc ? conditioned_position(payload, e, x) : elems;
       }
+      if (at > slot_limit) return false;  // another base: stop before reading past the payload
       const uint64_t low = (load_u64_unaligned(l.slots + at / 8) >> (at % 8)) & ((1ull << k) - 1);
       at += k;
-      *d = conditioned_word<Word>(*d, (Word)((q << k) | low), transform);  // v = 0 writes the base back
+      *d = conditioned_word<Word>(b, (Word)((q << k) | low), transform);  // v = 0 writes the base back
     }
   }
-  return p <= stream_bits && x == e.n_exc;
+  return p <= stream_bits && x == e.n_exc && conditioned_slots_fit(l, at);
 }
 
 }  // namespace codec
