@@ -1,5 +1,7 @@
 """The `xorgemm` command end to end, as a user runs it (a subprocess), good input and bad."""
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -103,3 +105,47 @@ def test_bad_tile_argument_is_a_usage_error(files):
     p = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors", "-o",
             files / "x.xor.safetensors", "--tile", "big", ok=False)
     assert p.returncode == 2 and "ROWSxCOLS" in p.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_follow_the_umask(files, umask, mode):
+    """Outputs get 0666 less the umask, as a plain open() would give them, though written through a
+    temporary file (which mkstemp makes 0600)."""
+    old = os.umask(umask)
+    try:
+        run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors",
+            "-o", files / f"mode{mode:o}.xor.safetensors", "-q")
+        run("unpack", "--base", files / "base.safetensors", "--delta", files / f"mode{mode:o}.xor.safetensors",
+            "-o", files / f"mode{mode:o}.safetensors", "-q")
+    finally:
+        os.umask(old)
+    for name in (f"mode{mode:o}.xor.safetensors", f"mode{mode:o}.safetensors"):
+        assert stat.S_IMODE((files / name).stat().st_mode) == mode, name
+
+
+def test_output_naming_a_folder_says_so(files):
+    (files / "adir").mkdir(exist_ok=True)
+    p = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors",
+            "-o", files / "adir", ok=False)
+    assert p.returncode == 2 and "is a folder" in p.stderr and ".tmp" not in p.stderr, p.stderr
+    assert not list(files.glob(".adir*"))
+
+
+def test_inspect_checks_the_file(files):
+    """One byte flipped in a chunk: inspect's default check finds it (exit 2, one line naming the file);
+    --no-check prints the table from the index alone."""
+    data = bytearray((files / "ft.xor.safetensors").read_bytes())
+    data[-200] ^= 0x5A  # inside the payload (the chunks come last)
+    bad = files / "flipped.xor.safetensors"
+    bad.write_bytes(bytes(data))
+    p = run("inspect", bad, ok=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and str(bad) in lines[0] and "corrupted" in lines[0], p.stderr
+    assert "12 tensors" in run("inspect", bad, "--no-check").stdout
+
+
+def test_wrong_base_names_the_base_given(files):
+    p = run("unpack", "--base", files / "ft.safetensors", "--delta", files / "ft.xor.safetensors", "-o",
+            files / "never.safetensors", ok=False)
+    assert p.returncode == 2 and "base bytes do not match" in p.stderr
+    assert str(files / "ft.safetensors") in p.stderr and str(files / "ft.xor.safetensors") in p.stderr, p.stderr

@@ -107,6 +107,17 @@ def test_refuses_a_delta_for_another_base(tmp_path):
         xorgemm.patch_model(nn.Sequential(nn.Linear(96, 96)), path)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_gpu_this_machine_lacks_is_an_xorgemm_error(tmp_path):
+    base = MLP()
+    path = pack_models(tmp_path, base, finetuned_copy(base, 1), "a")
+    for device in ("cuda", "cuda:3", torch.device("cuda")):
+        with pytest.raises(xorgemm.InputError, match="no CUDA GPU is available"):
+            xorgemm.patch_model(copy.deepcopy(base), path, device=device)
+    with pytest.raises(xorgemm.InputError, match="not a device torch knows"):
+        xorgemm.patch_model(copy.deepcopy(base), path, device="gpu0")
+
+
 def test_unknown_finetune_and_unpatched_model(tmp_path):
     base = MLP()
     patched = xorgemm.patch_model(copy.deepcopy(base), {"a": pack_models(tmp_path, base, finetuned_copy(base, 1), "a")})

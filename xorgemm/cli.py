@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.add_argument("--top", type=int, metavar="N", help="list only the N tensors taking the most disk bytes "
                                                           "(totals still cover every tensor)")
+    ins.add_argument("--no-check", action="store_true",
+                     help="skip reading every chunk (checksums) and validating every tile section; by default a "
+                          "corrupted delta is an error (exit 2)")
 
     ver = sub.add_parser("verify", help="prove a delta rebuilds the fine-tune exactly",
                          description="Rebuild every tensor from base + delta and compare it byte for byte with the "
@@ -136,6 +139,11 @@ def cmd_inspect(a) -> int:
     import xorgemm
 
     d = xorgemm.load_delta(a.delta)
+    if not a.no_check:  # every chunk's checksum, then every section's tiles: what a load would meet
+        d.check_chunks()
+        for t in d.tensors.values():
+            if t.kind == "xor":
+                t.section()
     rows = inspect_rows(d)
     total = sum(r["bytes"] for r in rows)
     file_bytes = d.path.stat().st_size

@@ -85,30 +85,35 @@ class DeltaTensor:
         sec, _ = self.section()
         return C.tile_table(sec, self.grid)
 
-    def check_base(self, base: torch.Tensor, *, hash_check: bool = True, base_digest: str | None = None):
+    def check_base(self, base: torch.Tensor, *, hash_check: bool = True, base_digest: str | None = None,
+                   base_label: str | None = None):
         """Refuses a base tensor this delta was not made from (dtype, shape, then content hash; `base_digest`
-        is the base's digest() when the caller has it already)."""
+        is the base's digest() when the caller has it already; `base_label` names where the base came from,
+        for the message)."""
         if self.kind == "whole":
             return
+        the_base = f"the base ({base_label})" if base_label else "the base"
         if base is None:
-            raise BaseMismatchError(f"{self.where()}: the base has no such tensor")
+            raise BaseMismatchError(f"{self.where()}: {the_base} has no such tensor")
         if base.dtype != self.dtype or tuple(base.shape) != self.shape:
             raise BaseMismatchError(
-                f"{self.where()}: base is {dtype_name_safe(base.dtype)} {list(base.shape)}, the delta was made "
-                f"against {dtype_name(self.dtype)} {list(self.shape)}")
+                f"{self.where()}: {the_base} is {dtype_name_safe(base.dtype)} {list(base.shape)}, the delta was "
+                f"made against {dtype_name(self.dtype)} {list(self.shape)}")
         if hash_check:
             got = base_digest if base_digest is not None else digest(base)
             if got != self.base_hash:
+                given = f"{base_label}: " if base_label else ""
                 raise BaseMismatchError(
-                    f"{self.where()}: base bytes do not match the base this delta was made from (hash "
+                    f"{self.where()}: base bytes do not match the base this delta was made from ({given}hash "
                     f"{got} != {self.base_hash})")
 
-    def apply(self, base: torch.Tensor | None, *, verify: bool = True) -> torch.Tensor:
+    def apply(self, base: torch.Tensor | None, *, verify: bool = True, base_label: str | None = None) -> torch.Tensor:
         """The fine-tuned tensor, bit for bit, on the base's device (the apply_section op runs on the base's
         device: a GPU kernel for a CUDA base); `base` may be None for tensors stored whole, which come back on
         the CPU. `verify=False` skips the two content hashes (base in, fine-tune out) for a base already known
-        to be the right one; the chunk checksums and the section validation still run."""
-        self.check_base(base, hash_check=verify)
+        to be the right one; the chunk checksums and the section validation still run. `base_label` names
+        where the base came from in a mismatch's message."""
+        self.check_base(base, hash_check=verify, base_label=base_label)
         if self.kind == "same":
             out = base.detach().clone().contiguous()
         elif self.kind == "whole":

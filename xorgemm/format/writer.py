@@ -85,6 +85,13 @@ def write_delta_file(path, index: dict, chunk_table: np.ndarray, payload: bytes)
     atomic_write(path, [struct.pack("<Q", len(hjson)), hjson] + parts)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path` to write; on success it is fsynced and renamed over `path`, on any
@@ -92,12 +99,16 @@ def atomic_path(path):
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; the output must be a file path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            # mkstemp makes the file 0600; the output gets what open() would give it: 0666 less the umask.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -175,7 +175,7 @@ def unpack(base, delta, *, progress: bool = False) -> dict[str, torch.Tensor]:
     out = {}
     with _open_delta(delta) as d:
         for name in tqdm(list(d), desc="unpack", unit="tensor", disable=_quiet(progress), leave=False):
-            out[name] = d[name].apply(_base_tensor(bsrc, d, name))
+            out[name] = d[name].apply(_base_tensor(bsrc, d, name), base_label=bsrc.label)
     return out
 
 
@@ -202,7 +202,7 @@ def verify(base, delta, finetuned, *, progress: bool = False) -> VerifyReport:
         rep.extra_in_delta = sorted(set(d) - fnames)
         todo = [n for n in d if n in fnames]
         for name in tqdm(todo, desc="verify", unit="tensor", disable=_quiet(progress), leave=False):
-            got = d[name].apply(_base_tensor(bsrc, d, name))
+            got = d[name].apply(_base_tensor(bsrc, d, name), base_label=bsrc.label)
             want = fsrc.get(name)
             same = (got.dtype == want.dtype and got.shape == want.shape
                     and torch.equal(tensor_bytes(got), tensor_bytes(want)))

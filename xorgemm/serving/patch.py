@@ -66,11 +66,29 @@ def _check_bases(served_state: ServedModel, d: DeltaFile, state: dict):
         t.check_base(base, base_digest=hashes.get(key))
 
 
+def _require_device(device):
+    """Refuses, in xorgemm's words, a device this machine does not have (torch's own error comes from deep in
+    its driver layer)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"patch_model: device {device!r} is not a device torch knows: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"patch_model: device {device!r} asked for, but no CUDA GPU is available here "
+                             "(torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"patch_model: device {device!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def patch_model(model: nn.Module, deltas, *, device=None, active=_ONLY) -> nn.Module:
     """Patches `model` (in place) to serve the fine-tunes in `deltas` ({name: path or DeltaFile}, or one path,
     named "finetune"). Returns the model; `model.xorgemm.report` says what was replaced. With `device`, the
     model moves there first, so the resident deltas are made on it (on a GPU, nvCOMP decompresses them
     there). More fine-tunes can be added and removed later: `add_finetune`, `remove_finetune`."""
+    if device is not None:
+        _require_device(device)
     if isinstance(deltas, (str, Path, DeltaFile)):
         deltas = {"finetune": deltas}
     files = {name: d if isinstance(d, DeltaFile) else load_delta(d) for name, d in deltas.items()}
