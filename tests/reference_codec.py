@@ -61,7 +61,7 @@ def conditioned_tile(p: np.ndarray, e, base: np.ndarray, w: int) -> np.ndarray:
     value |= q << widths.astype(np.uint64)
     mask = np.uint64((1 << bits) - 1)
     if transform == 0:
-        ft = base ^ value
+        ft = (base ^ value) & mask  # a word's bits, as a decoder's Word type keeps them
     else:  # zig-zag back to a difference modulo 2^bits
         d = (value >> np.uint64(1)) ^ ((np.uint64(0) - (value & np.uint64(1))) & mask)
         ft = (base + d) & mask

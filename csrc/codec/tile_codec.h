@@ -22,10 +22,11 @@
 // Every field is fixed-length, so a warp decodes any element in O(1) from shared memory, and byte
 // planes keep the stored stream friendly to zstd (the high planes are nearly all zero).
 //
-// One more codec uses the base as context (a decoder always holds the base tile): `conditioned` stores
-// each element's value (its XOR word, or its difference ft - base zig-zagged: whichever is smaller for
-// the tile) in a slot whose bit width is chosen per class of base words (their exponent), plus exceptions.
-// Its layout is below (conditioned_layout); docs/format.md gives the reasons and the measured sizes.
+// One more codec uses the base as context (a decoder always holds the base tile): `conditioned` Rice-codes
+// each element's value (its difference ft - base zig-zagged, or its XOR word) with a parameter chosen per
+// class of base words (their exponent): low bits in slots located from the base, quotients in a unary
+// stream, large ones as escapes. Its layout is below (conditioned_layout); docs/format.md gives the
+// reasons and the measured sizes.
 #pragma once
 
 #include <stdint.h>
@@ -468,9 +469,10 @@ XG_HD uint32_t select_bit(uint32_t x, uint32_t n) {
 //   4. conditioned_patch: each worker finds its chunk's slot offset (the sum of the chunks before it), its
 //      first unary code (after the right zero) and first escape, and patches its elements; false, from
 //      every worker alike and before any write, when the slots do not fit the payload (another base).
-//      A stream that host validation would refuse (conditioned_stream_valid: a section nobody validated)
-//      makes the workers that meet it stop and return false, having read nothing outside the payload;
-//      their elements are then unspecified.
+//      In a section nobody validated, a code longer than an escape, or an escape code without its listed
+//      escape or the reverse, makes the workers that meet it stop and return false, having read nothing
+//      outside the payload (their elements are then unspecified); what lies after the last code is not
+//      read. conditioned_stream_valid checks the whole stream, before any decode, when a section loads.
 // Chunks are contiguous runs of ceil(elems / nthreads) elements, so a worker reads its slots, its codes and
 // its escapes in order, and only its own elements are written.
 XG_HD uint32_t conditioned_chunk(uint32_t elems, uint32_t nthreads) { return (elems + nthreads - 1) / nthreads; }
@@ -609,12 +611,13 @@ XG_HD uint64_t load_u64_unaligned(const uint8_t* p) {
 
 // The whole decode on one worker (the CPU's), in place: `tile` holds the base of a tile `w` words wide
 // (row-major, `stride` words a row) and receives the fine-tuned words. False for a malformed entry or
-// header (the tile untouched), or for slots that do not fit this base or a stream conditioned_stream_valid
-// refuses (then the tile's words are unspecified: a caller discards them; sections are validated before
-// they are decoded). The same format as conditioned_patch, read in a way that suits one core, 256
-// elements at a time: first their runs (every zero of a 56-bit window found with tzcnt / clear-lowest-bit:
-// no serial chain of code lengths), then the elements, each with one unaligned 64-bit load for its slot
-// (bounds-checked: against another base the slots may not fit) and no data-dependent branch.
+// header (the tile untouched), or for slots that do not fit this base, a code longer than an escape, or
+// escape codes that are not the listed escapes (then the tile's words are unspecified: a caller discards
+// them). What lies after the last code is not read: validation checks it when the section loads. The same
+// format as conditioned_patch, read in a way that suits one core, 256 elements at a time: first their runs
+// (every zero of a 56-bit window found with tzcnt / clear-lowest-bit: no serial chain of code lengths),
+// then the elements, each with one unaligned 64-bit load for its slot (bounds-checked: against another
+// base the slots may not fit); the only branches taken rarely are escapes and those checks.
 template <typename Word>
 XG_HD bool decode_conditioned(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* tile,
                               uint32_t stride) {

@@ -53,7 +53,9 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
       __syncthreads();
       ok = codec::conditioned_patch<Word>(payload, l, e, elems, w, tile, w, width, counts, threadIdx.x, blockDim.x);
     }
-    if (!ok && threadIdx.x == 0) *error |= kErrorTile;  // nothing written: the tile stays the base
+    // Any thread: slots that do not fit this base fail every thread alike before any write (the tile stays
+    // the base); a stream validation would refuse fails only the chunks that meet it (theirs unspecified).
+    if (!ok) atomic_or(error, kErrorTile);
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x)
       out[(r0 + i / w - out_row0) * cols + c0 + i % w] = tile[i];

@@ -19,5 +19,14 @@ namespace cuda {
 using codec::load_as;
 using codec::store_as;
 
+// ORs bits into a device error word, from any thread of any block.
+__device__ __forceinline__ void atomic_or(uint32_t* p, uint32_t v) {
+#if defined(XORGEMM_EMULATE)
+  __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+#else
+  atomicOr(p, v);
+#endif
+}
+
 }  // namespace cuda
 }  // namespace xorgemm

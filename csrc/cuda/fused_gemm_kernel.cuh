@@ -163,13 +163,6 @@ __device__ __forceinline__ T atomic_add(T* p, T v) {
   return atomicAdd(p, v);
 #endif
 }
-__device__ __forceinline__ void atomic_or(uint32_t* p, uint32_t v) {
-#if defined(XORGEMM_EMULATE)
-  __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
-#else
-  atomicOr(p, v);
-#endif
-}
 __device__ __forceinline__ void fence() {
 #if defined(XORGEMM_EMULATE)
   emulate::threadfence();
@@ -250,7 +243,9 @@ __device__ __forceinline__ TileEntry checked_entry(const FusedArgs& args, const 
 
 // A conditioned tile decoded by the whole CTA into `dst`, a padded shared-memory tile that holds the base
 // (the decode's context): codec::conditioned_*'s phases, a barrier after each. A payload that does not fit
-// this base leaves the tile as the base, reported. Every thread calls it alike; it ends with a barrier.
+// this base leaves the tile as the base, reported; a stream validation would refuse (a section nobody
+// validated) is reported by the threads that meet it, their words unspecified. Every thread calls it alike;
+// it ends with a barrier.
 __device__ __forceinline__ void patch_conditioned(const FusedArgs& args, const uint8_t* payload, TileEntry e,
                                                   uint32_t elems, uint32_t w, uint16_t* dst, uint8_t* width,
                                                   uint32_t* counts) {
@@ -266,7 +261,7 @@ __device__ __forceinline__ void patch_conditioned(const FusedArgs& args, const u
     __syncthreads();
     ok = codec::conditioned_patch<uint16_t>(payload, l, e, elems, w, dst, kStride, width, counts, tid, kThreads);
   }
-  if (!ok && tid == 0) atomic_or(args.error, kErrorTile);
+  if (!ok) atomic_or(args.error, kErrorTile);  // any thread: a bad stream fails only the chunks that meet it
   __syncthreads();
 }
 

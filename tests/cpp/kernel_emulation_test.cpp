@@ -504,6 +504,27 @@ static void run_apply_conditioned(const format::TileGrid& g, uint32_t shift, uin
         "apply kernel, conditioned tiles (" + std::to_string(conditioned) + "), " + std::to_string(g.rows) + "x" +
             std::to_string(g.cols) + " eb=" + std::to_string(sizeof(Word)) + ", grid rows " + std::to_string(gr0) +
             ".." + std::to_string(gr1));
+  // A stream nobody validated, broken in the middle of a tile (not in thread 0's chunk): reported, whichever
+  // thread meets it.
+  Aligned broken(std::vector<uint8_t>(section.data(), section.data() + section.size));
+  for (uint64_t t = gr0 * g.grid_cols(); t < std::min(gr1 * g.grid_cols(), g.num_tiles()); ++t) {
+    const codec::TileEntry e = codec::load_entry(broken.data(), t);
+    codec::ConditionedLayout l;
+    if (e.codec != codec::kConditioned || !codec::conditioned_layout(broken.data() + off[t], e, sizeof(Word), l))
+      continue;
+    uint8_t* middle = const_cast<uint8_t*>(l.unary) + 4ull * (l.unary_words * 3 / 4);
+    for (int j = 0; j < 4; ++j) middle[j] = 0xff;  // 32 ones: longer than any code
+    break;
+  }
+  error = 0;
+  emulate::launch(
+      {(unsigned)((gr1 - gr0) * g.grid_cols()), 1, 1},
+      [&] {
+        cuda::apply_section_kernel<Word>(broken.data(), offsets.data(), broken.size, b.data(), out.data(), g,
+                                         (int64_t)(gr0 * g.grid_cols()), &error);
+      },
+      (size_t)g.tile_rows * g.tile_cols * sizeof(Word));
+  check(error != 0, "apply kernel, a conditioned stream broken past thread 0's chunk: reported");
   // Another base (exponents moved): slots that no longer fit are refused and reported, never read past.
   std::vector<Word> other = b;
   for (auto& x : other) x ^= (Word)(1u << (shift + 3));
