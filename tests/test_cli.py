@@ -149,3 +149,21 @@ def test_wrong_base_names_the_base_given(files):
             files / "never.safetensors", ok=False)
     assert p.returncode == 2 and "base bytes do not match" in p.stderr
     assert str(files / "ft.safetensors") in p.stderr and str(files / "ft.xor.safetensors") in p.stderr, p.stderr
+
+
+def test_pack_several_finetunes_into_a_folder(files):
+    """Two good fine-tunes and one of another dtype: the good ones written as <name>.xor.safetensors, the
+    bad one reported on one line and skipped, exit 2."""
+    good = load_file(files / "ft.safetensors")
+    save_file({k: perturb(v, "sparse", seed=11) for k, v in good.items()}, files / "second.safetensors")
+    save_file({k: v.double() for k, v in good.items()}, files / "wrongdtype.safetensors")
+    out = files / "many"
+    p = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors",
+            files / "second.safetensors", files / "wrongdtype.safetensors", "-o", out, ok=False)
+    assert p.returncode == 2, p.stderr
+    errors = p.stderr.strip().splitlines()
+    assert len(errors) == 1 and "'wrongdtype' skipped" in errors[0] and "Traceback" not in p.stderr, p.stderr
+    assert sorted(f.name for f in out.iterdir()) == ["ft.xor.safetensors", "second.xor.safetensors"]
+    assert p.stdout.count("wrote ") == 2
+    run("verify", "--base", files / "base.safetensors", "--delta", out / "second.xor.safetensors",
+        "--finetuned", files / "second.safetensors")

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import xorgemm
+import xorgemm.packing.sources
 from xorgemm.format.layout import CODEC_NAMES, tensor_bytes
 from xorgemm.testing import DELTA_KINDS, perturb, seed_scenario, state_dict_of
 
@@ -164,3 +165,51 @@ def test_property_round_trip(tmp_path_factory, shapes, dtype, kind, frac, seed):
     path = tmp_path_factory.mktemp("p") / "d.xor.safetensors"
     xorgemm.pack(base, ft, path, chunk_bytes=4096)
     assert_bit_exact(xorgemm.unpack(base, path), ft)
+
+
+class CountingSource(xorgemm.packing.sources.DictSource):
+    """A base that counts the tensors read from it."""
+
+    def __init__(self, sd, label="base"):
+        super().__init__(sd, label)
+        self.reads = {}
+
+    def get(self, name):
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return super().get(name)
+
+
+def test_pack_many_reads_each_base_tensor_once(tmp_path):
+    """Three fine-tunes of one base in one pass: each base tensor read once; each delta byte-identical to
+    the one pack() writes alone; a fine-tune pack refuses (another dtype) reported and skipped, the others
+    written."""
+    base, ft_a = model_pair(torch.bfloat16, "dense", seed=1)
+    ft_b = {k: perturb(v, "sparse", seed=3) for k, v in base.items()}
+    bad = {**ft_a, "layers.0.attn.weight": ft_a["layers.0.attn.weight"].float()}
+    src = CountingSource(base)
+    rep = xorgemm.pack_many(src, {"a": ft_a, "b": ft_b, "bad": bad}, tmp_path / "out")
+    assert set(rep.reports) == {"a", "b"} and set(rep.failed) == {"bad"} and not rep.ok
+    assert "layers.0.attn.weight" in rep.failed["bad"] and "cast one of them" in rep.failed["bad"]
+    assert max(src.reads.values()) == 1 and set(src.reads) == set(base)
+    assert not (tmp_path / "out" / "bad.xor.safetensors").exists()
+    for name, ft in (("a", ft_a), ("b", ft_b)):
+        alone = xorgemm.pack(base, ft, tmp_path / f"{name}-alone.xor.safetensors")
+        many = tmp_path / "out" / f"{name}.xor.safetensors"
+        assert many.read_bytes() == alone.path.read_bytes()
+        assert_bit_exact(xorgemm.unpack(base, many), ft)
+
+
+def test_pack_many_names_deltas_after_their_files(tmp_path):
+    base, ft = model_pair(torch.float32, "dense", seed=4)
+    save_file(base, tmp_path / "base.safetensors")
+    (tmp_path / "run2").mkdir()
+    save_file(ft, tmp_path / "run1.safetensors")
+    save_file(ft, tmp_path / "run2" / "model.safetensors")
+    rep = xorgemm.pack_many(tmp_path / "base.safetensors", [tmp_path / "run1.safetensors", tmp_path / "run2"],
+                            tmp_path / "deltas")
+    assert rep.ok and sorted(p.name for p in (tmp_path / "deltas").iterdir()) == [
+        "run1.xor.safetensors", "run2.xor.safetensors"]
+    with pytest.raises(xorgemm.InputError, match="same delta name"):
+        xorgemm.pack_many(base, [tmp_path / "run1.safetensors", tmp_path / "run1.safetensors"], tmp_path / "x")
+    with pytest.raises(xorgemm.InputError, match="is a file"):
+        xorgemm.pack_many(base, [tmp_path / "run1.safetensors"], tmp_path / "run1.safetensors")

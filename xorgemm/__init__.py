@@ -15,7 +15,7 @@ on a device) -> ops.py (torch.ops.xorgemm) -> nn.py (XorLinear) -> serving/ (pat
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, XorgemmError
 from xorgemm.format import DeltaFile, DeltaTensor, load_delta
 from xorgemm.nn import SlotIds, XorLinear
-from xorgemm.packing import PackReport, VerifyReport, pack, save_state_dict, unpack, verify
+from xorgemm.packing import ManyPackReport, PackReport, VerifyReport, pack, pack_many, save_state_dict, unpack, verify
 from xorgemm.serving import (
     MemoryReport,
     PatchReport,
@@ -31,7 +31,8 @@ from xorgemm.serving import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "pack", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor", "PackReport",
+    "pack", "pack_many", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor",
+    "PackReport", "ManyPackReport",
     "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear", "SlotIds",
     "patch_model", "use", "select", "PatchReport", "add_finetune", "remove_finetune", "memory_report",
     "MemoryReport", "ServedModel",

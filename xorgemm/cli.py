@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="XOR every fine-tuned tensor against its base, tile it, encode each tile with "
                                     "the smallest codec and compress the stream in independent zstd chunks.")
     pk.add_argument("--base", required=True, help="base weights: a .safetensors file or a model folder")
-    pk.add_argument("--finetuned", required=True, help="fine-tuned weights: a .safetensors file or a model folder")
-    pk.add_argument("-o", "--output", required=True, help="the delta file to write (e.g. ft.xor.safetensors); "
-                                                          "written atomically")
+    pk.add_argument("--finetuned", required=True, nargs="+", metavar="FT",
+                    help="fine-tuned weights: a .safetensors file or a model folder; several fine-tunes of one "
+                         "base are packed in one pass that reads each base tensor once")
+    pk.add_argument("-o", "--output", required=True,
+                    help="the delta file to write (e.g. ft.xor.safetensors), written atomically; with several "
+                         "fine-tunes, a folder that receives <name>.xor.safetensors for each (the name of its "
+                         "folder or file)")
     pk.add_argument("--level", type=int, default=3, help="zstd level of the chunks, 1-22 (default 3: fast to pack; "
                                                          "19 is ~2-5%% smaller and much slower)")
     pk.add_argument("--tile", type=_tile, default=(64, 64),
@@ -88,22 +92,40 @@ def _common(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _pack_summary(rep, seconds: float) -> dict:
+    kinds = {k: sum(1 for t in rep.tensors if t.kind == k) for k in ("xor", "same", "whole")}
+    return {"output": str(rep.path), "tensors": len(rep.tensors), "kinds": kinds,
+            "finetuned_bytes": rep.finetuned_bytes, "file_bytes": rep.file_bytes, "ratio": rep.ratio,
+            "seconds": seconds, "mb_per_s": rep.finetuned_bytes / 1e6 / max(seconds, 1e-9)}
+
+
+def _pack_line(s: dict) -> str:
+    k = s["kinds"]
+    return (f"wrote {s['output']}: {_human(s['file_bytes'])} for {_human(s['finetuned_bytes'])} of weights "
+            f"({100 * s['ratio']:.2f}%), {s['tensors']} tensors ({k['xor']} delta, {k['same']} unchanged, "
+            f"{k['whole']} stored whole) in {s['seconds']:.2f} s ({s['mb_per_s']:.0f} MB/s)")
+
+
 def cmd_pack(a) -> int:
     import xorgemm
 
-    rep = xorgemm.pack(a.base, a.finetuned, a.output, tile=a.tile, level=a.level, chunk_bytes=a.chunk_kib * 1024,
-                       progress=not a.quiet and not a.json)
-    kinds = {k: sum(1 for t in rep.tensors if t.kind == k) for k in ("xor", "same", "whole")}
-    summary = {"output": str(rep.path), "tensors": len(rep.tensors), "kinds": kinds,
-               "finetuned_bytes": rep.finetuned_bytes, "file_bytes": rep.file_bytes, "ratio": rep.ratio,
-               "seconds": rep.seconds, "mb_per_s": rep.finetuned_bytes / 1e6 / max(rep.seconds, 1e-9)}
+    kw = dict(tile=a.tile, level=a.level, chunk_bytes=a.chunk_kib * 1024, progress=not a.quiet and not a.json)
+    if len(a.finetuned) == 1:
+        rep = xorgemm.pack(a.base, a.finetuned[0], a.output, **kw)
+        summary = _pack_summary(rep, rep.seconds)
+        print(json.dumps(summary, indent=2) if a.json else _pack_line(summary))
+        return 0
+    many = xorgemm.pack_many(a.base, a.finetuned, a.output, **kw)
+    # One pass serves them all: each delta's time is the pass's.
+    written = {name: _pack_summary(rep, many.seconds) for name, rep in many.reports.items()}
     if a.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({"written": written, "failed": many.failed, "seconds": many.seconds}, indent=2))
     else:
-        print(f"wrote {rep.path}: {_human(rep.file_bytes)} for {_human(rep.finetuned_bytes)} of weights "
-              f"({100 * rep.ratio:.2f}%), {len(rep.tensors)} tensors ({kinds['xor']} delta, {kinds['same']} "
-              f"unchanged, {kinds['whole']} stored whole) in {rep.seconds:.2f} s ({summary['mb_per_s']:.0f} MB/s)")
-    return 0
+        for s in written.values():
+            print(_pack_line(s))
+    for name, error in many.failed.items():
+        print(f"xorgemm: error: fine-tune {name!r} skipped: {error}", file=sys.stderr)
+    return 0 if many.ok else EXIT_ERROR
 
 
 def cmd_unpack(a) -> int:

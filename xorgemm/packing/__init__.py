@@ -55,6 +55,91 @@ class PackReport:
         return self.file_bytes / max(1, self.finetuned_bytes)
 
 
+class _DeltaBuilder:
+    """One fine-tune's delta being written: its stream, its index entries and its report. Tensors are added
+    one at a time (`add`), each against its base tensor, then the file is written (`finish`)."""
+
+    def __init__(self, fsrc: TensorSource, out_path: Path, *, tile, level: int, chunk_bytes: int,
+                 conditioned: bool):
+        self.fsrc, self.tile, self.conditioned = fsrc, tile, conditioned
+        self.writer = StreamWriter(chunk_bytes=chunk_bytes, level=level)
+        self.report = PackReport(out_path)
+        self.entries, self.base_hashes = {}, {}
+
+    def add(self, name: str, bsrc: TensorSource, base_tensor):
+        """Adds fine-tuned tensor `name`; `base_tensor()` gives the base's (bytes, digest), read once by the
+        caller however many fine-tunes share it."""
+        fsrc = self.fsrc
+        fdtype, fshape = fsrc.meta(name)
+        try:
+            entry = {"dtype": dtype_name(fdtype), "shape": list(fshape)}
+        except InputError as e:
+            raise InputError(f"{fsrc.label}: tensor '{name}': {e}") from None
+        ft = fsrc.get(name)
+        counts = (0,) * len(CODEC_NAMES)
+        if name not in bsrc:
+            entry.update(kind="whole", reason="new")
+        else:
+            bdtype, bshape = bsrc.meta(name)
+            if bdtype != fdtype:
+                raise InputError(f"{fsrc.label}: tensor '{name}' is {dtype_name(fdtype)} but the base "
+                                 f"({bsrc.label}) has {dtype_name(bdtype)}; cast one of them explicitly first")
+            if bshape != fshape:
+                entry.update(kind="whole", reason="reshaped")
+            else:
+                bb, bdigest = base_tensor()
+                fb = tensor_bytes(ft)
+                entry["base"] = self.base_hashes[name] = bdigest
+                if torch.equal(bb, fb):
+                    entry["kind"] = "same"
+                else:
+                    t = tile_for(fshape, self.tile)
+                    grid = grid_of(fshape, t, fdtype)
+                    shift = context_shift(fdtype, fshape) if self.conditioned else -1
+                    section = C.encode_section(bb, fb, grid, shift)
+                    counts = tuple(C.codec_counts(section, grid))
+                    entry.update(kind="xor", tile=list(t), tiles=list(counts))
+                    entry["span"] = list(self.writer.append(section.numpy()))
+        if entry["kind"] == "whole":
+            entry["span"] = list(self.writer.append(tensor_bytes(ft).numpy()))
+        entry.setdefault("span", [0, 0])
+        entry["ft"] = digest(ft)
+        self.entries[name] = entry
+        nbytes = _nbytes(fdtype, fshape)
+        self.report.tensors.append(TensorReport(name, entry["kind"], entry["dtype"], tuple(fshape), nbytes,
+                                                entry["span"][1], counts))
+        self.report.finetuned_bytes += nbytes
+        return nbytes
+
+    def finish(self, level: int, chunk_bytes: int) -> PackReport:
+        """Writes the file (atomically) and returns the report."""
+        writer, entries = self.writer, self.entries
+        table, payload = writer.finish()
+        # The oldest format version whose codecs hold every tile: a file without conditioned tiles stays
+        # readable by an xorgemm that predates them.
+        version = min(v for v, names in VERSION_CODECS.items()
+                      if all(not any(e.get("tiles", [])[len(names):]) for e in entries.values()))
+        codecs = list(VERSION_CODECS[version])
+        for e in entries.values():
+            if "tiles" in e:
+                e["tiles"] = e["tiles"][:len(codecs)]
+        index = {"stream_bytes": writer.stream_bytes, "chunk_bytes": chunk_bytes, "zstd_level": level,
+                 "codecs": codecs, "base_fingerprint": base_fingerprint(self.base_hashes), "tensors": entries}
+        write_delta_file(self.report.path, index, table, payload)
+        self.report.stream_bytes = writer.stream_bytes
+        self.report.file_bytes = self.report.path.stat().st_size
+        return self.report
+
+
+def _output_file(out_path) -> Path:
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise InputError(f"{out_path}: the folder {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise InputError(f"{out_path}: is a folder; the output must be a file path")
+    return out_path
+
+
 def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_bytes: int = 64 * 1024,
          progress: bool = False, conditioned: bool = True) -> PackReport:
     """Writes `finetuned` as an XOR delta against `base` to `out_path` (a .xor.safetensors file).
@@ -66,75 +151,105 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     benchmarks' baseline); by default tiles may use the base-conditioned codec where it is smaller.
     """
     t0 = time.perf_counter()
-    out_path = Path(out_path)
-    if not out_path.parent.is_dir():
-        raise InputError(f"{out_path}: the folder {out_path.parent} does not exist")
+    out_path = _output_file(out_path)
     tile_for((1, 1), tile)  # refuses a bad tile shape before any work
     bsrc = open_source(base, "base")
     fsrc = open_source(finetuned, "finetuned")
-    writer = StreamWriter(chunk_bytes=chunk_bytes, level=level)
-    report = PackReport(out_path)
-    entries, base_hashes = {}, {}
+    builder = _DeltaBuilder(fsrc, out_path, tile=tile, level=level, chunk_bytes=chunk_bytes,
+                            conditioned=conditioned)
     names = fsrc.names()
     total = sum(_nbytes(*fsrc.meta(n)) for n in names)
     with tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=_quiet(progress), leave=False) as bar:
         for name in names:
-            fdtype, fshape = fsrc.meta(name)
-            try:
-                entry = {"dtype": dtype_name(fdtype), "shape": list(fshape)}
-            except InputError as e:
-                raise InputError(f"{fsrc.label}: tensor '{name}': {e}") from None
-            ft = fsrc.get(name)
-            counts = (0,) * len(CODEC_NAMES)
-            if name not in bsrc:
-                entry.update(kind="whole", reason="new")
-            else:
-                bdtype, bshape = bsrc.meta(name)
-                if bdtype != fdtype:
-                    raise InputError(f"{fsrc.label}: tensor '{name}' is {dtype_name(fdtype)} but the base "
-                                     f"({bsrc.label}) has {dtype_name(bdtype)}; cast one of them explicitly first")
-                if bshape != fshape:
-                    entry.update(kind="whole", reason="reshaped")
-                else:
-                    b = bsrc.get(name)
-                    bb, fb = tensor_bytes(b), tensor_bytes(ft)
-                    entry["base"] = base_hashes[name] = digest(bb)
-                    if torch.equal(bb, fb):
-                        entry["kind"] = "same"
-                    else:
-                        t = tile_for(fshape, tile)
-                        grid = grid_of(fshape, t, fdtype)
-                        shift = context_shift(fdtype, fshape) if conditioned else -1
-                        section = C.encode_section(bb, fb, grid, shift)
-                        counts = tuple(C.codec_counts(section, grid))
-                        entry.update(kind="xor", tile=list(t), tiles=list(counts))
-                        entry["span"] = list(writer.append(section.numpy()))
-            if entry["kind"] == "whole":
-                entry["span"] = list(writer.append(tensor_bytes(ft).numpy()))
-            entry.setdefault("span", [0, 0])
-            entry["ft"] = digest(ft)
-            entries[name] = entry
-            nbytes = _nbytes(fdtype, fshape)
-            report.tensors.append(TensorReport(name, entry["kind"], entry["dtype"], tuple(fshape), nbytes,
-                                               entry["span"][1], counts))
-            report.finetuned_bytes += nbytes
-            bar.update(nbytes)
-    table, payload = writer.finish()
-    # The oldest format version whose codecs hold every tile: a file without conditioned tiles stays
-    # readable by an xorgemm that predates them.
-    version = min(v for v, names in VERSION_CODECS.items()
-                  if all(not any(e.get("tiles", [])[len(names):]) for e in entries.values()))
-    codecs = list(VERSION_CODECS[version])
-    for e in entries.values():
-        if "tiles" in e:
-            e["tiles"] = e["tiles"][:len(codecs)]
-    index = {"stream_bytes": writer.stream_bytes, "chunk_bytes": chunk_bytes, "zstd_level": level,
-             "codecs": codecs, "base_fingerprint": base_fingerprint(base_hashes), "tensors": entries}
-    write_delta_file(out_path, index, table, payload)
-    report.stream_bytes = writer.stream_bytes
-    report.file_bytes = out_path.stat().st_size
+            bar.update(builder.add(name, bsrc, lambda name=name: _base_bytes(bsrc, name)))
+    report = builder.finish(level, chunk_bytes)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _base_bytes(bsrc: TensorSource, name: str):
+    bb = tensor_bytes(bsrc.get(name))
+    return bb, digest(bb)
+
+
+def finetune_name(src) -> str:
+    """The name a fine-tune's delta takes in pack_many: its folder's name, or its file's without
+    `.safetensors`."""
+    path = Path(src)
+    return path.name[:-len(".safetensors")] if path.is_file() and path.name.endswith(".safetensors") else path.name
+
+
+@dataclass
+class ManyPackReport:
+    reports: dict[str, PackReport] = field(default_factory=dict)  # the fine-tunes written
+    failed: dict[str, str] = field(default_factory=dict)  # the others: name -> the error, one line
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def pack_many(base, finetuned, out_dir, *, tile=DEFAULT_TILE, level: int = 3, chunk_bytes: int = 64 * 1024,
+              progress: bool = False, conditioned: bool = True) -> ManyPackReport:
+    """Packs several fine-tunes of one base, reading each base tensor once: `finetuned` is a list of paths
+    (each delta named after its folder or file: OUT_DIR/<name>.xor.safetensors) or a {name: source} dict.
+    A fine-tune that fails (unreadable, another dtype, a tensor the base lacks in a way pack refuses) is
+    reported in the result's `failed` and skipped; the others are written. `out_dir` is created if
+    missing (its parent must exist)."""
+    t0 = time.perf_counter()
+    tile_for((1, 1), tile)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file; with several fine-tunes the output is a folder")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"{out_dir}: the folder {out_dir.parent} does not exist")
+    sources = dict(finetuned) if isinstance(finetuned, dict) else {finetune_name(f): f for f in finetuned}
+    if not isinstance(finetuned, dict) and len(sources) != len(finetuned):
+        names = [finetune_name(f) for f in finetuned]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"fine-tunes {dup} would write the same delta name; pass a {{name: source}} dict")
+    out_dir.mkdir(exist_ok=True)
+    bsrc = open_source(base, "base")
+    result = ManyPackReport()
+    builders: dict[str, _DeltaBuilder] = {}
+    for name, src in sources.items():
+        try:
+            builders[name] = _DeltaBuilder(open_source(src, "finetuned"), out_dir / f"{name}.xor.safetensors",
+                                           tile=tile, level=level, chunk_bytes=chunk_bytes, conditioned=conditioned)
+        except XorgemmError as e:
+            result.failed[name] = str(e)
+    order = list(dict.fromkeys(n for b in builders.values() for n in b.fsrc.names()))
+    bars = {name: tqdm(total=sum(_nbytes(*b.fsrc.meta(n)) for n in b.fsrc.names()), unit="B", unit_scale=True,
+                       desc=name, position=i, disable=_quiet(progress), leave=False)
+            for i, (name, b) in enumerate(builders.items())}
+    try:
+        for tname in order:
+            cached = []  # the base tensor's bytes and digest, read at most once for every fine-tune
+
+            def base_tensor(tname=tname, cached=cached):
+                if not cached:
+                    cached.append(_base_bytes(bsrc, tname))
+                return cached[0]
+
+            for name, b in list(builders.items()):
+                if tname not in b.fsrc:
+                    continue
+                try:
+                    bars[name].update(b.add(tname, bsrc, base_tensor))
+                except XorgemmError as e:
+                    result.failed[name] = str(e)
+                    del builders[name]
+        for name, b in builders.items():
+            try:
+                result.reports[name] = b.finish(level, chunk_bytes)
+            except XorgemmError as e:
+                result.failed[name] = str(e)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 def _quiet(progress: bool):
@@ -218,4 +333,5 @@ def save_state_dict(sd: dict[str, torch.Tensor], path):
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
 
 
-__all__ = ["pack", "unpack", "verify", "save_state_dict", "PackReport", "VerifyReport", "XorgemmError"]
+__all__ = ["pack", "pack_many", "unpack", "verify", "save_state_dict", "PackReport", "ManyPackReport", "VerifyReport",
+           "XorgemmError"]
