@@ -86,7 +86,13 @@ def write_delta_file(path, index: dict, chunk_table: np.ndarray, payload: bytes)
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
+    """The process's umask: from /proc on Linux; elsewhere by setting it and setting it back at once (which
+    other threads could see for that instant)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
