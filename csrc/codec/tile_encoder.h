@@ -91,6 +91,7 @@ struct ConditionedPlan {
 template <typename Word>
 inline ConditionedPlan plan_conditioned(const Word* base, const Word* ft, uint32_t elems, uint32_t shift) {
   constexpr uint32_t kBits = 8 * sizeof(Word), kLens = kBits + 1;
+  static_assert(kRiceEscape == 1u << 4, "escapes are the values 4 bits longer than their slot");
   struct Stats {
     uint32_t count[256][kLens];  // values of each bit length, per class
     uint64_t sum[256][kLens];    // and their sum
