@@ -209,6 +209,8 @@ def test_pack_many_names_deltas_after_their_files(tmp_path):
                             tmp_path / "deltas")
     assert rep.ok and sorted(p.name for p in (tmp_path / "deltas").iterdir()) == [
         "run1.xor.safetensors", "run2.xor.safetensors"]
+    missing = xorgemm.pack_many(base, [tmp_path / "run1.safetensors", tmp_path / "gone"], tmp_path / "d2")
+    assert set(missing.reports) == {"run1"} and "no such file" in missing.failed["gone"]
     with pytest.raises(xorgemm.InputError, match="same delta name"):
         xorgemm.pack_many(base, [tmp_path / "run1.safetensors", tmp_path / "run1.safetensors"], tmp_path / "x")
     with pytest.raises(xorgemm.InputError, match="is a file"):
