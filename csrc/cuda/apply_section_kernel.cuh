@@ -32,7 +32,7 @@ __global__ void apply_section_kernel(const uint8_t* __restrict__ section, const 
   const uint32_t w = g.tile_width(t), elems = g.tile_height(t) * w;
   TileEntry e = codec::load_entry(section, t);
   if (!codec::tile_readable(e, elems, sizeof(Word), (uint64_t)offsets[t], g.table_bytes(), len)) {
-    if (threadIdx.x == 0) *error |= kErrorTile;
+    if (threadIdx.x == 0) atomic_or(error, kErrorTile);  // other blocks may report too
     e = TileEntry{0, codec::kZero, 0, 0};
   }
   const uint64_t out_row0 = g.tile_row0(t0);
