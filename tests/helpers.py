@@ -16,6 +16,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                               pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")])]
 
 
+def payload_range(path) -> tuple[int, int]:
+    """Where a delta container's payload (its zstd chunks) lies in the file: [start, end)."""
+    import json
+    import struct
+
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    a, b = json.loads(raw[8:8 + n])["payload"]["data_offsets"]
+    return 8 + n + a, 8 + n + b
+
+
 def rel_err(got, want) -> float:
     """Normwise relative error of `got` against a (float64) reference, on the CPU."""
     want = want.double().cpu()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import payload_range
 from safetensors.torch import load_file, save_file
 
 from xorgemm.testing import perturb, seed_scenario, state_dict_of
@@ -135,7 +136,7 @@ def test_inspect_checks_the_file(files):
     """One byte flipped in a chunk: inspect's default check finds it (exit 2, one line naming the file);
     --no-check prints the table from the index alone."""
     data = bytearray((files / "ft.xor.safetensors").read_bytes())
-    data[-200] ^= 0x5A  # inside the payload (the chunks come last)
+    data[payload_range(files / "ft.xor.safetensors")[1] - 200] ^= 0x5A  # inside the payload
     bad = files / "flipped.xor.safetensors"
     bad.write_bytes(bytes(data))
     p = run("inspect", bad, ok=False)

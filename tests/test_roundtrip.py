@@ -91,7 +91,7 @@ def test_many_chunks_and_lazy_access(tmp_path):
     path = tmp_path / "d.xor.safetensors"
     xorgemm.pack(base, ft, path, chunk_bytes=4096, level=1)
     d = xorgemm.load_delta(path)
-    assert d.chunks.shape[0] > 100
+    assert d.n_chunks > 100
     # One tensor decodes on its own, touching only its chunks.
     assert torch.equal(d["w3"].apply(base["w3"]), ft["w3"])
     assert torch.equal(d["w3"].apply(base["w3"], verify=False), ft["w3"])

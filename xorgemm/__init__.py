@@ -6,6 +6,7 @@ on a device) -> ops.py (torch.ops.xorgemm) -> nn.py (XorLinear) -> serving/ (pat
     import xorgemm
     xorgemm.pack("base.safetensors", "ft.safetensors", "ft.xor.safetensors")
     sd = xorgemm.unpack("base.safetensors", "ft.xor.safetensors")     # bit-exact fine-tuned state dict
+    xorgemm.unpack_to("base", "ft.xor.safetensors", "ft/")            # or its files, a tensor at a time
     delta = xorgemm.load_delta("ft.xor.safetensors")                  # validated, lazily decoded
 
     from xorgemm import XorLinear                                     # nn.Linear over base XOR delta
@@ -15,7 +16,18 @@ on a device) -> ops.py (torch.ops.xorgemm) -> nn.py (XorLinear) -> serving/ (pat
 from xorgemm.errors import BaseMismatchError, DeltaFormatError, InputError, XorgemmError
 from xorgemm.format import DeltaFile, DeltaTensor, load_delta
 from xorgemm.nn import SlotIds, XorLinear
-from xorgemm.packing import ManyPackReport, PackReport, VerifyReport, pack, pack_many, save_state_dict, unpack, verify
+from xorgemm.packing import (
+    ManyPackReport,
+    PackReport,
+    UnpackReport,
+    VerifyReport,
+    pack,
+    pack_many,
+    save_state_dict,
+    unpack,
+    unpack_to,
+    verify,
+)
 from xorgemm.serving import (
     MemoryReport,
     PatchReport,
@@ -31,8 +43,8 @@ from xorgemm.serving import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "pack", "pack_many", "unpack", "verify", "load_delta", "save_state_dict", "DeltaFile", "DeltaTensor",
-    "PackReport", "ManyPackReport",
+    "pack", "pack_many", "unpack", "unpack_to", "verify", "load_delta", "save_state_dict", "DeltaFile",
+    "DeltaTensor", "PackReport", "ManyPackReport", "UnpackReport",
     "VerifyReport", "XorgemmError", "InputError", "DeltaFormatError", "BaseMismatchError", "XorLinear", "SlotIds",
     "patch_model", "use", "select", "PatchReport", "add_finetune", "remove_finetune", "memory_report",
     "MemoryReport", "ServedModel",

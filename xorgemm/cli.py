@@ -55,21 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensors use one row of as many elements")
     pk.add_argument("--chunk-kib", type=int, default=64,
                     help="uncompressed size of each zstd chunk in KiB (default 64, the unit nvCOMP decompresses)")
+    pk.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                    help="a delta larger than this is written as shards of whole tensors, NAME-00001-of-0000N."
+                         "xor.safetensors, with NAME.xor.safetensors.index.json; every command reads either form "
+                         "by the path NAME.xor.safetensors (default 5GB; e.g. 500MB, 2GiB)")
     _common(pk)
 
     up = sub.add_parser("unpack", help="rebuild the fine-tuned weights, bit for bit",
-                        description="Apply a delta to its base and write the fine-tuned weights as .safetensors. "
-                                    "The base is checked against the hashes the delta recorded.")
+                        description="Apply a delta to its base and write the fine-tuned weights as .safetensors, "
+                                    "a few tensors at a time. Into a folder, the files are the fine-tune's own (its "
+                                    "shards and model.safetensors.index.json, each file's metadata kept), or the "
+                                    "base's when the delta did not record them. The base is checked against the "
+                                    "hashes the delta recorded.")
     up.add_argument("--base", required=True, help="the base the delta was made from")
-    up.add_argument("--delta", required=True, help="the .xor.safetensors delta")
-    up.add_argument("-o", "--output", required=True, help="the .safetensors file to write (atomically)")
+    up.add_argument("--delta", required=True, help="the delta (NAME.xor.safetensors, one file or sharded)")
+    up.add_argument("-o", "--output", required=True,
+                    help="a folder to write the fine-tune's files into (created if missing), or one .safetensors "
+                         "file; every file is written atomically")
+    up.add_argument("--max-shard-size", metavar="SIZE",
+                    help="write shards model-0000i-of-0000N.safetensors of at most SIZE (e.g. 5GB) into the "
+                         "output folder instead of the fine-tune's own files")
     _common(up)
 
     ins = sub.add_parser("inspect", help="per-tensor table of a delta: tiles, zero tiles, codec mix, bytes, ratio",
                          description="Validate a delta file and show, per tensor, its tiles, how many are all-zero, "
                                      "the codec mix, its stored and on-disk bytes and the ratio to the tensor's "
                                      "bytes; then totals.")
-    ins.add_argument("delta", help="the .xor.safetensors delta")
+    ins.add_argument("delta", help="the delta (NAME.xor.safetensors, one file or sharded)")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.add_argument("--top", type=int, metavar="N", help="list only the N tensors taking the most disk bytes "
                                                           "(totals still cover every tensor)")
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Rebuild every tensor from base + delta and compare it byte for byte with the "
                                      "fine-tune. Exit 0 if identical, 1 if not.")
     ver.add_argument("--base", required=True, help="the base the delta was made from")
-    ver.add_argument("--delta", required=True, help="the .xor.safetensors delta")
+    ver.add_argument("--delta", required=True, help="the delta (NAME.xor.safetensors, one file or sharded)")
     ver.add_argument("--finetuned", required=True, help="the fine-tune to compare against")
     _common(ver)
     return p
@@ -94,14 +106,15 @@ def _common(p):
 
 def _pack_summary(rep, seconds: float) -> dict:
     kinds = {k: sum(1 for t in rep.tensors if t.kind == k) for k in ("xor", "same", "whole")}
-    return {"output": str(rep.path), "tensors": len(rep.tensors), "kinds": kinds,
+    return {"output": str(rep.path), "files": [str(f) for f in rep.files], "tensors": len(rep.tensors), "kinds": kinds,
             "finetuned_bytes": rep.finetuned_bytes, "file_bytes": rep.file_bytes, "ratio": rep.ratio,
             "seconds": seconds, "mb_per_s": rep.finetuned_bytes / 1e6 / max(seconds, 1e-9)}
 
 
 def _pack_line(s: dict) -> str:
     k = s["kinds"]
-    return (f"wrote {s['output']}: {_human(s['file_bytes'])} for {_human(s['finetuned_bytes'])} of weights "
+    shards = f" ({len(s['files']) - 1} shards and their index)" if len(s["files"]) > 1 else ""
+    return (f"wrote {s['output']}{shards}: {_human(s['file_bytes'])} for {_human(s['finetuned_bytes'])} of weights "
             f"({100 * s['ratio']:.2f}%), {s['tensors']} tensors ({k['xor']} delta, {k['same']} unchanged, "
             f"{k['whole']} stored whole) in {s['seconds']:.2f} s ({s['mb_per_s']:.0f} MB/s)")
 
@@ -109,7 +122,8 @@ def _pack_line(s: dict) -> str:
 def cmd_pack(a) -> int:
     import xorgemm
 
-    kw = dict(tile=a.tile, level=a.level, chunk_bytes=a.chunk_kib * 1024, progress=not a.quiet and not a.json)
+    kw = dict(tile=a.tile, level=a.level, chunk_bytes=a.chunk_kib * 1024, progress=not a.quiet and not a.json,
+              max_shard_size=a.max_shard_size)
     if len(a.finetuned) == 1:
         rep = xorgemm.pack(a.base, a.finetuned[0], a.output, **kw)
         summary = _pack_summary(rep, rep.seconds)
@@ -131,13 +145,14 @@ def cmd_pack(a) -> int:
 def cmd_unpack(a) -> int:
     import xorgemm
 
-    sd = xorgemm.unpack(a.base, a.delta, progress=not a.quiet and not a.json)
-    xorgemm.save_state_dict(sd, a.output)
-    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    rep = xorgemm.unpack_to(a.base, a.delta, a.output, max_shard_size=a.max_shard_size,
+                            progress=not a.quiet and not a.json)
     if a.json:
-        print(json.dumps({"output": a.output, "tensors": len(sd), "bytes": nbytes}, indent=2))
+        print(json.dumps({"output": a.output, "files": [str(f) for f in rep.files], "tensors": rep.tensors,
+                          "bytes": rep.nbytes, "seconds": rep.seconds}, indent=2))
     else:
-        print(f"wrote {a.output}: {len(sd)} tensors, {_human(nbytes)}")
+        what = f"{len(rep.files)} files" if len(rep.files) > 1 else rep.files[0].name
+        print(f"wrote {a.output} ({what}): {rep.tensors} tensors, {_human(rep.nbytes)} in {rep.seconds:.2f} s")
     return 0
 
 
@@ -168,11 +183,11 @@ def cmd_inspect(a) -> int:
                 t.section()
     rows = inspect_rows(d)
     total = sum(r["bytes"] for r in rows)
-    file_bytes = d.path.stat().st_size
+    file_bytes = d.file_bytes
     totals = {"tensors": len(rows), "tiles": sum(r["tiles"] for r in rows),
               "zero_tiles": sum(r["zero_tiles"] for r in rows), "bytes": total,
               "stored_bytes": d.stream_bytes, "payload_bytes": d.compressed_bytes, "file_bytes": file_bytes,
-              "ratio": file_bytes / max(1, total), "chunks": int(d.chunks.shape[0])}
+              "ratio": file_bytes / max(1, total), "chunks": d.n_chunks, "shards": len(d.shards)}
     if a.json:
         print(json.dumps({"file": str(d.path), "format_version": d.format_version, "tensors": rows, "totals": totals},
                          indent=2))
@@ -197,7 +212,7 @@ def cmd_inspect(a) -> int:
         print(f"... {len(rows) - len(shown)} smaller tensors not shown (--top {a.top})")
     print(f"\n{d.path}: {totals['tensors']} tensors, {totals['tiles']} tiles ({totals['zero_tiles']} all-zero, "
           f"skipped), {_human(total)} of weights in {_human(file_bytes)} on disk ({100 * totals['ratio']:.2f}%), "
-          f"{totals['chunks']} zstd chunks")
+          f"{totals['chunks']} zstd chunks" + (f" in {totals['shards']} shards" if totals["shards"] > 1 else ""))
     return 0
 
 

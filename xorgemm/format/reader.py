@@ -1,6 +1,7 @@
-"""Reading a .xor.safetensors container: DeltaFile, validated completely when opened, decoded lazily.
+"""Reading a delta: DeltaFile, validated completely when opened, decoded lazily.
 
-Layout (docs/format.md is the spec):
+A delta is one .xor.safetensors container, or several (shards) listed by a NAME.xor.safetensors.index.json.
+A container's layout (docs/format.md is the spec):
   __metadata__  {"format": "xorgemm.delta", "format_version": "1", "index_bytes": n, "index_xxh3": h, ...}
   "index"       U8: the index (per-tensor dtype, shape, tile shape, codec mix, span, hashes) as zstd'd JSON
   "chunks"      I64 [n_chunks, 4]: compressed offset, compressed size, raw size, XXH3-64 of the raw bytes
@@ -9,12 +10,14 @@ Layout (docs/format.md is the spec):
 The chunks decompress to one logical *stream*; each tensor's bytes are a span of it (a delta section, see
 csrc/format/delta_section.h, or the raw bytes of a tensor stored whole). Every field is validated before
 use, so a truncated, corrupted or crafted file is refused with a message naming the file and tensor.
+The file is read with pread, never mapped: a mapped page stays in the process's resident set, and
+reading a 10 GB delta through a map would hold 10 GB.
 """
 from __future__ import annotations
 
 import bisect
 import json
-import mmap
+import os
 import struct
 import threading
 from collections import OrderedDict
@@ -25,7 +28,7 @@ import torch
 import zstandard
 
 from xorgemm.errors import DeltaFormatError, InputError, where
-from xorgemm.format.hashes import checksum, is_hash
+from xorgemm.format.hashes import base_fingerprint, checksum, is_hash
 from xorgemm.format.layout import (
     CODEC_NAMES,
     DTYPES,
@@ -48,14 +51,19 @@ def sniff_pickle(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-class DeltaFile:
-    """A validated, lazily decoded .xor.safetensors file. Use `load_delta(path)`."""
+class DeltaShard:
+    """One validated .xor.safetensors container: a whole delta, or one shard of a sharded one."""
 
     def __init__(self, path):
         self.path = Path(path)
-        self._mm = None
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._open()
+        self._fd = None
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
 
     # --- parsing and validation
 
@@ -67,22 +75,24 @@ class DeltaFile:
             raise InputError(f"{self.path}: no such file")
         if not self.path.is_file():
             raise InputError(f"{self.path}: is not a file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(9)
-            if sniff_pickle(head):
-                self._fail("is a pickle / torch.save checkpoint; xorgemm never unpickles, expected a .xor.safetensors "
-                           "delta")
-            if len(head) < 8:
-                self._fail("is not a safetensors file (shorter than its 8-byte header length)")
-            (hlen,) = struct.unpack("<Q", head[:8])
-            f.seek(8)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                self._fail(f"is truncated or not a safetensors file (header of {hlen} bytes, file of {size})")
-            try:
-                header = json.loads(f.read(hlen).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                self._fail("is not a safetensors file (its header is not JSON)")
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot be opened ({e.strerror})") from None
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 9, 0)
+        if sniff_pickle(head):
+            self._fail("is a pickle / torch.save checkpoint; xorgemm never unpickles, expected a .xor.safetensors "
+                       "delta")
+        if len(head) < 8:
+            self._fail("is not a safetensors file (shorter than its 8-byte header length)")
+        (hlen,) = struct.unpack("<Q", head[:8])
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            self._fail(f"is truncated or not a safetensors file (header of {hlen} bytes, file of {size})")
+        try:
+            header = json.loads(self._pread(8, hlen).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            self._fail("is not a safetensors file (its header is not JSON)")
         if not isinstance(header, dict):
             self._fail("is not a safetensors file (its header is not a JSON object)")
         meta = header.get("__metadata__")
@@ -109,12 +119,13 @@ class DeltaFile:
             if b > data_len:
                 self._fail(f"is truncated: '{name}' ends at byte {data_start + b} of a {size}-byte file")
             spans[name] = (data_start + a, b - a, info["shape"])
-        self._mm = _map(self.path, size)
         self.index = self._read_index(meta, *spans["index"][:2])
         off, n, shape = spans["chunks"]
         if shape[1:] != [4]:
             self._fail("has a chunk table that is not [n, 4]")
-        self.chunks = np.frombuffer(self._mm, dtype="<i8", count=n // 8, offset=off).reshape(-1, 4)
+        if n > 64 * MAX_HEADER_BYTES:
+            self._fail(f"has a chunk table of {n} bytes")
+        self.chunks = np.frombuffer(self._pread(off, n), dtype="<i8").reshape(-1, 4)
         self._payload_off, self._payload_len, _ = spans["payload"]
         self._validate_index()
         self._validate_chunks()
@@ -126,7 +137,7 @@ class DeltaFile:
             self._fail("has no valid index_bytes / index_xxh3 metadata")
         if not 0 < raw_len <= MAX_HEADER_BYTES:
             self._fail(f"declares an index of {raw_len} bytes (at most {MAX_HEADER_BYTES})")
-        problem, raw = decompress_exact(self._mm[off:off + n], raw_len, check)
+        problem, raw = decompress_exact(self._pread(off, n), raw_len, check)
         if problem:
             self._fail(f"has a corrupted index ({problem})")
         try:
@@ -154,6 +165,29 @@ class DeltaFile:
         self.tensors: dict[str, DeltaTensor] = {}
         for name, e in tensors.items():
             self.tensors[name] = self._parse_tensor(name, e)
+        self._validate_layout(ix, tensors)
+
+    def _validate_layout(self, ix, tensors):
+        """The fine-tune's file layout, when pack recorded one: "files" (file name -> its safetensors metadata)
+        and each tensor's "file"; unpack writes the same files."""
+        files = ix.get("files")
+        self.layout_files: dict[str, dict[str, str]] = {}
+        self.tensor_files: dict[str, str] = {}
+        if files is None:
+            return
+        if not isinstance(files, dict):
+            self._fail("index field 'files' is not an object")
+        for fname, meta in files.items():
+            if not is_plain_file_name(fname, ".safetensors"):
+                self._fail(f"index field 'files' names {fname!r}, not a plain .safetensors file name")
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                self._fail(f"index field 'files': the metadata of {fname!r} is not a map of strings")
+        self.layout_files = files
+        for name, e in tensors.items():
+            fname = e.get("file")
+            if fname not in files:
+                self._fail(f"index entry is invalid: its file {fname!r} is not one of the index's 'files'", name)
+            self.tensor_files[name] = fname
 
     def _parse_tensor(self, name, e) -> DeltaTensor:
         bad = lambda msg: self._fail(f"index entry is invalid: {msg}", name)  # noqa: E731
@@ -250,17 +284,36 @@ class DeltaFile:
     def compressed_bytes(self) -> int:
         return self._payload_len
 
-    def _chunk(self, i: int, tensor=None) -> bytes:
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        off, n, raw_len, check = (int(v) for v in self.chunks[i])
-        problem, raw = decompress_exact(self._mm[self._payload_off + off: self._payload_off + off + n], raw_len, check)
+    def _pread(self, offset: int, n: int) -> bytes:
+        if self._fd is None:
+            raise InputError(f"{self.path}: is closed")
+        data = os.pread(self._fd, n, offset)
+        while len(data) < n:  # a short read: a regular file returns less only at its end
+            more = os.pread(self._fd, n - len(data), offset + len(data))
+            if not more:
+                self._fail(f"is truncated (it ends before byte {offset + n})")
+            data += more
+        return data
+
+    def _frame(self, i: int) -> bytes:
+        off, n = int(self.chunks[i, 0]), int(self.chunks[i, 1])
+        return self._pread(self._payload_off + off, n)
+
+    def _chunk(self, i: int, tensor=None, keep: bool = True) -> bytes:
+        """Chunk i decompressed and checked. The last few are kept: small tensors share chunks."""
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+        raw_len, check = int(self.chunks[i, 2]), int(self.chunks[i, 3])
+        problem, raw = decompress_exact(self._frame(i), raw_len, check)
         if problem:
             self._fail(f"chunk {i} is corrupted ({problem})", tensor)
-        self._cache[i] = raw
-        if len(self._cache) > 4:
-            self._cache.popitem(last=False)
+        if keep:
+            with self._lock:
+                self._cache[i] = raw
+                if len(self._cache) > 4:
+                    self._cache.popitem(last=False)
         return raw
 
     def read_span(self, offset: int, length: int, tensor=None) -> torch.Tensor:
@@ -271,7 +324,7 @@ class DeltaFile:
         out = torch.empty(length, dtype=torch.uint8)
         dst = out.numpy()
         for i in range(first, last + 1):
-            chunk = self._chunk(i, tensor)
+            chunk = self._chunk(i, tensor, keep=i in (first, last))  # inner chunks belong to this span alone
             start = int(self._raw_starts[i])
             lo, hi = max(offset - start, 0), min(offset + length - start, len(chunk))
             at = start + lo - offset
@@ -283,11 +336,8 @@ class DeltaFile:
         their decompressed sizes, and where the span starts in their concatenated output. Unchecked: for a
         decoder that checks sizes itself (nvCOMP's, xorgemm.resident); read_span checks the XXH3 sums."""
         first, last = self._chunk_range(offset, length)
-        frames, sizes = [], []
-        for i in range(first, last + 1):
-            off, n, raw_len, _ = (int(v) for v in self.chunks[i])
-            frames.append(self._mm[self._payload_off + off: self._payload_off + off + n])
-            sizes.append(raw_len)
+        frames = [self._frame(i) for i in range(first, last + 1)]
+        sizes = [int(self.chunks[i, 2]) for i in range(first, last + 1)]
         return frames, sizes, offset - int(self._raw_starts[first])
 
     def _chunk_range(self, offset: int, length: int) -> tuple[int, int]:
@@ -299,16 +349,15 @@ class DeltaFile:
         """Decompresses every chunk once and checks its size and XXH3 checksum (read_span checks only the chunks
         it touches, when it touches them): the whole file's integrity, up front."""
         for i in range(self.chunks.shape[0]):
-            off, n, raw_len, check = (int(v) for v in self.chunks[i])
-            problem, _ = decompress_exact(self._mm[self._payload_off + off: self._payload_off + off + n], raw_len,
-                                          check)
-            if problem:
-                self._fail(f"chunk {i} is corrupted ({problem})")
+            self._chunk(i, keep=False)
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.chunks.shape[0])
 
     def compressed_share(self, name) -> float:
         """On-disk bytes attributable to a tensor: its share of every chunk its span touches."""
-        t = self[name]
-        off, n = t.span
+        off, n = self[name].span
         if n == 0:
             return 0.0
         total = 0.0
@@ -320,22 +369,15 @@ class DeltaFile:
 
     def close(self):
         self._cache.clear()
-        self.chunks = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a view is still alive; the map closes when it is collected
-                pass
-            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def __del__(self):
         self.close()
 
     def __repr__(self):
-        return f"DeltaFile({str(self.path)!r}, {len(self.tensors)} tensors, {self.compressed_bytes} bytes)"
+        return f"DeltaShard({str(self.path)!r}, {len(self.tensors)} tensors, {self.compressed_bytes} bytes)"
 
 
 _LOCAL = threading.local()
@@ -363,11 +405,10 @@ def decompress_exact(frame: bytes, raw_len: int, check: int) -> tuple[str | None
     return None, raw
 
 
-def _map(path, size):
-    if size == 0:
-        return b""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def is_plain_file_name(name, suffix: str) -> bool:
+    """A file name with no folder part (so a crafted index cannot point outside its folder)."""
+    return (isinstance(name, str) and name.endswith(suffix) and len(name) > len(suffix) and "/" not in name
+            and "\\" not in name and name not in (".", "..") and "\0" not in name)
 
 
 def _int_list(v, ndim_min, allow_empty=False) -> bool:
@@ -375,6 +416,149 @@ def _int_list(v, ndim_min, allow_empty=False) -> bool:
             and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
 
 
+class DeltaFile:
+    """A validated, lazily decoded delta: one .xor.safetensors file, or the shards a
+    NAME.xor.safetensors.index.json lists (pack writes those past a size limit). Use `load_delta(path)`.
+    Each tensor decodes from the file that holds it, which its messages name."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.shards: list[DeltaShard] = []
+        index = _shard_index_of(self.path)
+        try:
+            if index is None:
+                self.shards.append(DeltaShard(self.path))
+            else:
+                self.path = index
+                self._open_shards()
+        except BaseException:
+            self.close()
+            raise
+        first = self.shards[0]
+        self.format_version = max(s.format_version for s in self.shards)
+        self.stream_bytes = sum(s.stream_bytes for s in self.shards)
+        self.tensors: dict[str, DeltaTensor] = {}
+        self.layout_files: dict[str, dict[str, str]] = {}
+        self.tensor_files: dict[str, str] = {}
+        for s in self.shards:
+            self.tensors.update(s.tensors)
+            self.layout_files.update(s.layout_files)
+            self.tensor_files.update(s.tensor_files)
+        if len(self.tensor_files) != len(self.tensors):  # a layout covers every tensor or none
+            self.layout_files, self.tensor_files = {}, {}
+        self.base_fingerprint = first.base_fingerprint if index is None else self._fingerprint
+        self.index = first.index if index is None else None
+
+    @property
+    def sharded(self) -> bool:
+        return self.path.name.endswith(".index.json")
+
+    def _open_shards(self):
+        """Opens every shard the index lists and checks they hold exactly the tensors it maps to them, made
+        from one base."""
+        fail = lambda msg: _raise(DeltaFormatError(f"{self.path}: {msg}"))  # noqa: E731
+        try:
+            if self.path.stat().st_size > MAX_HEADER_BYTES:
+                fail(f"is larger than a shard index may be ({MAX_HEADER_BYTES} bytes)")
+            doc = json.loads(self.path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            fail("is not a JSON shard index")
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot be read ({e.strerror})") from None
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            fail(f"is not the shard index of an xorgemm delta (no metadata 'format: {FORMAT}')")
+        if not isinstance(weight_map, dict) or not weight_map:
+            fail("has no 'weight_map' of tensors to shard files")
+        shards: dict[str, set] = {}
+        for tname, fname in weight_map.items():
+            if not is_plain_file_name(fname, ".xor.safetensors"):
+                fail(f"maps tensor '{tname}' to {fname!r}, not a .xor.safetensors file name in its folder")
+            shards.setdefault(fname, set()).add(tname)
+        for fname, names in shards.items():
+            shard = DeltaShard(self.path.parent / fname)
+            self.shards.append(shard)
+            if set(shard.tensors) != names:
+                odd = sorted(set(shard.tensors) ^ names)[0]
+                fail(f"shard {fname} does not hold the tensors the index maps to it (e.g. '{odd}')")
+        hashes = {n: t.base_hash for s in self.shards for n, t in s.tensors.items() if t.kind != "whole"}
+        self._fingerprint = base_fingerprint(hashes)
+        if meta.get("base_fingerprint") != self._fingerprint:
+            fail("its shards were made from another base than the index records (base_fingerprint differs)")
+
+    def __getitem__(self, name) -> DeltaTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor '{name}' in this delta") from None
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(s.compressed_bytes for s in self.shards)
+
+    @property
+    def file_bytes(self) -> int:
+        """The delta's size on disk: its file, or its shards and their index."""
+        n = sum(s.path.stat().st_size for s in self.shards)
+        return n + (self.path.stat().st_size if self.sharded else 0)
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(s.n_chunks for s in self.shards)
+
+    def check_chunks(self):
+        """Decompresses every chunk of every shard once and checks its size and XXH3 checksum."""
+        for s in self.shards:
+            s.check_chunks()
+
+    def compressed_share(self, name) -> float:
+        return self[name].file.compressed_share(name)
+
+    def close(self):
+        for s in self.shards:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"DeltaFile({str(self.path)!r}, {len(self.tensors)} tensors, {self.compressed_bytes} bytes)"
+
+
+def shard_index_path(path) -> Path:
+    """Where a sharded delta written to `path` (NAME.xor.safetensors) keeps its index."""
+    path = Path(path)
+    return path.with_name(path.name + ".index.json")
+
+
+def _shard_index_of(path: Path) -> Path | None:
+    """The shard index `path` stands for, or None for a single file: the index itself, or NAME.xor.safetensors
+    when only NAME.xor.safetensors.index.json exists."""
+    if path.name.endswith(".index.json"):
+        return path
+    if not path.exists() and shard_index_path(path).is_file():
+        return shard_index_path(path)
+    return None
+
+
+def _raise(e):
+    raise e
+
+
 def load_delta(path) -> DeltaFile:
-    """Opens and validates a .xor.safetensors delta; tensors decode lazily on access."""
+    """Opens and validates a delta (a .xor.safetensors file, or the shard index of a sharded one; the path
+    NAME.xor.safetensors names either); tensors decode lazily on access."""
     return DeltaFile(path)

@@ -1,88 +1,306 @@
-"""Writing a .xor.safetensors container: the chunked stream, the index, and atomic file writes."""
+"""Writing a delta: its spans compressed in chunks, streamed into one container or several shards, and atomic
+file writes."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import struct
 import tempfile
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zstandard
 
 from xorgemm.errors import InputError
-from xorgemm.format.hashes import checksum
-from xorgemm.format.layout import FORMAT, FORMAT_VERSION, MAX_CHUNK_BYTES, TILE_ALIGN, VERSION_CODECS
+from xorgemm.format.hashes import base_fingerprint, checksum
+from xorgemm.format.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    HASH_HEX,
+    MAX_CHUNK_BYTES,
+    MAX_HEADER_BYTES,
+    TILE_ALIGN,
+    VERSION_CODECS,
+)
 
 
-class StreamWriter:
-    """Accumulates the logical stream and compresses it into independent zstd chunks as it fills."""
-
-    def __init__(self, chunk_bytes: int = 64 * 1024, level: int = 3):
-        if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
-            raise InputError(f"chunk size {chunk_bytes} must be between 4096 and {MAX_CHUNK_BYTES} bytes")
-        if not 1 <= level <= 22:
-            raise InputError(f"zstd level {level} must be between 1 and 22")
-        self.chunk_bytes = chunk_bytes
-        self.level = level
-        self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
-        self._pending = bytearray()
-        self._chunks: list[bytes] = []
-        self._table: list[tuple[int, int, int, int]] = []
-        self.stream_bytes = 0
-        self.compressed_bytes = 0
-
-    def append(self, data) -> tuple[int, int]:
-        """Appends bytes at the next TILE_ALIGN boundary; returns their (offset, length) span."""
-        pad = -self.stream_bytes % TILE_ALIGN
-        if pad:
-            self._pending += bytes(pad)
-            self.stream_bytes += pad
-        mv = memoryview(data).cast("B")
-        offset = self.stream_bytes
-        self._pending += mv
-        self.stream_bytes += len(mv)
-        while len(self._pending) >= self.chunk_bytes:
-            self._flush(self.chunk_bytes)
-        return offset, len(mv)
-
-    def _flush(self, n: int):
-        raw = bytes(self._pending[:n])
-        del self._pending[:n]
-        comp = self._zstd.compress(raw)
-        self._table.append((self.compressed_bytes, len(comp), len(raw), checksum(raw)))
-        self._chunks.append(comp)
-        self.compressed_bytes += len(comp)
-
-    def finish(self) -> tuple[np.ndarray, bytes]:
-        if self._pending:
-            self._flush(len(self._pending))
-        table = np.array(self._table, dtype=np.int64).reshape(-1, 4)
-        return table, b"".join(self._chunks)
+def check_stream_args(chunk_bytes: int, level: int):
+    if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise InputError(f"chunk size {chunk_bytes} must be between 4096 and {MAX_CHUNK_BYTES} bytes")
+    if not 1 <= level <= 22:
+        raise InputError(f"zstd level {level} must be between 1 and 22")
 
 
-def write_delta_file(path, index: dict, chunk_table: np.ndarray, payload: bytes):
-    """Writes the container atomically (see atomic_path), in the format version whose codec list the index
-    declares (the oldest that holds the file's tiles: see packing)."""
-    # The index is a zstd'd JSON tensor, not a metadata string: metadata values are strings, so nested JSON
-    # would be escaped, and the index of a large model runs to megabytes.
+_LOCAL = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """A per-thread compressor per level, reused (pack compresses on every core at once)."""
+    cache = _LOCAL.__dict__.setdefault("cctx", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    return cache[level]
+
+
+@dataclass
+class Span:
+    """A tensor's bytes in the stream, ready to be written. A span of a chunk or more comes compressed (by the
+    worker that made it: every core compresses), cut into chunks of chunk_bytes, the last padded with zeros
+    to TILE_ALIGN; it starts a chunk of its own, so it decodes without its neighbours. A smaller span comes
+    raw and shares a chunk with the small spans around it (never straddling two), which keeps a model's
+    biases and norms compressing together."""
+
+    length: int  # the span's bytes, before any padding
+    raw: bytes | None = None  # a small span
+    frames: list[bytes] = field(default_factory=list)
+    raw_sizes: list[int] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        """What it adds to a file, about: its compressed chunks, or a small span's raw bytes."""
+        return len(self.raw) if self.raw is not None else sum(len(f) for f in self.frames)
+
+
+def compress_span(data, chunk_bytes: int, level: int) -> Span:
+    """`data` (a buffer) as a Span: raw if smaller than a chunk, else cut into chunks of chunk_bytes and
+    each compressed. Safe to call from many threads at once (zstd releases the GIL)."""
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    if n < chunk_bytes:
+        return Span(n, raw=bytes(mv))
+    pad = -n % TILE_ALIGN
+    zc = _compressor(level)
+    out = Span(n)
+    for at in range(0, n + pad, chunk_bytes):
+        raw = mv[at:at + chunk_bytes]
+        if at + chunk_bytes > n and pad:  # the last chunk carries the padding
+            raw = bytes(raw) + bytes(pad)
+        out.frames.append(zc.compress(raw))
+        out.raw_sizes.append(len(raw))
+        out.checksums.append(checksum(raw))
+    return out
+
+
+def _reserved_header() -> int:
+    """The header space a streamed container reserves (its header is written last, when its offsets are
+    known): the longest header any container can have, every number at its widest."""
+    wide = 10**15  # more bytes than any disk holds
+    meta = {"format": FORMAT, "format_version": str(max(VERSION_CODECS)), "index_bytes": str(MAX_HEADER_BYTES),
+            "index_xxh3": str(-(2**63)), "tensors": str(wide), "base_fingerprint": "f" * HASH_HEX}
+    sizes = {"payload": ("U8", [wide], wide), "index": ("U8", [wide], wide), "chunks": ("I64", [wide, 4], wide)}
+    return len(_container_header(meta, sizes)) - 8
+
+
+def _container_header(meta: dict, sizes: dict[str, tuple[str, list, int]], reserve: int | None = None) -> bytes:
+    """The 8-byte length and the JSON header of a container whose data section holds, in this order, the
+    entries `sizes` ({name: (dtype, shape, bytes)}); padded with spaces to 8 bytes, or to exactly `reserve`."""
+    header, at = {"__metadata__": meta}, 0
+    for name, (dtype, shape, n) in sizes.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + n]}
+        at += n
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    target = len(hjson) + (-len(hjson) % 8) if reserve is None else reserve
+    if len(hjson) > target:
+        raise InputError(f"a delta header of {len(hjson)} bytes does not fit the {target} reserved for it")
+    return struct.pack("<Q", target) + hjson + b" " * (target - len(hjson))
+
+
+def _index_parts(index: dict, chunk_table: np.ndarray, payload_bytes: int):
+    """The metadata, the header's entries and the bytes of a container's index and chunk table. The data
+    section holds the payload first, then the index, then the chunk table: a streamed payload comes first,
+    and what describes it is written once it is complete."""
     raw_index = json.dumps(index, separators=(",", ":")).encode()
     packed_index = zstandard.ZstdCompressor(level=19).compress(raw_index)
     version = next((v for v, names in VERSION_CODECS.items() if list(names) == index["codecs"]), FORMAT_VERSION)
     meta = {"format": FORMAT, "format_version": str(version), "index_bytes": str(len(raw_index)),
             "index_xxh3": str(checksum(raw_index)), "tensors": str(len(index["tensors"])),
             "base_fingerprint": index["base_fingerprint"]}
-    parts, header, at = [], {"__metadata__": meta}, 0
-    for name, dtype, shape, data in (("index", "U8", [len(packed_index)], packed_index),
-                                     ("chunks", "I64", list(chunk_table.shape), chunk_table.astype("<i8").tobytes()),
-                                     ("payload", "U8", [len(payload)], payload)):
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(data)]}
-        parts.append(data)
-        at += len(data)
-    hjson = json.dumps(header, separators=(",", ":")).encode()
-    hjson += b" " * (-len(hjson) % 8)  # safetensors aligns the data section to 8 bytes
-    atomic_write(path, [struct.pack("<Q", len(hjson)), hjson] + parts)
+    table = np.ascontiguousarray(chunk_table, dtype="<i8").reshape(-1, 4)
+    sizes = {"payload": ("U8", [payload_bytes], payload_bytes),
+             "index": ("U8", [len(packed_index)], len(packed_index)),
+             "chunks": ("I64", list(table.shape), table.nbytes)}
+    return meta, sizes, [packed_index, table.tobytes()]
+
+
+def write_delta_file(path, index: dict, chunk_table: np.ndarray, payload: bytes):
+    """Writes a whole container atomically (see atomic_path) from memory: the index, the chunk table and the
+    payload they describe. Pack streams its containers (DeltaWriter); this writes small or crafted ones."""
+    meta, sizes, parts = _index_parts(index, chunk_table, len(payload))
+    atomic_write(path, [_container_header(meta, sizes), payload] + parts)
+
+
+class _Container:
+    """One container being streamed to a temporary file: header space, then chunks as they come, then (on
+    `finish`) the index, the chunk table and the header."""
+
+    def __init__(self, folder: Path, stem: str, chunk_bytes: int, level: int):
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "wb")
+        self.reserved = _reserved_header()
+        self.f.write(bytes(8 + self.reserved))
+        self.chunk_bytes, self.level = chunk_bytes, level
+        self.table: list[tuple[int, int, int, int]] = []
+        self.entries: dict[str, dict] = {}
+        self.payload_bytes = 0
+        self.stream_bytes = 0
+        self._small = bytearray()  # small spans waiting to fill a chunk
+
+    def _write_chunk(self, frame: bytes, raw_len: int, check: int):
+        self.f.write(frame)
+        self.table.append((self.payload_bytes, len(frame), raw_len, check))
+        self.payload_bytes += len(frame)
+        self.stream_bytes += raw_len
+
+    def _flush_small(self):
+        if self._small:
+            self._small += bytes(-len(self._small) % TILE_ALIGN)
+            raw = bytes(self._small)
+            self._write_chunk(_compressor(self.level).compress(raw), len(raw), checksum(raw))
+            self._small.clear()
+
+    def append(self, span: Span) -> int:
+        """Writes a span; returns its offset in this container's stream."""
+        if span.raw is not None:
+            pad = -len(self._small) % TILE_ALIGN
+            if len(self._small) + pad + span.length > self.chunk_bytes:
+                self._flush_small()
+                pad = 0
+            self._small += bytes(pad)
+            offset = self.stream_bytes + len(self._small)
+            self._small += span.raw
+            return offset
+        self._flush_small()
+        offset = self.stream_bytes
+        for frame, raw, check in zip(span.frames, span.raw_sizes, span.checksums):
+            self._write_chunk(frame, raw, check)
+        return offset
+
+    @property
+    def size(self) -> int:
+        return self.payload_bytes + len(self._small)
+
+    def finish(self, index: dict):
+        self._flush_small()
+        index = dict(index, stream_bytes=self.stream_bytes, tensors=self.entries)
+        meta, sizes, parts = _index_parts(index, np.array(self.table, dtype=np.int64).reshape(-1, 4),
+                                          self.payload_bytes)
+        for p in parts:
+            self.f.write(p)
+        self.f.seek(0)
+        self.f.write(_container_header(meta, sizes, reserve=self.reserved))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        os.fchmod(self.f.fileno(), 0o666 & ~_umask())
+        self.f.close()
+
+    def discard(self):
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+def shard_name(stem: str, i: int, n: int) -> str:
+    """The Hugging Face way: NAME-00001-of-00003 (with its suffix)."""
+    return f"{stem}-{i:05d}-of-{n:05d}"
+
+
+class DeltaWriter:
+    """A delta streamed to disk as its tensors' chunks arrive: one .xor.safetensors file, or, once the
+    payload would pass `max_file_bytes`, shards NAME-0000i-of-0000n.xor.safetensors of whole tensors and a
+    NAME.xor.safetensors.index.json. Nothing is visible under the output's names until `finish`; a delta of
+    the other form left there before is removed then, so the path always reads back what was written."""
+
+    SUFFIX = ".xor.safetensors"
+
+    def __init__(self, path, *, max_file_bytes: int, chunk_bytes: int, level: int):
+        check_stream_args(chunk_bytes, level)
+        self.chunk_bytes, self.level = chunk_bytes, level
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise InputError(f"{self.path}: the folder {self.path.parent} does not exist")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a folder; the output must be a file path")
+        name = self.path.name
+        self.stem = name[:-len(self.SUFFIX)] if name.endswith(self.SUFFIX) and len(name) > len(self.SUFFIX) else name
+        self.max_file_bytes = max_file_bytes
+        self.shards: list[_Container] = []
+        self._new_shard()
+
+    def _new_shard(self):
+        self.shards.append(_Container(self.path.parent, self.stem, self.chunk_bytes, self.level))
+
+    def add(self, name: str, entry: dict, span: Span | None):
+        """Records tensor `name` (its index entry; its span is set here) with its bytes, if it has any."""
+        cur = self.shards[-1]
+        if span is not None and span.length:
+            if cur.size and cur.size + span.stored_bytes > self.max_file_bytes:
+                self._new_shard()
+                cur = self.shards[-1]
+            entry["span"] = [cur.append(span), span.length]
+        else:
+            entry["span"] = [0, 0]
+        cur.entries[name] = entry
+
+    @property
+    def stream_bytes(self) -> int:
+        return sum(s.stream_bytes for s in self.shards)
+
+    def finish(self, make_index) -> list[Path]:
+        """Completes every container (`make_index(entries)` gives each one's index, less stream_bytes and
+        tensors) and moves them into place; returns the files written."""
+        try:
+            for s in self.shards:
+                s.finish(make_index(s.entries))
+        except BaseException:
+            self.abort()
+            raise
+        index_path = self.path.with_name(self.path.name + ".index.json")
+        if len(self.shards) == 1:
+            os.replace(self.shards[0].tmp, self.path)
+            self.shards = []
+            _remove_stale(self.path.parent, self.stem, index_path, keep=())
+            return [self.path]
+        n = len(self.shards)
+        names = [shard_name(self.stem, i + 1, n) + self.SUFFIX for i in range(n)]
+        weight_map, hashes, total = {}, {}, 0
+        for s, fname in zip(self.shards, names):
+            total += s.tmp.stat().st_size
+            for t, e in s.entries.items():
+                weight_map[t] = fname
+                if e["kind"] != "whole":
+                    hashes[t] = e["base"]
+        for s, fname in zip(self.shards, names):
+            os.replace(s.tmp, self.path.parent / fname)
+        self.shards = []
+        doc = {"metadata": {"format": FORMAT, "total_size": total, "base_fingerprint": base_fingerprint(hashes)},
+               "weight_map": weight_map}
+        atomic_write(index_path, [json.dumps(doc, indent=1).encode() + b"\n"])
+        if self.path.is_file():  # a single-file delta written here before would shadow the index
+            self.path.unlink()
+        _remove_stale(self.path.parent, self.stem, None, keep=set(names))
+        return [self.path.parent / f for f in names] + [index_path]
+
+    def abort(self):
+        for s in self.shards:
+            s.discard()
+        self.shards = []
+
+
+def _remove_stale(folder: Path, stem: str, index_path: Path | None, keep):
+    """Removes what an earlier write of another form left under these names: its shard index, and shards
+    named as this delta's would be, other than `keep`."""
+    if index_path is not None and index_path.is_file():
+        index_path.unlink()
+    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.xor\.safetensors")
+    for f in folder.iterdir():
+        if pattern.fullmatch(f.name) and f.name not in keep and f.is_file():
+            f.unlink()
 
 
 def _umask() -> int:

@@ -4,14 +4,16 @@ time, so packing a large model never holds two whole models in memory. Pickle ch
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from xorgemm.errors import InputError
+from xorgemm.format.layout import DTYPES
 from xorgemm.format.reader import sniff_pickle
+from xorgemm.format.safetensors_io import Header, pread_into
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
@@ -29,6 +31,11 @@ class TensorSource:
 
     def get(self, name) -> torch.Tensor:
         raise NotImplementedError
+
+    def layout(self) -> tuple[dict[str, str], dict[str, dict]] | None:
+        """Where the tensors live: ({tensor: file name}, {file name: its safetensors metadata}), or None for a
+        source that is not files (a state dict)."""
+        return None
 
     def __contains__(self, name):
         return name in self._names_set()
@@ -60,27 +67,32 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One or more .safetensors files, opened lazily (mmap) with safetensors' own reader."""
+    """One or more .safetensors files. Each tensor is read on demand into memory of its own (pread, not a
+    map: see format/safetensors_io.py), so reading a model tensor by tensor holds one tensor at a time."""
 
     def __init__(self, files: Iterable[Path], label: str, weight_map: dict[str, str] | None = None):
         self.label = label
-        self._handles = {}
+        self._fds: dict[Path, int] = {}
+        self._headers: dict[Path, Header] = {}
         self._where: dict[str, Path] = {}
-        self._meta = {}
-        for path in files:
-            check_not_pickle(path)
-            try:
-                h = safe_open(str(path), framework="pt")
-                keys = list(h.keys())
-            except (SafetensorError, OSError, ValueError) as e:
-                raise InputError(f"{path}: cannot be read as safetensors ({e})") from None
-            self._handles[path] = h
-            for k in keys:
-                if weight_map is not None and Path(weight_map.get(k, "")).name != path.name:
-                    continue
-                if k in self._where:
-                    raise InputError(f"{path}: tensor '{k}' also appears in {self._where[k]}")
-                self._where[k] = path
+        try:
+            for path in files:
+                check_not_pickle(path)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise InputError(f"{path}: cannot be opened ({e.strerror})") from None
+                self._fds[path] = fd
+                h = self._headers[path] = Header.read(path, fd)
+                for k in h.entries:
+                    if weight_map is not None and Path(weight_map.get(k, "")).name != path.name:
+                        continue
+                    if k in self._where:
+                        raise InputError(f"{path}: tensor '{k}' also appears in {self._where[k]}")
+                    self._where[k] = path
+        except BaseException:
+            self.close()
+            raise
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self._where]
             if missing:
@@ -90,22 +102,31 @@ class SafetensorsSource(TensorSource):
         return list(self._where)
 
     def meta(self, name):
-        if name not in self._meta:
-            sl = self._handles[self._where[name]].get_slice(name)
-            from xorgemm.format.layout import DTYPES
-
-            dt = sl.get_dtype()
-            if dt not in DTYPES:
-                raise InputError(f"{self._where[name]}: tensor '{name}' has dtype {dt}, which xorgemm does not support")
-            self._meta[name] = (DTYPES[dt], tuple(sl.get_shape()))
-        return self._meta[name]
+        path = self._where[name]
+        dt, shape, _, _ = self._headers[path].entries[name]
+        if dt not in DTYPES:
+            raise InputError(f"{path}: tensor '{name}' has dtype {dt}, which xorgemm does not support")
+        return DTYPES[dt], shape
 
     def get(self, name):
+        dtype, shape = self.meta(name)
         path = self._where[name]
-        try:
-            return self._handles[path].get_tensor(name).contiguous()
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise InputError(f"{path}: tensor '{name}' cannot be read ({e})") from None
+        _, _, offset, _ = self._headers[path].entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        pread_into(self._fds[path], out, offset, path, f"tensor '{name}'")
+        return out
+
+    def layout(self):
+        return ({k: p.name for k, p in self._where.items()},
+                {p.name: dict(h.metadata) for p, h in self._headers.items()})
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
 
 
 def check_not_pickle(path: Path):
