@@ -263,8 +263,28 @@ def main(argv=None):
     p.add_argument("--out", default=str(RESULTS / "pack_cpu"), help="results path without suffix (.json, .md)")
     p.add_argument("--update-docs", action="store_true",
                    help="rewrite the tables in docs/format.md and README.md from this run")
+    p.add_argument("--scale", action="store_true",
+                   help="instead: pack, unpack and verify a synthetic Llama-3-8B pair, timed, with peak memory "
+                        "(bench/pack_scale.py); writes bench/results/pack_scale.*")
+    p.add_argument("--layers", type=int, default=32, help="--scale: decoder layers of the synthetic model")
+    p.add_argument("--scale-dir", default=str(ROOT / "bench" / ".scale"),
+                   help="--scale: where the synthetic pair is made (about 2 x 16 GB) and kept for the next run")
+    p.add_argument("--keep", action="store_true", help="--scale: keep the delta")
+    p.add_argument("--_xor-zstd", nargs=3, help=argparse.SUPPRESS)  # pack_scale's baseline, in its own process
     a = p.parse_args(argv)
+    if a._xor_zstd:
+        import pack_scale
+
+        return pack_scale.xor_zstd_baseline(*a._xor_zstd)
     meta = machine_meta(argv)
+    if a.scale:
+        import pack_scale
+
+        table, payload = pack_scale.main(a, meta)
+        print(table)
+        out = RESULTS / ("pack_scale" if a.layers == 32 else f"pack_scale_{a.layers}l")
+        write_results(out, "xorgemm pack / unpack / verify at 8B scale: time and peak memory", table, **payload)
+        return None
     rows = []
     for name, dtype, make in scenarios(not a.no_real):
         print(f"measuring {name} ({dtype}) ...", file=sys.stderr)

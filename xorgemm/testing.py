@@ -126,3 +126,80 @@ def whole_xor(base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor]) -> byt
     concatenated: what a whole-file compressor (zstd of the XOR) is given as the baseline."""
     return b"".join((tensor_bytes(base[k]) ^ tensor_bytes(ft[k])).numpy().tobytes()
                     for k in ft if k in base and base[k].shape == ft[k].shape)
+
+
+# A Llama-3-8B's shapes (hidden 4096, MLP 14336, GQA with 8 of 32 heads, vocabulary 128256): 8.03B
+# parameters, 16 GB in bf16.
+LLAMA3_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "kv": 1024, "vocab": 128256}
+
+
+def llama_shapes(layers: int, hidden: int, intermediate: int, kv: int, vocab: int) -> dict[str, tuple]:
+    """Tensor names and shapes of a Llama-architecture checkpoint, in the order Hugging Face stores them."""
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        shapes.update({a + "q_proj.weight": (hidden, hidden), a + "k_proj.weight": (kv, hidden),
+                       a + "v_proj.weight": (kv, hidden), a + "o_proj.weight": (hidden, hidden),
+                       m + "gate_proj.weight": (intermediate, hidden), m + "up_proj.weight": (intermediate, hidden),
+                       m + "down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def write_llama_pair(out_dir, *, layers: int, hidden: int, intermediate: int, kv: int, vocab: int,
+                     shard_bytes: int = 5 * 10**9, magnitude: float = 1e-2, seed: int = 0, progress: bool = False):
+    """Writes a synthetic base and its dense bf16 full fine-tune (every weight moved by `magnitude` of its
+    scale: `perturb(..., "dense")`) as Hugging Face folders OUT/base and OUT/finetuned, sharded as
+    transformers shards (model-0000i-of-0000n.safetensors of at most shard_bytes, an index, metadata
+    format=pt). A tensor at a time: memory holds one tensor, whatever the model's size. Returns the two
+    folders."""
+    import json
+    import os
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from xorgemm.format.safetensors_io import Writer
+
+    shapes = llama_shapes(layers, hidden, intermediate, kv, vocab)
+    groups, size = [[]], 0
+    for name, shape in shapes.items():
+        n = 2 * int(torch.Size(shape).numel())
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    files = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+    total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
+    folders = []
+    for which in ("base", "finetuned"):
+        folder = Path(out_dir) / which
+        folder.mkdir(parents=True, exist_ok=True)
+        folders.append(folder)
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, g in files.items() for n in g}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="synthetic pair", disable=None if progress else True)
+    k = 0
+    for fname, names in files.items():
+        writers = [Writer(f / fname, {n: ("BF16", shapes[n]) for n in names}, {"format": "pt"}) for f in folders]
+        for name in names:
+            k += 1
+            g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            shape = shapes[name]
+            if len(shape) == 1:
+                base = (1 + 0.05 * torch.randn(shape, generator=g)).bfloat16()
+            else:
+                base = (0.02 * torch.randn(shape, generator=g)).bfloat16()
+            writers[0].write(name, base)
+            writers[1].write(name, perturb(base, "dense", magnitude=magnitude, seed=seed * 1_000_003 - k))
+            bar.update(base.numel() * 2)
+            del base
+        for w in writers:
+            w.close()
+            os.chmod(w.path, 0o644)
+    bar.close()
+    return tuple(folders)

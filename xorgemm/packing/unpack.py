@@ -28,6 +28,7 @@ from xorgemm.packing.pipeline import bounded_map, memory_budget
 from xorgemm.packing.sources import TensorSource, open_source
 
 INDEX_NAME = "model.safetensors.index.json"  # a sharded Hugging Face model's index
+SINGLE_NAME = "model.safetensors"  # an unsharded one's file
 DEFAULT_METADATA = {"format": "pt"}  # what transformers expects of a .safetensors file it loads
 
 
@@ -98,16 +99,16 @@ def _plan(d: DeltaFile, bsrc: TensorSource, max_shard_size: int | None) -> dict[
             size += nbytes[n]
         meta = _common_metadata(d.layout_files.values()) if d.layout_files else dict(DEFAULT_METADATA)
         if len(groups) == 1:
-            return {"model.safetensors": (groups[0], meta)}
+            return {SINGLE_NAME: (groups[0], meta)}
         return {shard_name("model", i + 1, len(groups)) + ".safetensors": (g, meta) for i, g in enumerate(groups)}
     if d.tensor_files:
         file_of, metas = d.tensor_files, d.layout_files
     elif bsrc.layout() is not None:
         base_of, metas = bsrc.layout()
-        last = sorted(set(base_of.values()))[-1] if base_of else "model.safetensors"
+        last = sorted(set(base_of.values()))[-1] if base_of else SINGLE_NAME
         file_of = {n: base_of.get(n, last) for n in names}
     else:
-        file_of, metas = dict.fromkeys(names, "model.safetensors"), {}
+        file_of, metas = dict.fromkeys(names, SINGLE_NAME), {}
     plan: dict[str, tuple[list[str], dict]] = {}
     for n in names:
         f = file_of[n]
@@ -180,7 +181,7 @@ def unpack_to(base, delta, out, *, max_shard_size=None, progress: bool = False) 
         report.files.append(folder / fname)
     if not single:
         index = folder / INDEX_NAME
-        if len(plan) > 1:
+        if len(plan) > 1 or SINGLE_NAME not in plan:  # transformers finds one file by this name, else by an index
             doc = {"metadata": {"total_size": report.nbytes},
                    "weight_map": {n: f for f, (names, _) in plan.items() for n in sorted(names)}}
             atomic_write(index, [json.dumps(doc, indent=2).encode() + b"\n"])
