@@ -270,12 +270,9 @@ def main(argv=None):
     p.add_argument("--scale-dir", default=str(ROOT / "bench" / ".scale"),
                    help="--scale: where the synthetic pair is made (about 2 x 16 GB) and kept for the next run")
     p.add_argument("--keep", action="store_true", help="--scale: keep the delta")
-    p.add_argument("--_xor-zstd", nargs=3, help=argparse.SUPPRESS)  # pack_scale's baseline, in its own process
     a = p.parse_args(argv)
-    if a._xor_zstd:
-        import pack_scale
-
-        return pack_scale.xor_zstd_baseline(*a._xor_zstd)
+    if not a.scale:  # the table is per core: pack and unpack on one thread, as torch and zstd run here
+        os.environ["XORGEMM_THREADS"] = "1"
     meta = machine_meta(argv)
     if a.scale:
         import pack_scale

@@ -2,7 +2,7 @@
 
 On a synthetic Llama-3-8B-shaped pair (bench/make_scale_pair.py: 32 layers, 16 GB per model in bf16, five
 shards, a dense full fine-tune) each command runs as a user runs it, `python -m xorgemm ...` in a process of
-its own, whose peak resident set (wait4's ru_maxrss, which counts mapped file pages too) is recorded beside
+its own, whose peak resident set (its VmHWM, which counts mapped file pages too) is recorded beside
 the bound the commands promise: 1 GiB + 3 x the largest tensor. Beside them, in the same run, the obvious
 alternative: the XOR of every tensor streamed through zstd-3 (all cores), also in a process of its own.
 The unpacked fine-tune is then compared with the original: the same files, the same metadata, every tensor
@@ -27,20 +27,27 @@ from common import ROOT
 GIB = 1024**3
 
 
-def run_measured(args: list[str], env=None) -> dict:
-    """Runs a command to its end; its wall time, peak RSS (bytes) and exit status. Output goes to ours."""
+def measured(*args) -> dict:
+    """Runs `xorgemm ARGS` to its end in a process of its own: wall time and peak RSS (its VmHWM)."""
+    from xorgemm.testing import run_measured
+
+    code, seconds, peak = run_measured(*args, cwd=ROOT)
+    if code != 0:
+        raise SystemExit(f"xorgemm {' '.join(map(str, args))} failed with exit code {code}")
+    return {"seconds": seconds, "peak_rss": peak}
+
+
+def measured_baseline(base, ft, out) -> dict:
+    """The baseline in a process of its own, measured as the commands are."""
+
+    code = ("import sys, pack_scale; pack_scale.xor_zstd_baseline(*sys.argv[1:4]); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) * 1024)")
     t = time.perf_counter()
-    p = subprocess.Popen(args, cwd=ROOT, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - t
+    p = subprocess.run([sys.executable, "-c", code, str(base), str(ft), str(out)], cwd=Path(__file__).parent,
+                       capture_output=True, text=True)
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed with exit code {p.returncode}")
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "cpu_seconds": usage.ru_utime + usage.ru_stime}
-
-
-def xorgemm_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "xorgemm", *map(str, args), "-q"]
+        raise SystemExit(f"the baseline failed: {p.stderr[-2000:]}")
+    return {"seconds": time.perf_counter() - t, "peak_rss": int(p.stdout.split()[-1])}
 
 
 def xor_zstd_baseline(base: str, ft: str, out: str, level: int = 3):
@@ -121,24 +128,23 @@ def main(a, meta) -> tuple[str, dict]:
     delta, unpacked, baseline = work / "ft.xor.safetensors", work / "unpacked", work / "xor.zst"
     rows = {}
     print("pack ...", file=sys.stderr)
-    rows["pack"] = run_measured(xorgemm_cmd("pack", "--base", base, "--finetuned", ft, "-o", delta))
+    rows["pack"] = measured("pack", "-q", "--base", base, "--finetuned", ft, "-o", delta)
     with_index = delta.with_name(delta.name + ".index.json")
     delta_files = [delta] if delta.exists() else [with_index] + sorted(work.glob("ft-*-of-*.xor.safetensors"))
     rows["pack"]["output_bytes"] = sum(f.stat().st_size for f in delta_files)
     rows["pack"]["files"] = len(delta_files)
     print("unpack ...", file=sys.stderr)
     shutil.rmtree(unpacked, ignore_errors=True)
-    rows["unpack"] = run_measured(xorgemm_cmd("unpack", "--base", base, "--delta", delta, "-o", unpacked))
+    rows["unpack"] = measured("unpack", "-q", "--base", base, "--delta", delta, "-o", unpacked)
     rows["unpack"]["output_bytes"] = folder_bytes(unpacked)
     print("comparing the unpacked fine-tune with the original ...", file=sys.stderr)
     rows["unpack"]["identical"] = compare_folders(ft, unpacked)
     shutil.rmtree(unpacked)
     print("verify ...", file=sys.stderr)
-    rows["verify"] = run_measured(xorgemm_cmd("verify", "--base", base, "--delta", delta, "--finetuned", ft))
+    rows["verify"] = measured("verify", "-q", "--base", base, "--delta", delta, "--finetuned", ft)
+    rows["inspect (checks every chunk)"] = measured("inspect", delta)
     print("baseline: the whole XOR through streaming zstd-3 ...", file=sys.stderr)
-    rows["zstd-3 of the XOR (baseline)"] = run_measured(
-        [sys.executable, str(Path(__file__).resolve().parent / "pack.py"), "--_xor-zstd", str(base), str(ft),
-         str(baseline)])
+    rows["zstd-3 of the XOR (baseline)"] = measured_baseline(base, ft, baseline)
     rows["zstd-3 of the XOR (baseline)"]["output_bytes"] = baseline.stat().st_size
     baseline.unlink()
     if not a.keep:
@@ -169,6 +175,6 @@ def markdown(rows, meta) -> str:
             f"GQA {m['kv']}, vocabulary {m['vocab']}): {meta['model_bytes'] / 1e9:.2f} GB per model in bf16, sharded "
             f"at 5 GB, a dense full fine-tune (every weight moved by 1% of its scale). The largest tensor is "
             f"{meta['largest_tensor'] / 1e9:.2f} GB, so the bound is {meta['bound'] / GIB:.2f} GiB. Each command ran "
-            f"in a process of its own on {meta['threads']} cores ({meta['cpu']}); peak RSS is its ru_maxrss. unpack "
+            f"in a process of its own on {meta['threads']} cores ({meta['cpu']}); peak RSS is its VmHWM. unpack "
             f"wrote the fine-tune's {ident['files']} files, {ident['tensors']} tensors identical byte for byte, "
             f"metadata kept. {meta['date']}, torch {meta['torch']}, `{meta['command']}`.\n")

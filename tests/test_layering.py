@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "xorgemm"
 # Lower numbers are lower layers; a module may import its own layer and those below it.
 LAYERS = {
-    "xorgemm.errors": 0, "xorgemm._native": 0, "xorgemm._C": 0, "xorgemm._C_cuda": 0,  # the built extensions
+    "xorgemm.errors": 0, "xorgemm._native": 0, "xorgemm._threads": 0,
+    "xorgemm._C": 0, "xorgemm._C_cuda": 0,  # the built extensions
     "xorgemm.format": 1,
     "xorgemm.packing": 2, "xorgemm.resident": 2,
     "xorgemm.ops": 3,

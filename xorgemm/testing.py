@@ -203,3 +203,38 @@ def write_llama_pair(out_dir, *, layers: int, hidden: int, intermediate: int, kv
             os.chmod(w.path, 0o644)
     bar.close()
     return tuple(folders)
+
+
+# Runs the xorgemm command in this interpreter, then writes its process's peak resident set (VmHWM, which a
+# fork of a large parent does not inflate: it is the high-water mark of the new program's own memory, mapped
+# file pages included) to the file named first.
+_MEASURED = """import sys
+from xorgemm.cli import main
+code = main(sys.argv[2:])
+with open("/proc/self/status") as f:
+    kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+open(sys.argv[1], "w").write(str(kib * 1024))
+sys.exit(code)
+"""
+
+
+def run_measured(*args, cwd=None, env=None) -> tuple[int, float, int]:
+    """Runs `xorgemm ARGS` in a process of its own; its exit code, wall seconds and peak resident set in
+    bytes (Linux: /proc/self/status VmHWM; 0 where there is no /proc). Output goes where ours goes."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    fd, path = tempfile.mkstemp(suffix=".peak")
+    os.close(fd)
+    try:
+        t = time.perf_counter()
+        code = subprocess.run([sys.executable, "-c", _MEASURED, path, *map(str, args)], cwd=cwd, env=env).returncode
+        seconds = time.perf_counter() - t
+        with open(path) as f:
+            text = f.read().strip()
+        return code, seconds, int(text) if text else 0
+    finally:
+        os.unlink(path)

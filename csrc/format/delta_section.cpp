@@ -40,16 +40,12 @@ static void gather_tile(const uint8_t* src, const TileGrid& g, uint64_t t, std::
 }
 
 template <typename Word>
-static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g,
-                                              int shift) {
-  const uint64_t n = g.num_tiles();
-  std::vector<uint8_t> out(g.table_bytes(), 0);
-  // Room for every tile stored raw, so appending never reallocates.
-  out.reserve(out.size() + g.tensor_bytes() + n * codec::kTileAlign);
+static void encode_tiles_as(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift, uint64_t t0,
+                            uint64_t t1, std::vector<TileEntry>& entries, std::vector<uint8_t>& out) {
   std::vector<Word> words, row, base_words, ft_words;
   std::vector<uint64_t> scratch;
   const bool conditioned = shift >= 0 && (sizeof(Word) == 2 || sizeof(Word) == 4);
-  for (uint64_t t = 0; t < n; ++t) {
+  for (uint64_t t = t0; t < t1; ++t) {
     gather_xor_words<Word>(base, finetuned, g, t, words, row);
     const uint32_t elems = (uint32_t)words.size();
     TileEntry e = codec::choose_tile_codec(words.data(), elems, g.elem_bytes);
@@ -61,28 +57,46 @@ static std::vector<uint8_t> encode_section_as(const uint8_t* base, const uint8_t
       const uint64_t start = out.size();
       const TileEntry c = codec::encode_conditioned<Word>(base_words.data(), ft_words.data(), elems, plan, out);
       if (c.reserved != 0 && out.size() - start < codec::tile_payload_bytes(e, elems, g.elem_bytes)) {
-        memcpy(out.data() + t * sizeof(TileEntry), &c, sizeof c);
+        entries.push_back(c);
         continue;
       }
       out.resize(start);  // the XOR codecs are smaller here
     }
-    memcpy(out.data() + t * sizeof(TileEntry), &e, sizeof e);
+    entries.push_back(e);
     codec::encode_tile(words.data(), elems, g.elem_bytes, e, out, scratch);
   }
-  return out;
 }
 
-std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift) {
+static void check_encode_args(const TileGrid& g, int shift) {
   g.check();
   if (shift >= (int)(8 * g.elem_bytes))
     throw FormatError("a context shift of " + std::to_string(shift) + " bits is outside a " +
                       std::to_string(8 * g.elem_bytes) + "-bit word");
+}
+
+void encode_tiles(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift, uint64_t t0,
+                  uint64_t t1, std::vector<TileEntry>& entries, std::vector<uint8_t>& payloads) {
+  check_encode_args(g, shift);
+  if (t0 > t1 || t1 > g.num_tiles()) throw FormatError("tile range outside the grid");
   switch (g.elem_bytes) {
-    case 1: return encode_section_as<uint8_t>(base, finetuned, g, shift);
-    case 2: return encode_section_as<uint16_t>(base, finetuned, g, shift);
-    case 4: return encode_section_as<uint32_t>(base, finetuned, g, shift);
-    default: return encode_section_as<uint64_t>(base, finetuned, g, shift);
+    case 1: return encode_tiles_as<uint8_t>(base, finetuned, g, shift, t0, t1, entries, payloads);
+    case 2: return encode_tiles_as<uint16_t>(base, finetuned, g, shift, t0, t1, entries, payloads);
+    case 4: return encode_tiles_as<uint32_t>(base, finetuned, g, shift, t0, t1, entries, payloads);
+    default: return encode_tiles_as<uint64_t>(base, finetuned, g, shift, t0, t1, entries, payloads);
   }
+}
+
+std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift) {
+  check_encode_args(g, shift);
+  const uint64_t n = g.num_tiles();
+  std::vector<uint8_t> out(g.table_bytes(), 0);  // the payloads follow the (16-aligned) table
+  // Room for every tile stored raw, so appending never reallocates.
+  out.reserve(out.size() + g.tensor_bytes() + n * codec::kTileAlign);
+  std::vector<TileEntry> entries;
+  entries.reserve(n);
+  encode_tiles(base, finetuned, g, shift, 0, n, entries, out);
+  memcpy(out.data(), entries.data(), n * sizeof(TileEntry));
+  return out;
 }
 
 std::vector<uint64_t> table_offsets(const uint8_t* section, uint64_t len, const TileGrid& g) {

@@ -23,6 +23,12 @@ namespace format {
 // wants XOR-only tiles).
 std::vector<uint8_t> encode_section(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift = -1);
 
+// Tiles [t0, t1) of that section: their table entries appended to `entries` and their payloads (each padded
+// to kTileAlign) to `payloads`. Every tile is encoded on its own, so ranges encoded apart (on several
+// threads) and joined, entries then payloads, give encode_section's bytes exactly.
+void encode_tiles(const uint8_t* base, const uint8_t* finetuned, const TileGrid& g, int shift, uint64_t t0,
+                  uint64_t t1, std::vector<codec::TileEntry>& entries, std::vector<uint8_t>& payloads);
+
 // Checks a section's tile table alone (every entry well formed, payloads filling exactly `len` bytes) and
 // returns each tile's payload offset: what a section decompressed on a GPU gets, its table read back.
 // Only the table's n_tiles * 8 bytes are read.

@@ -1,6 +1,7 @@
 // Python bindings of the native format code (xorgemm._C); the ops themselves are torch.ops.xorgemm (ops.cpp).
 // Byte buffers travel as uint8 CPU tensors; the work runs without the GIL. The layout facts Python needs
 // (codec names, tile table entry size, alignment, the tile grid) come from here, never restated in Python.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "format/delta_section.h"
@@ -22,19 +23,49 @@ torch::Tensor offsets_tensor(const std::vector<uint64_t>& offsets) {
   return out;
 }
 
+// A large tensor's tiles are encoded in ranges on ATen's threads (every tile is encoded on its own: see
+// encode_tiles), then joined straight into the result: one core would take seconds on an embedding matrix
+// while the others wait. Small tensors stay on the calling thread; pack runs many of them at once.
 torch::Tensor encode_section(const torch::Tensor& base, const torch::Tensor& finetuned, const TileGrid& g,
                              int shift) {
   const uint8_t* b = bytes_of(base, "base");
   const uint8_t* f = bytes_of(finetuned, "finetuned");
   TORCH_CHECK((uint64_t)base.numel() == g.tensor_bytes() && (uint64_t)finetuned.numel() == g.tensor_bytes(),
               "base and finetuned must hold the grid's ", g.tensor_bytes(), " bytes");
-  std::vector<uint8_t> section;
+  constexpr uint64_t kParallelBytes = 16ull << 20, kTilesPerRange = 256;
+  const uint64_t n = g.num_tiles();
+  const int64_t ranges = g.tensor_bytes() < kParallelBytes
+                             ? 1
+                             : (int64_t)std::min<uint64_t>((n + kTilesPerRange - 1) / kTilesPerRange,
+                                                           4ull * (uint64_t)at::get_num_threads());
+  std::vector<std::vector<xorgemm::codec::TileEntry>> entries(ranges);
+  std::vector<std::vector<uint8_t>> payloads(ranges);
   {
     py::gil_scoped_release no_gil;
-    section = xorgemm::format::encode_section(b, f, g, shift);
+    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint64_t t0 = n * r / ranges, t1 = n * (r + 1) / ranges;
+        entries[r].reserve(t1 - t0);
+        // Every tile raw, at most (the first tile is a whole one): untouched, the room costs no memory.
+        payloads[r].reserve((t1 - t0) * ((uint64_t)g.tile_height(0) * g.tile_width(0) * g.elem_bytes +
+                                         2 * xorgemm::codec::kTileAlign) + (64u << 10));
+        xorgemm::format::encode_tiles(b, f, g, shift, t0, t1, entries[r], payloads[r]);
+      }
+    });
   }
-  auto out = torch::empty({(int64_t)section.size()}, torch::kUInt8);
-  memcpy(out.data_ptr<uint8_t>(), section.data(), section.size());
+  uint64_t total = g.table_bytes();
+  for (const auto& p : payloads) total += p.size();
+  auto out = torch::empty({(int64_t)total}, torch::kUInt8);
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  uint8_t* pay = dst + g.table_bytes();
+  memset(dst + n * sizeof(xorgemm::codec::TileEntry), 0, g.table_bytes() - n * sizeof(xorgemm::codec::TileEntry));
+  for (int64_t r = 0; r < ranges; ++r) {
+    memcpy(dst, entries[r].data(), entries[r].size() * sizeof(xorgemm::codec::TileEntry));
+    dst += entries[r].size() * sizeof(xorgemm::codec::TileEntry);
+    memcpy(pay, payloads[r].data(), payloads[r].size());
+    pay += payloads[r].size();
+    std::vector<uint8_t>().swap(payloads[r]);  // freed as it is copied
+  }
   return out;
 }
 

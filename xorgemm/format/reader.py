@@ -368,8 +368,8 @@ class DeltaShard:
         return total
 
     def close(self):
-        self._cache.clear()
-        if self._fd is not None:
+        if getattr(self, "_fd", None) is not None:
+            self._cache.clear()
             os.close(self._fd)
             self._fd = None
 

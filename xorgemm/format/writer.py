@@ -9,12 +9,14 @@ import re
 import struct
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zstandard
 
+from xorgemm._threads import threads
 from xorgemm.errors import InputError
 from xorgemm.format.hashes import base_fingerprint, checksum
 from xorgemm.format.layout import (
@@ -68,22 +70,56 @@ class Span:
 
 def compress_span(data, chunk_bytes: int, level: int) -> Span:
     """`data` (a buffer) as a Span: raw if smaller than a chunk, else cut into chunks of chunk_bytes and
-    each compressed. Safe to call from many threads at once (zstd releases the GIL)."""
+    each compressed. Safe to call from many threads at once (zstd releases the GIL); a large span's chunks
+    are compressed on every core (see _HELPERS)."""
     mv = memoryview(data).cast("B")
     n = len(mv)
     if n < chunk_bytes:
         return Span(n, raw=bytes(mv))
     pad = -n % TILE_ALIGN
-    zc = _compressor(level)
-    out = Span(n)
-    for at in range(0, n + pad, chunk_bytes):
-        raw = mv[at:at + chunk_bytes]
-        if at + chunk_bytes > n and pad:  # the last chunk carries the padding
-            raw = bytes(raw) + bytes(pad)
-        out.frames.append(zc.compress(raw))
-        out.raw_sizes.append(len(raw))
-        out.checksums.append(checksum(raw))
-    return out
+    starts = range(0, n + pad, chunk_bytes)
+
+    def compress(lo: int, hi: int):
+        zc = _compressor(level)
+        out = []
+        for at in starts[lo:hi]:
+            raw = mv[at:at + chunk_bytes]
+            if at + chunk_bytes > n and pad:  # the last chunk carries the padding
+                raw = bytes(raw) + bytes(pad)
+            out.append((zc.compress(raw), len(raw), checksum(raw)))
+        return out
+
+    helpers = _helpers()
+    if len(starts) < _PARALLEL_CHUNKS or helpers is None:
+        parts = [compress(0, len(starts))]
+    else:
+        k = 4 * threads()
+        bounds = [len(starts) * i // k for i in range(k + 1)]
+        parts = list(helpers.map(compress, bounds[:-1], bounds[1:]))
+    span = Span(n)
+    for part in parts:
+        for frame, raw_len, check in part:
+            span.frames.append(frame)
+            span.raw_sizes.append(raw_len)
+            span.checksums.append(check)
+    return span
+
+
+_PARALLEL_CHUNKS = 256  # 16 MiB of 64 KiB chunks: below that a span is compressed by the thread that made it
+_HELPER_POOL: dict[int, ThreadPoolExecutor] = {}
+_HELPER_LOCK = threading.Lock()
+
+
+def _helpers() -> ThreadPoolExecutor | None:
+    """Threads that compress a large span's chunks (none on one core): apart from pack's workers, which
+    wait on them, so the two never deadlock."""
+    n = threads()
+    if n == 1:
+        return None
+    with _HELPER_LOCK:
+        if n not in _HELPER_POOL:
+            _HELPER_POOL[n] = ThreadPoolExecutor(n, thread_name_prefix="xorgemm-zstd")
+        return _HELPER_POOL[n]
 
 
 def _reserved_header() -> int:

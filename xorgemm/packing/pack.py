@@ -285,6 +285,7 @@ def pack_many(base, finetuned, out_dir, *, tile=DEFAULT_TILE, level: int = 3, ch
     builders: dict[str, _DeltaBuilder] = {}
     sizes: dict[str, dict[str, int]] = {}
     for name, src in sources.items():
+        b = None
         try:
             b = _DeltaBuilder(open_source(src, "finetuned"), out_dir / f"{name}.xor.safetensors", tile=tile,
                               level=level, chunk_bytes=chunk_bytes, conditioned=conditioned,
@@ -293,6 +294,8 @@ def pack_many(base, finetuned, out_dir, *, tile=DEFAULT_TILE, level: int = 3, ch
             builders[name] = b
         except XorgemmError as e:
             result.failed[name] = str(e)
+            if b is not None:
+                b.abort()
 
     def fail(name, error):
         result.failed[name] = str(error)

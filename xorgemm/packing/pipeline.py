@@ -8,30 +8,15 @@ memory is therefore the budget plus what the process holds anyway, whatever the 
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from xorgemm.errors import InputError
+from xorgemm._threads import threads
 
 # What a process holds besides the tensors in flight (Python, torch, the indexes) is well under this; the
 # rest of 1 GiB is the slack the budget may use (see memory_budget).
 SLACK_BYTES = 384 * 1024 * 1024
-
-
-def threads() -> int:
-    """Worker threads: XORGEMM_THREADS if set, else the cores this process may run on."""
-    env = os.environ.get("XORGEMM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise InputError(f"XORGEMM_THREADS={env!r} must be a positive integer")
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def memory_budget(largest_cost: int) -> int:

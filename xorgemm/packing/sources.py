@@ -121,7 +121,7 @@ class SafetensorsSource(TensorSource):
                 {p.name: dict(h.metadata) for p, h in self._headers.items()})
 
     def close(self):
-        for fd in self._fds.values():
+        for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
         self._fds = {}
 
