@@ -31,23 +31,26 @@ def measured(*args) -> dict:
     """Runs `xorgemm ARGS` to its end in a process of its own: wall time and peak RSS (its VmHWM)."""
     from xorgemm.testing import run_measured
 
-    code, seconds, peak = run_measured(*args, cwd=ROOT)
-    if code != 0:
-        raise SystemExit(f"xorgemm {' '.join(map(str, args))} failed with exit code {code}")
-    return {"seconds": seconds, "peak_rss": peak}
+    m = run_measured(*args, cwd=ROOT)
+    if m.code != 0:
+        raise SystemExit(f"xorgemm {' '.join(map(str, args))} failed with exit code {m.code}")
+    return {"seconds": m.seconds, "peak_rss": m.peak_rss, "cpu_seconds": m.cpu_seconds}
 
 
 def measured_baseline(base, ft, out) -> dict:
     """The baseline in a process of its own, measured as the commands are."""
 
-    code = ("import sys, pack_scale; pack_scale.xor_zstd_baseline(*sys.argv[1:4]); "
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) * 1024)")
+    code = ("import resource, sys, pack_scale; pack_scale.xor_zstd_baseline(*sys.argv[1:4]); "
+            "u = resource.getrusage(resource.RUSAGE_SELF); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) * 1024, "
+            "u.ru_utime + u.ru_stime)")
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, str(base), str(ft), str(out)], cwd=Path(__file__).parent,
                        capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"the baseline failed: {p.stderr[-2000:]}")
-    return {"seconds": time.perf_counter() - t, "peak_rss": int(p.stdout.split()[-1])}
+    peak, cpu = p.stdout.split()[-2:]
+    return {"seconds": time.perf_counter() - t, "peak_rss": int(peak), "cpu_seconds": float(cpu)}
 
 
 def xor_zstd_baseline(base: str, ft: str, out: str, level: int = 3):
@@ -159,12 +162,13 @@ def main(a, meta) -> tuple[str, dict]:
 
 
 def markdown(rows, meta) -> str:
-    lines = ["| command | time | MB/s of weights | peak RSS | within 1 GiB + 3 x largest | output | share of weights |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| command | time | MB/s of weights | CPU time | MB/s per CPU second | peak RSS | within 1 GiB + 3 x "
+             "largest | output | share of weights |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         out = r.get("output_bytes")
         share = f"{100 * out / meta['model_bytes']:.1f}%" if out and name != "unpack" else ""
-        lines.append(f"| {name} | {r['seconds']:.0f} s | {r['mb_per_s']:.0f} | {r['peak_rss'] / GIB:.2f} GiB | "
+        lines.append(f"| {name} | {r['seconds']:.0f} s | {r['mb_per_s']:.0f} | {r['cpu_seconds']:.0f} s | "
+                     f"{meta['model_bytes'] / 1e6 / r['cpu_seconds']:.0f} | {r['peak_rss'] / GIB:.2f} GiB | "
                      f"{'yes' if r['within_bound'] else '**no**'} | "
                      f"{(out or 0) / 1e9:.2f} GB{' (' + str(r['files']) + ' files)' if r.get('files', 1) > 1 else ''} "
                      f"| {share} |")
@@ -175,6 +179,8 @@ def markdown(rows, meta) -> str:
             f"GQA {m['kv']}, vocabulary {m['vocab']}): {meta['model_bytes'] / 1e9:.2f} GB per model in bf16, sharded "
             f"at 5 GB, a dense full fine-tune (every weight moved by 1% of its scale). The largest tensor is "
             f"{meta['largest_tensor'] / 1e9:.2f} GB, so the bound is {meta['bound'] / GIB:.2f} GiB. Each command ran "
-            f"in a process of its own on {meta['threads']} cores ({meta['cpu']}); peak RSS is its VmHWM. unpack "
+            f"in a process of its own on {meta['threads']} cores ({meta['cpu']}); peak RSS is its VmHWM, CPU time its "
+            f"user + system time on every thread (MB/s per CPU second is the rate per core, to set beside the "
+            f"one-core rates of pack_cpu.md, which pack from memory and read no files). unpack "
             f"wrote the fine-tune's {ident['files']} files, {ident['tensors']} tensors identical byte for byte, "
             f"metadata kept. {meta['date']}, torch {meta['torch']}, `{meta['command']}`.\n")

@@ -61,6 +61,35 @@ def test_unpack_and_verify(files):
     assert out.stdout.startswith("OK: 12 tensors")
 
 
+def test_sharded_delta_and_unpack_into_a_folder(files, tmp_path):
+    """--max-shard-size on pack writes shards and their index; every command takes the one path; unpack into a
+    folder writes the fine-tune's file (its name and metadata), or shards of a size."""
+    out = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors", "-o",
+              tmp_path / "d.xor.safetensors", "--max-shard-size", "4KB", "--json")
+    s = json.loads(out.stdout)
+    assert len(s["files"]) > 2 and s["files"][-1].endswith("d.xor.safetensors.index.json")
+    assert not (tmp_path / "d.xor.safetensors").exists()
+    p = run("inspect", tmp_path / "d.xor.safetensors")
+    assert f"in {len(s['files']) - 1} shards" in p.stdout
+    run("unpack", "--base", files / "base.safetensors", "--delta", tmp_path / "d.xor.safetensors", "-o",
+        tmp_path / "ft")
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == ["ft.safetensors", "model.safetensors.index.json"]
+    got, want = load_file(tmp_path / "ft" / "ft.safetensors"), load_file(files / "ft.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    run("unpack", "--base", files / "base.safetensors", "--delta", tmp_path / "d.xor.safetensors", "-o",
+        tmp_path / "shards", "--max-shard-size", "40KB")
+    assert len(list((tmp_path / "shards").glob("model-*-of-*.safetensors"))) >= 3
+    out = run("verify", "--base", files / "base.safetensors", "--delta", tmp_path / "d.xor.safetensors",
+              "--finetuned", tmp_path / "shards")
+    assert out.stdout.startswith("OK: 12 tensors")
+    p = run("unpack", "--base", files / "base.safetensors", "--delta", tmp_path / "d.xor.safetensors", "-o",
+            tmp_path / "x.safetensors", "--max-shard-size", "1MB", ok=False)
+    assert p.returncode == 2 and "folder of shards" in p.stderr
+    p = run("pack", "--base", files / "base.safetensors", "--finetuned", files / "ft.safetensors", "-o",
+            tmp_path / "e.xor.safetensors", "--max-shard-size", "lots", ok=False)
+    assert p.returncode == 2 and "is not a number of bytes" in p.stderr
+
+
 def test_verify_mismatch_exits_1(files):
     other = load_file(files / "ft.safetensors")
     other["ln1.weight"] = perturb(other["ln1.weight"], "sparse", seed=5)

@@ -234,6 +234,15 @@ def test_unpack_falls_back_to_the_bases_files(tmp_path, hf_pair, pair):
     assert same_tensors(tmp_path / "out", pair[1])
 
 
+def test_unpack_without_any_files_recorded_writes_one_model_file(tmp_path, pair):
+    base, ft = pair
+    xorgemm.pack(base, ft, tmp_path / "d.xor.safetensors")
+    rep = xorgemm.unpack_to(base, tmp_path / "d.xor.safetensors", tmp_path / "out")
+    assert rep.files == [tmp_path / "out" / "model.safetensors"]  # what transformers looks for, no index
+    assert Header.read(rep.files[0]).metadata == {"format": "pt"}
+    assert same_tensors(tmp_path / "out", ft)
+
+
 def test_unpack_to_shards_of_a_size(tmp_path, hf_pair, pair):
     base, ft = hf_pair
     xorgemm.pack(base, ft, tmp_path / "d.xor.safetensors")
@@ -283,9 +292,9 @@ GIB = 1024**3
 def peak_rss(*args) -> int:
     """Runs `xorgemm ARGS` in a process of its own; its peak resident set in bytes (VmHWM counts mapped file
     pages: a map of a model would show)."""
-    code, _, peak = run_measured(*args)
-    assert code == 0 and peak > 0
-    return peak
+    m = run_measured(*args)
+    assert m.code == 0 and m.peak_rss > 0
+    return m.peak_rss
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from /proc (Linux)")

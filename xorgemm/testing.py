@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -207,20 +208,28 @@ def write_llama_pair(out_dir, *, layers: int, hidden: int, intermediate: int, kv
 
 # Runs the xorgemm command in this interpreter, then writes its process's peak resident set (VmHWM, which a
 # fork of a large parent does not inflate: it is the high-water mark of the new program's own memory, mapped
-# file pages included) to the file named first.
-_MEASURED = """import sys
+# file pages included) and its CPU seconds (all threads) to the file named first.
+_MEASURED = """import resource, sys
 from xorgemm.cli import main
 code = main(sys.argv[2:])
 with open("/proc/self/status") as f:
     kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-open(sys.argv[1], "w").write(str(kib * 1024))
+use = resource.getrusage(resource.RUSAGE_SELF)
+open(sys.argv[1], "w").write(f"{kib * 1024} {use.ru_utime + use.ru_stime}")
 sys.exit(code)
 """
 
 
-def run_measured(*args, cwd=None, env=None) -> tuple[int, float, int]:
-    """Runs `xorgemm ARGS` in a process of its own; its exit code, wall seconds and peak resident set in
-    bytes (Linux: /proc/self/status VmHWM; 0 where there is no /proc). Output goes where ours goes."""
+@dataclass
+class Measured:
+    code: int  # exit code
+    seconds: float  # wall time
+    peak_rss: int  # bytes: VmHWM (0 where there is no /proc)
+    cpu_seconds: float  # user + system, every thread
+
+
+def run_measured(*args, cwd=None, env=None) -> Measured:
+    """Runs `xorgemm ARGS` in a process of its own, measured. Output goes where ours goes."""
     import os
     import subprocess
     import sys
@@ -234,7 +243,7 @@ def run_measured(*args, cwd=None, env=None) -> tuple[int, float, int]:
         code = subprocess.run([sys.executable, "-c", _MEASURED, path, *map(str, args)], cwd=cwd, env=env).returncode
         seconds = time.perf_counter() - t
         with open(path) as f:
-            text = f.read().strip()
-        return code, seconds, int(text) if text else 0
+            text = f.read().split()
+        return Measured(code, seconds, int(text[0]) if text else 0, float(text[1]) if text else 0.0)
     finally:
         os.unlink(path)

@@ -447,7 +447,6 @@ class DeltaFile:
         if len(self.tensor_files) != len(self.tensors):  # a layout covers every tensor or none
             self.layout_files, self.tensor_files = {}, {}
         self.base_fingerprint = first.base_fingerprint if index is None else self._fingerprint
-        self.index = first.index if index is None else None
 
     @property
     def sharded(self) -> bool:
