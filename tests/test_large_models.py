@@ -102,6 +102,7 @@ def test_a_delta_past_the_size_limit_is_written_as_shards(tmp_path, pair):
     assert len(names) > 2 and names[0] == f"d-00001-of-{len(names):05d}.xor.safetensors"
     assert set(index["weight_map"]) == set(ft) and set(index["weight_map"].values()) == set(names)
     assert rep.file_bytes == sum(f.stat().st_size for f in rep.files) and len(rep.files) == len(names) + 1
+    assert rep.stream_bytes == xorgemm.load_delta(path).stream_bytes > 0
     for n in names:  # whole tensors per shard, each within the limit unless one tensor alone is larger
         shard = xorgemm.load_delta(tmp_path / n)
         assert shard.file_bytes <= 40_000 + 1000 or len(shard) == 1

@@ -283,10 +283,6 @@ class DeltaWriter:
             entry["span"] = [0, 0]
         cur.entries[name] = entry
 
-    @property
-    def stream_bytes(self) -> int:
-        return sum(s.stream_bytes for s in self.shards)
-
     def finish(self, make_index) -> list[Path]:
         """Completes every container (`make_index(entries)` gives each one's index, less stream_bytes and
         tensors) and moves them into place; returns the files written."""
@@ -296,6 +292,7 @@ class DeltaWriter:
         except BaseException:
             self.abort()
             raise
+        self.written_stream_bytes = sum(s.stream_bytes for s in self.shards)
         index_path = self.path.with_name(self.path.name + ".index.json")
         if len(self.shards) == 1:
             os.replace(self.shards[0].tmp, self.path)

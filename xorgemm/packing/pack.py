@@ -167,8 +167,8 @@ class _DeltaBuilder:
 
     def finish(self) -> PackReport:
         """Writes the file or shards (atomically) and returns the report."""
-        self.report.stream_bytes = self.writer.stream_bytes
         self.report.files = self.writer.finish(self._index)
+        self.report.stream_bytes = self.writer.written_stream_bytes
         self.report.file_bytes = sum(f.stat().st_size for f in self.report.files)
         return self.report
 

@@ -32,6 +32,10 @@ def bounded_map(fn: Callable, items: Iterable, cost: Callable[[object], int], *,
     the next. fn's exception comes out where its item would have. Closing the iterator early cancels what has
     not started and waits for what has."""
     workers = workers or threads()
+    if workers == 1:  # on one thread, in order: no pool to start, nothing in flight but the item at hand
+        for item in items:
+            yield item, fn(item)
+        return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xorgemm")
     pending: deque[tuple[object, int, Future]] = deque()
     in_flight = 0
