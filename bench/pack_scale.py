@@ -167,10 +167,10 @@ def markdown(rows, meta) -> str:
     for name, r in rows.items():
         out = r.get("output_bytes")
         share = f"{100 * out / meta['model_bytes']:.1f}%" if out and name != "unpack" else ""
+        files = f" ({r['files']} files)" if r.get("files", 1) > 1 else ""
         lines.append(f"| {name} | {r['seconds']:.0f} s | {r['mb_per_s']:.0f} | {r['cpu_seconds']:.0f} s | "
                      f"{meta['model_bytes'] / 1e6 / r['cpu_seconds']:.0f} | {r['peak_rss'] / GIB:.2f} GiB | "
-                     f"{'yes' if r['within_bound'] else '**no**'} | "
-                     f"{(out or 0) / 1e9:.2f} GB{' (' + str(r['files']) + ' files)' if r.get('files', 1) > 1 else ''} "
+                     f"{'yes' if r['within_bound'] else '**no**'} | {f'{out / 1e9:.2f} GB' if out else ''}{files} "
                      f"| {share} |")
     m = meta["model"]
     ident = rows["unpack"]["identical"]

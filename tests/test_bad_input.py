@@ -254,6 +254,8 @@ def test_bad_pack_arguments(tmp_path, pair):
         xorgemm.pack(*pair, tmp_path / "o.xor.safetensors", level=40)
     with pytest.raises(InputError, match="chunk size"):
         xorgemm.pack(*pair, tmp_path / "o.xor.safetensors", chunk_bytes=10)
+    with pytest.raises(InputError, match="multiple of 16"):  # chunks would not keep the spans aligned
+        xorgemm.pack(*pair, tmp_path / "o.xor.safetensors", chunk_bytes=4100)
     with pytest.raises(InputError, match="tile shape"):
         xorgemm.pack(*pair, tmp_path / "o.xor.safetensors", tile=(512, 512))
 

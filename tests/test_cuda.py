@@ -1,6 +1,7 @@
 """GPU tests: run on a machine with a CUDA GPU (the device script), skipped cleanly elsewhere."""
 import pytest
 import torch
+from helpers import payload_range
 
 import xorgemm
 from xorgemm._native import CUDA
@@ -73,8 +74,7 @@ def test_nvcomp_reports_a_corrupted_chunk(tmp_path, monkeypatch):
     base = torch.randn(256, 256).bfloat16()
     path = tmp_path / "d.xor.safetensors"
     xorgemm.pack({"w": base}, {"w": perturb(base, "dense", seed=1)}, path)
-    d = xorgemm.load_delta(path)
-    payload_at = d._payload_off + int(d.chunks[0][0]) + 1  # inside the zstd magic number: no valid frame
+    payload_at = payload_range(path)[0] + 1  # inside the first chunk's zstd magic number: no valid frame
     raw = bytearray(path.read_bytes())
     raw[payload_at] ^= 0xFF
     bad = tmp_path / "bad.xor.safetensors"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import xorgemm
 from xorgemm.errors import DeltaFormatError, InputError
 from xorgemm.format.safetensors_io import Header
-from xorgemm.packing.pipeline import bounded_map
+from xorgemm.packing.pipeline import SLACK_BYTES, bounded_map
 from xorgemm.testing import perturb, run_measured, write_llama_pair
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -118,16 +118,18 @@ def test_a_delta_past_the_size_limit_is_written_as_shards(tmp_path, pair):
 def test_rewriting_in_the_other_form_leaves_no_stale_files(tmp_path, pair):
     base, ft = pair
     path = tmp_path / "d.xor.safetensors"
+    lookalike = tmp_path / "d-00007-of-00009.xor.safetensors"  # no index lists it: never removed
+    lookalike.write_bytes(b"someone else's")
     xorgemm.pack(base, ft, path)
     xorgemm.pack(base, ft, path, max_shard_size="40KB")  # the single file would shadow the index
     assert not path.exists() and shard_files(tmp_path)
     xorgemm.pack(base, ft, path, max_shard_size="60KB")  # fewer shards: the old ones go
     index = json.loads((tmp_path / "d.xor.safetensors.index.json").read_text())
-    assert shard_files(tmp_path) == sorted(set(index["weight_map"].values()))
+    assert shard_files(tmp_path) == sorted(set(index["weight_map"].values()) | {lookalike.name})
     xorgemm.pack(base, ft, path)  # back to one file: the index and shards go
-    assert path.is_file() and not shard_files(tmp_path)
+    assert path.is_file() and shard_files(tmp_path) == [lookalike.name]
     assert not (tmp_path / "d.xor.safetensors.index.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.xor.safetensors"]  # no temporary files either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-00007-of-00009.xor.safetensors", "d.xor.safetensors"]
 
 
 @pytest.fixture
@@ -267,6 +269,22 @@ def test_unpack_to_one_file(tmp_path, hf_pair, pair):
         xorgemm.unpack_to(base, tmp_path / "d.xor.safetensors", tmp_path / "x.safetensors", max_shard_size="1MB")
 
 
+def test_unpacking_into_a_folder_again_replaces_what_the_last_unpack_wrote(tmp_path, pair):
+    base, ft = pair
+    xorgemm.pack(base, ft, tmp_path / "d.xor.safetensors")  # from state dicts: model.safetensors by default
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # the user's: never touched
+    xorgemm.unpack_to(base, tmp_path / "d.xor.safetensors", out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    for size in ("40KB", "100KB"):  # shards: model.safetensors, then the first write's extra shards, go
+        rep = xorgemm.unpack_to(base, tmp_path / "d.xor.safetensors", out, max_shard_size=size)
+        assert sorted(p.name for p in out.iterdir()) == sorted(["config.json"] + [f.name for f in rep.files])
+        assert same_tensors(out, ft)
+    xorgemm.unpack_to(base, tmp_path / "d.xor.safetensors", out)  # one file again: the index and shards go
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_a_failed_unpack_leaves_nothing(tmp_path, hf_pair, pair):
     base, ft = hf_pair
     xorgemm.pack(base, ft, tmp_path / "d.xor.safetensors")
@@ -309,9 +327,13 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
     bound = GIB + 3 * largest
     assert model > bound - 400 * 2**20  # what the process holds anyway plus the model would break the bound
     delta, out = tmp_path / "ft.xor.safetensors", tmp_path / "out"
+    xorgemm.pack(base, ft, delta)
+    interpreter = peak_rss("inspect", "--no-check", delta)  # Python, torch and a delta's index: held anyway
     peaks = {"pack": peak_rss("pack", "-q", "--base", base, "--finetuned", ft, "-o", delta),
              "unpack": peak_rss("unpack", "-q", "--base", base, "--delta", delta, "-o", out),
              "verify": peak_rss("verify", "-q", "--base", base, "--delta", delta, "--finetuned", out),
              "inspect": peak_rss("inspect", delta)}
     assert all(p <= bound for p in peaks.values()), (peaks, bound)
+    # What the commands hold beyond the interpreter is what the pipeline admits, far below one model.
+    assert all(p - interpreter <= 3 * largest + SLACK_BYTES for p in peaks.values()), (peaks, interpreter)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ft.iterdir())

@@ -240,7 +240,20 @@ COMMANDS = {"pack": cmd_pack, "unpack": cmd_unpack, "inspect": cmd_inspect, "ver
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import os
+
     from xorgemm.errors import XorgemmError
+
+    if os.environ.get("XORGEMM_THREADS"):  # the command's threads, and torch's (a large tensor's encode)
+        import torch
+
+        from xorgemm._threads import threads
+
+        try:
+            torch.set_num_threads(threads())
+        except XorgemmError as e:
+            print(f"xorgemm: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
 
     try:
         return COMMANDS[args.command](args)

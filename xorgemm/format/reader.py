@@ -287,12 +287,15 @@ class DeltaShard:
     def _pread(self, offset: int, n: int) -> bytes:
         if self._fd is None:
             raise InputError(f"{self.path}: is closed")
-        data = os.pread(self._fd, n, offset)
-        while len(data) < n:  # a short read: a regular file returns less only at its end
-            more = os.pread(self._fd, n - len(data), offset + len(data))
-            if not more:
-                self._fail(f"is truncated (it ends before byte {offset + n})")
-            data += more
+        try:
+            data = os.pread(self._fd, n, offset)
+            while len(data) < n:  # a short read: a regular file returns less only at its end
+                more = os.pread(self._fd, n - len(data), offset + len(data))
+                if not more:
+                    self._fail(f"is truncated (it ends before byte {offset + n})")
+                data += more
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot be read ({e.strerror or e})") from None
         return data
 
     def _frame(self, i: int) -> bytes:

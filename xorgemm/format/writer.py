@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import struct
 import tempfile
 import threading
@@ -31,8 +30,9 @@ from xorgemm.format.layout import (
 
 
 def check_stream_args(chunk_bytes: int, level: int):
-    if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise InputError(f"chunk size {chunk_bytes} must be between 4096 and {MAX_CHUNK_BYTES} bytes")
+    if not 4096 <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % TILE_ALIGN:
+        raise InputError(f"chunk size {chunk_bytes} must be a multiple of {TILE_ALIGN} bytes between 4096 and "
+                         f"{MAX_CHUNK_BYTES}")
     if not 1 <= level <= 22:
         raise InputError(f"zstd level {level} must be between 1 and 22")
 
@@ -179,7 +179,11 @@ class _Container:
         self.tmp = Path(tmp)
         self.f = os.fdopen(fd, "wb")
         self.reserved = _reserved_header()
-        self.f.write(bytes(8 + self.reserved))
+        try:
+            self.f.write(bytes(8 + self.reserved))
+        except BaseException:
+            self.discard()
+            raise
         self.chunk_bytes, self.level = chunk_bytes, level
         self.table: list[tuple[int, int, int, int]] = []
         self.entries: dict[str, dict] = {}
@@ -294,10 +298,11 @@ class DeltaWriter:
             raise
         self.written_stream_bytes = sum(s.stream_bytes for s in self.shards)
         index_path = self.path.with_name(self.path.name + ".index.json")
+        stale = files_listed_by(index_path)  # an earlier sharded write's shards
         if len(self.shards) == 1:
             os.replace(self.shards[0].tmp, self.path)
             self.shards = []
-            _remove_stale(self.path.parent, self.stem, index_path, keep=())
+            _remove(index_path, *(self.path.parent / f for f in stale))  # would be read instead of the file
             return [self.path]
         n = len(self.shards)
         names = [shard_name(self.stem, i + 1, n) + self.SUFFIX for i in range(n)]
@@ -308,15 +313,22 @@ class DeltaWriter:
                 weight_map[t] = fname
                 if e["kind"] != "whole":
                     hashes[t] = e["base"]
-        for s, fname in zip(self.shards, names):
-            os.replace(s.tmp, self.path.parent / fname)
-        self.shards = []
         doc = {"metadata": {"format": FORMAT, "total_size": total, "base_fingerprint": base_fingerprint(hashes)},
                "weight_map": weight_map}
-        atomic_write(index_path, [json.dumps(doc, indent=1).encode() + b"\n"])
-        if self.path.is_file():  # a single-file delta written here before would shadow the index
-            self.path.unlink()
-        _remove_stale(self.path.parent, self.stem, None, keep=set(names))
+        moved = []
+        try:
+            for s, fname in zip(self.shards, names):
+                os.replace(s.tmp, self.path.parent / fname)
+                moved.append(fname)
+            atomic_write(index_path, [json.dumps(doc, indent=1).encode() + b"\n"])
+        except BaseException:
+            # Shards that replaced an earlier write's stay: its index then refuses them as not its own.
+            _remove(*(self.path.parent / f for f in moved if f not in stale))
+            self.shards = [s for s in self.shards if s.tmp.exists()]
+            self.abort()
+            raise
+        self.shards = []
+        _remove(self.path, *(self.path.parent / f for f in stale - set(names)))  # the single file would shadow
         return [self.path.parent / f for f in names] + [index_path]
 
     def abort(self):
@@ -325,15 +337,20 @@ class DeltaWriter:
         self.shards = []
 
 
-def _remove_stale(folder: Path, stem: str, index_path: Path | None, keep):
-    """Removes what an earlier write of another form left under these names: its shard index, and shards
-    named as this delta's would be, other than `keep`."""
-    if index_path is not None and index_path.is_file():
-        index_path.unlink()
-    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.xor\.safetensors")
-    for f in folder.iterdir():
-        if pattern.fullmatch(f.name) and f.name not in keep and f.is_file():
-            f.unlink()
+def files_listed_by(index_path: Path) -> set[str]:
+    """The files a shard index (a model's or a delta's) lists, by plain name; none if it is missing or not
+    one. Only these are ever removed as stale: never a file that merely looks like a shard."""
+    try:
+        names = set(json.loads(Path(index_path).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {f for f in names if isinstance(f, str) and f and "/" not in f and "\\" not in f and f not in (".", "..")}
+
+
+def _remove(*paths: Path):
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            p.unlink()
 
 
 def _umask() -> int:

@@ -5,6 +5,7 @@ the delta's file in tensor order, so memory holds a few tensors, never a model, 
 whatever the timing. Past `max_file_bytes` the delta is written as shards (format/writer.py)."""
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from xorgemm.format.layout import (
 )
 from xorgemm.format.writer import DeltaWriter, Span, check_stream_args, compress_span
 from xorgemm.packing.pipeline import bounded_map, memory_budget
-from xorgemm.packing.sources import TensorSource, open_source
+from xorgemm.packing.sources import SafetensorsSource, TensorSource, open_source, opened
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's shard size: a delta past it is written as shards
 
@@ -134,9 +135,10 @@ class _DeltaBuilder:
                     data = C.encode_section(bb, ft, grid, shift)
                     counts = tuple(C.codec_counts(data, grid))
                     entry.update(kind="xor", tile=list(t), tiles=list(counts))
+        entry["ft"] = digest(ft)
         if entry["kind"] == "whole":
             data = ft
-        entry["ft"] = digest(ft)
+        ft = bb = None  # noqa: F841  freed before the chunks are made: in flight, at most 3 x the tensor
         if name in self.file_of:
             entry["file"] = self.file_of[name]
         span = compress_span(data.numpy(), self.chunk_bytes, self.level) if data is not None else None
@@ -194,8 +196,25 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     t0 = time.perf_counter()
     max_shard_bytes = _check_args(tile, level, chunk_bytes, max_shard_size)
     out_path = _output_file(out_path)
-    bsrc = open_source(base, "base")
-    fsrc = open_source(finetuned, "finetuned")
+    with opened(base, "base") as bsrc, opened(finetuned, "finetuned") as fsrc, _naming(out_path):
+        report = _pack(bsrc, fsrc, out_path, tile=tile, level=level, chunk_bytes=chunk_bytes, progress=progress,
+                       conditioned=conditioned, max_shard_bytes=max_shard_bytes)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@contextlib.contextmanager
+def _naming(out_path):
+    """A write's OSError (a full disk) names no file: say which output it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise InputError(f"{out_path}: cannot be written ({e.strerror or e})") from None
+
+
+def _pack(bsrc, fsrc, out_path, *, tile, level, chunk_bytes, progress, conditioned, max_shard_bytes) -> PackReport:
     builder = _DeltaBuilder(fsrc, out_path, tile=tile, level=level, chunk_bytes=chunk_bytes,
                             conditioned=conditioned, max_shard_bytes=max_shard_bytes)
     try:
@@ -211,12 +230,10 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
             for name, enc in bounded_map(encode, sizes, lambda n: 3 * sizes[n], budget=budget):
                 builder.commit(name, enc)
                 bar.update(enc.nbytes)
-        report = builder.finish()
+        return builder.finish()
     except BaseException:
         builder.abort()
         raise
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _check_args(tile, level, chunk_bytes, max_shard_size) -> int:
@@ -280,14 +297,26 @@ def pack_many(base, finetuned, out_dir, *, tile=DEFAULT_TILE, level: int = 3, ch
         dup = sorted({n for n in names if names.count(n) > 1})
         raise InputError(f"fine-tunes {dup} would write the same delta name; pass a {{name: source}} dict")
     out_dir.mkdir(exist_ok=True)
-    bsrc = open_source(base, "base")
+    with opened(base, "base") as bsrc, _naming(out_dir):
+        result = _pack_many(bsrc, sources, out_dir, tile=tile, level=level, chunk_bytes=chunk_bytes,
+                            progress=progress, conditioned=conditioned, max_shard_bytes=max_shard_bytes)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _pack_many(bsrc, sources, out_dir, *, tile, level, chunk_bytes, progress, conditioned,
+               max_shard_bytes) -> ManyPackReport:
     result = ManyPackReport()
     builders: dict[str, _DeltaBuilder] = {}
+    opened_here: list[TensorSource] = []  # closed at the end, written or not
     sizes: dict[str, dict[str, int]] = {}
     for name, src in sources.items():
         b = None
         try:
-            b = _DeltaBuilder(open_source(src, "finetuned"), out_dir / f"{name}.xor.safetensors", tile=tile,
+            fsrc = open_source(src, "finetuned")
+            if fsrc is not src:
+                opened_here.append(fsrc)
+            b = _DeltaBuilder(fsrc, out_dir / f"{name}.xor.safetensors", tile=tile,
                               level=level, chunk_bytes=chunk_bytes, conditioned=conditioned,
                               max_shard_bytes=max_shard_bytes)
             sizes[name] = {n: b.nbytes(n) for n in b.fsrc.names()}
@@ -348,7 +377,9 @@ def pack_many(base, finetuned, out_dir, *, tile=DEFAULT_TILE, level: int = 3, ch
     finally:
         for bar in bars.values():
             bar.close()
-    result.seconds = time.perf_counter() - t0
+        for fsrc in opened_here:
+            if isinstance(fsrc, SafetensorsSource):
+                fsrc.close()
     return result
 
 

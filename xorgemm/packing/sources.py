@@ -3,6 +3,7 @@
 time, so packing a large model never holds two whole models in memory. Pickle checkpoints are refused."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -93,10 +94,10 @@ class SafetensorsSource(TensorSource):
         except BaseException:
             self.close()
             raise
-        if weight_map is not None:
-            missing = [k for k in weight_map if k not in self._where]
-            if missing:
-                raise InputError(f"{label}: the shard index lists tensors no shard holds, e.g. '{missing[0]}'")
+        missing = [k for k in weight_map if k not in self._where] if weight_map is not None else []
+        if missing:
+            self.close()
+            raise InputError(f"{label}: the shard index lists tensors no shard holds, e.g. '{missing[0]}'")
 
     def names(self):
         return list(self._where)
@@ -176,3 +177,15 @@ def open_source(src, label: str = "state dict") -> TensorSource:
         hint = f" (found pickle checkpoints {pickles}; convert them to safetensors)" if pickles else ""
         raise InputError(f"{path}: folder holds no .safetensors weights{hint}")
     return SafetensorsSource(files, label=str(path))
+
+
+@contextlib.contextmanager
+def opened(src, label: str):
+    """open_source(src, label) for a `with`: a source opened here has its files closed afterwards (one passed
+    in is the caller's)."""
+    source = open_source(src, label)
+    try:
+        yield source
+    finally:
+        if source is not src and isinstance(source, SafetensorsSource):
+            source.close()

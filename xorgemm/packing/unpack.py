@@ -22,10 +22,10 @@ from xorgemm.errors import BaseMismatchError, InputError
 from xorgemm.format.layout import dtype_name, tensor_bytes
 from xorgemm.format.reader import DeltaFile, load_delta
 from xorgemm.format.safetensors_io import Writer
-from xorgemm.format.writer import _umask, atomic_path, atomic_write, shard_name
+from xorgemm.format.writer import _remove, _umask, atomic_path, atomic_write, files_listed_by, shard_name
 from xorgemm.packing.pack import parse_size
 from xorgemm.packing.pipeline import bounded_map, memory_budget
-from xorgemm.packing.sources import TensorSource, open_source
+from xorgemm.packing.sources import TensorSource, opened
 
 INDEX_NAME = "model.safetensors.index.json"  # a sharded Hugging Face model's index
 SINGLE_NAME = "model.safetensors"  # an unsharded one's file
@@ -63,8 +63,7 @@ def _quiet(progress: bool):
 def unpack(base, delta, *, progress: bool = False) -> dict[str, torch.Tensor]:
     """The fine-tuned state dict, bit for bit, from `base` and a delta (path or DeltaFile), in memory. To
     write it to disk without holding it, use unpack_to."""
-    bsrc = open_source(base, "base")
-    with _open_delta(delta) as d:
+    with opened(base, "base") as bsrc, _open_delta(delta) as d:
         return {name: _rebuild(d, bsrc, name)
                 for name in tqdm(list(d), desc="unpack", unit="tensor", disable=_quiet(progress), leave=False)}
 
@@ -137,9 +136,8 @@ def unpack_to(base, delta, out, *, max_shard_size=None, progress: bool = False) 
     if not single and out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; the fine-tune's files are written into a folder (or name a "
                          ".safetensors file to write one)")
-    bsrc = open_source(base, "base")
     report = UnpackReport()
-    with _open_delta(delta) as d:
+    with opened(base, "base") as bsrc, _open_delta(delta) as d:
         plan = _plan(d, bsrc, limit)
         if single:
             plan = {out.name: (list(d), _common_metadata(m for _, m in plan.values()))}
@@ -172,13 +170,16 @@ def unpack_to(base, delta, out, *, max_shard_size=None, progress: bool = False) 
             for w in writers.values():
                 w.close()
                 os.chmod(w.path, 0o666 & ~_umask())
-        except BaseException:
+            stale = files_listed_by(folder / INDEX_NAME) if not single else set()
+            for fname, w in writers.items():
+                os.replace(w.path, folder / fname)
+                report.files.append(folder / fname)
+        except BaseException as e:
             for w in writers.values():
                 w.discard()
+            if isinstance(e, OSError) and e.filename is None:  # a write's error (disk full) names no file
+                raise InputError(f"{out}: cannot be written ({e.strerror or e})") from None
             raise
-    for fname, w in writers.items():
-        os.replace(w.path, folder / fname)
-        report.files.append(folder / fname)
     if not single:
         index = folder / INDEX_NAME
         if len(plan) > 1 or SINGLE_NAME not in plan:  # transformers finds one file by this name, else by an index
@@ -186,21 +187,12 @@ def unpack_to(base, delta, out, *, max_shard_size=None, progress: bool = False) 
                    "weight_map": {n: f for f, (names, _) in plan.items() for n in sorted(names)}}
             atomic_write(index, [json.dumps(doc, indent=2).encode() + b"\n"])
             report.files.append(index)
-        elif index.is_file():  # an earlier sharded write's index would be read instead of this file
-            _remove_stale_index(index, keep=set(plan))
+            # An earlier write's model.safetensors would be loaded instead of the index, its shards beside it.
+            _remove(*(folder / f for f in (stale | {SINGLE_NAME}) - set(plan)))
+        else:  # an earlier sharded write's index would be read instead of this file
+            _remove(index, *(folder / f for f in stale - set(plan)))
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _remove_stale_index(index: Path, keep: set):
-    """Removes an earlier sharded write's index and the shards it lists (but `keep`): left there, a loader
-    would read them beside the file just written."""
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-        for f in set(json.loads(index.read_text())["weight_map"].values()) - keep:
-            stale = index.parent / f
-            if "/" not in f and stale.is_file():
-                stale.unlink()
-    index.unlink()
 
 
 @dataclass
@@ -217,11 +209,9 @@ class VerifyReport:
 
 def verify(base, delta, finetuned, *, progress: bool = False) -> VerifyReport:
     """Reconstructs every tensor and compares it byte for byte with the fine-tune, a few tensors at a time."""
-    bsrc = open_source(base, "base")
-    fsrc = open_source(finetuned, "finetuned")
     rep = VerifyReport()
-    fnames = set(fsrc.names())
-    with _open_delta(delta) as d:
+    with opened(base, "base") as bsrc, opened(finetuned, "finetuned") as fsrc, _open_delta(delta) as d:
+        fnames = set(fsrc.names())
         rep.missing_in_delta = sorted(fnames - set(d))
         rep.extra_in_delta = sorted(set(d) - fnames)
         sizes = {n: d[n].nbytes for n in d if n in fnames}
