@@ -51,7 +51,29 @@ def sniff_pickle(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-class DeltaShard:
+class _Tensors:
+    """A delta's tensors by name (`self.tensors`), read as a mapping; a missing name's KeyError names the file."""
+
+    tensors: dict[str, DeltaTensor]
+    path: Path
+
+    def __getitem__(self, name) -> DeltaTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor '{name}' in this delta") from None
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+
+class DeltaShard(_Tensors):
     """One validated .xor.safetensors container: a whole delta, or one shard of a sharded one."""
 
     def __init__(self, path):
@@ -265,21 +287,6 @@ class DeltaShard:
 
     # --- access
 
-    def __getitem__(self, name) -> DeltaTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.path}: no tensor '{name}' in this delta") from None
-
-    def __contains__(self, name):
-        return name in self.tensors
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self):
-        return len(self.tensors)
-
     @property
     def compressed_bytes(self) -> int:
         return self._payload_len
@@ -419,7 +426,7 @@ def _int_list(v, ndim_min, allow_empty=False) -> bool:
             and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
 
 
-class DeltaFile:
+class DeltaFile(_Tensors):
     """A validated, lazily decoded delta: one .xor.safetensors file, or the shards a
     NAME.xor.safetensors.index.json lists (pack writes those past a size limit). Use `load_delta(path)`.
     Each tensor decodes from the file that holds it, which its messages name."""
@@ -488,21 +495,6 @@ class DeltaFile:
         self._fingerprint = base_fingerprint(hashes)
         if meta.get("base_fingerprint") != self._fingerprint:
             fail("its shards were made from another base than the index records (base_fingerprint differs)")
-
-    def __getitem__(self, name) -> DeltaTensor:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise KeyError(f"{self.path}: no tensor '{name}' in this delta") from None
-
-    def __contains__(self, name):
-        return name in self.tensors
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self):
-        return len(self.tensors)
 
     @property
     def compressed_bytes(self) -> int:
