@@ -189,9 +189,9 @@ def pack(base, finetuned, out_path, *, tile=DEFAULT_TILE, level: int = 3, chunk_
     `conditioned=False` keeps to the XOR codecs (format version 1: what an older xorgemm reads, and the
     benchmarks' baseline); by default tiles may use the base-conditioned codec where it is smaller.
     A delta whose payload would pass `max_shard_size` (bytes, or text such as '5GB') is written as shards of
-    whole tensors,
-    NAME-0000i-of-0000n.xor.safetensors, with NAME.xor.safetensors.index.json; `load_delta(out_path)` reads
-    either form. Memory holds a few tensors at a time (see pipeline.py), whatever the model's size.
+    whole tensors, NAME-0000i-of-0000n.xor.safetensors, with NAME.xor.safetensors.index.json;
+    `load_delta(out_path)` reads either form. Memory holds a few tensors at a time (see pipeline.py),
+    whatever the model's size.
     """
     t0 = time.perf_counter()
     max_shard_bytes = _check_args(tile, level, chunk_bytes, max_shard_size)
