@@ -333,6 +333,9 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
              "unpack": peak_rss("unpack", "-q", "--base", base, "--delta", delta, "-o", out),
              "verify": peak_rss("verify", "-q", "--base", base, "--delta", delta, "--finetuned", out),
              "inspect": peak_rss("inspect", delta)}
+    (tmp_path / "again").symlink_to(ft, target_is_directory=True)  # a second fine-tune, for pack_many
+    peaks["pack of 2 fine-tunes"] = peak_rss("pack", "-q", "--base", base, "--finetuned", ft, tmp_path / "again",
+                                             "-o", tmp_path / "many")
     assert all(p <= bound for p in peaks.values()), (peaks, bound)
     # What the commands hold beyond the interpreter is what the pipeline admits, far below one model.
     assert all(p - interpreter <= 3 * largest + SLACK_BYTES for p in peaks.values()), (peaks, interpreter)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,8 +283,8 @@ def pack_many(base, finetuned, out_dir, *, tile=DEFAULT_TILE, level: int = 3, ch
     (each delta named after its folder or file: OUT_DIR/<name>.xor.safetensors) or a {name: source} dict.
     A fine-tune that fails (unreadable, another dtype, a tensor the base lacks in a way pack refuses) is
     reported in the result's `failed` and skipped; the others are written. `out_dir` is created if
-    missing (its parent must exist). A tensor in flight holds each fine-tune's chunks of it until written,
-    so memory grows with the number of fine-tunes by their compressed tensors."""
+    missing (its parent must exist). Memory is bounded as pack's is, however many fine-tunes: each tensor
+    of each fine-tune is a task of its own, and a tensor's base is kept only while its fine-tunes need it."""
     t0 = time.perf_counter()
     max_shard_bytes = _check_args(tile, level, chunk_bytes, max_shard_size)
     out_dir = Path(out_dir)
@@ -330,41 +331,49 @@ def _pack_many(bsrc, sources, out_dir, *, tile, level, chunk_bytes, progress, co
         result.failed[name] = str(error)
         builders.pop(name).abort()
 
-    def encode(tname):
-        """Tensor `tname` of every fine-tune that has it: {fine-tune: _Encoded or its error}."""
-        cached = []  # the base tensor's bytes and digest, read at most once for every fine-tune
+    # One task per (tensor, fine-tune), in tensor order: each fine-tune's chunks are written as soon as they
+    # are made, and a tensor's base is read once, kept while its fine-tunes need it (a count), then freed.
+    tasks = [(t, name) for t in dict.fromkeys(n for s in sizes.values() for n in s) for name in sizes
+             if t in sizes[name]]
+    waiting = {t: sum(t in s for s in sizes.values()) for t, _ in tasks}
+    bases: dict[str, list] = {}
+    lock = threading.Lock()
 
-        def base_tensor():
-            if not cached:
-                cached.append(_base_bytes(bsrc, tname))
-            return cached[0]
+    def base_tensor(tname):
+        with lock:
+            cell = bases.setdefault(tname, [threading.Lock(), None])
+        with cell[0]:  # the first task to need it reads it; the others wait for that read
+            if cell[1] is None:
+                cell[1] = _base_bytes(bsrc, tname)
+            return cell[1]
 
-        out = {}
-        for name, b in list(builders.items()):
-            if tname in sizes[name]:
-                try:
-                    out[name] = b.encode(tname, bsrc, base_tensor)
-                except XorgemmError as e:
-                    out[name] = e
-        return out
+    def encode(task):
+        tname, name = task
+        try:
+            b = builders.get(name)
+            return b.encode(tname, bsrc, lambda: base_tensor(tname)) if b is not None else None
+        except XorgemmError as e:
+            return e
+        finally:
+            with lock:
+                waiting[tname] -= 1
+                if not waiting[tname]:
+                    bases.pop(tname, None)
 
-    order = list(dict.fromkeys(n for s in sizes.values() for n in s))
-    biggest = {t: max(s.get(t, 0) for s in sizes.values()) for t in order}
-    holders = {t: sum(t in s for s in sizes.values()) for t in order}
-    cost = lambda t: (2 + holders[t]) * biggest[t]  # noqa: E731  base, fine-tune and each one's chunks
+    # In flight per task: the base (kept for the next fine-tune), the fine-tune's bytes, its section and chunks.
+    cost = lambda task: 3 * sizes[task[1]][task[0]]  # noqa: E731
     bars = {name: tqdm(total=sum(sizes[name].values()), unit="B", unit_scale=True, desc=name, position=i,
                        disable=_quiet(progress), leave=False) for i, name in enumerate(builders)}
     try:
-        budget = memory_budget(max(map(cost, order), default=0))
-        for tname, encoded in bounded_map(encode, order, cost, budget=budget):
-            for name, enc in encoded.items():
-                if name not in builders:
-                    continue  # failed on an earlier tensor
-                if isinstance(enc, XorgemmError):
-                    fail(name, enc)
-                    continue
-                builders[name].commit(tname, enc)
-                bars[name].update(enc.nbytes)
+        budget = memory_budget(max(map(cost, tasks), default=0))
+        for (tname, name), enc in bounded_map(encode, tasks, cost, budget=budget):
+            if name not in builders or enc is None:
+                continue  # failed on an earlier tensor
+            if isinstance(enc, XorgemmError):
+                fail(name, enc)
+                continue
+            builders[name].commit(tname, enc)
+            bars[name].update(enc.nbytes)
         for name in list(builders):
             try:
                 result.reports[name] = builders[name].finish()
