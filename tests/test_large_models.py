@@ -340,3 +340,57 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
     # What the commands hold beyond the interpreter is what the pipeline admits, far below one model.
     assert all(p - interpreter <= 3 * largest + SLACK_BYTES for p in peaks.values()), (peaks, interpreter)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ft.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def safetensors_with(tmp_path, header: dict, data: bytes):
+    import struct
+
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return p
+
+
+@pytest.mark.parametrize("case,message", [
+    ("hole", "hole or an overlap"), ("overlap", "hole or an overlap"), ("trailing", "bytes after its last tensor"),
+    ("short", "is truncated"), ("shape", "do not match its shape"), ("dtype", "malformed header entry"),
+    ("metadata", "not a map of strings")])
+def test_a_malformed_safetensors_checkpoint_is_named(tmp_path, case, message):
+    """The checkpoint reader (pread, not safetensors' map) checks the header as strictly as safetensors does."""
+    a = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    b = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}
+    header, data = {"a": a, "b": b}, bytes(32)
+    if case == "hole":
+        b["data_offsets"] = [20, 36]
+        data = bytes(36)
+    elif case == "overlap":
+        b["data_offsets"] = [8, 24]
+    elif case == "trailing":
+        data = bytes(40)
+    elif case == "short":
+        data = bytes(20)
+    elif case == "shape":
+        b["shape"] = [5]
+    elif case == "dtype":
+        b["dtype"] = "F31"
+    elif case == "metadata":
+        header["__metadata__"] = {"format": 1}
+    path = safetensors_with(tmp_path, header, data)
+    with pytest.raises(InputError, match=message) as e:
+        xorgemm.pack(path, path, tmp_path / "d.xor.safetensors")
+    assert str(path) in str(e.value)
+    assert not list(tmp_path.glob(".d*"))  # no temporary delta left behind
+
+
+def test_unpack_into_a_path_that_is_a_file_is_refused(tmp_path, pair):
+    xorgemm.pack(*pair, tmp_path / "d.xor.safetensors")
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(InputError, match="is a file"):
+        xorgemm.unpack_to(pair[0], tmp_path / "d.xor.safetensors", tmp_path / "out")
+    with pytest.raises(InputError, match="is a folder"):
+        (tmp_path / "dir.safetensors").mkdir()
+        xorgemm.unpack_to(pair[0], tmp_path / "d.xor.safetensors", tmp_path / "dir.safetensors")

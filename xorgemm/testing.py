@@ -164,16 +164,10 @@ def write_llama_pair(out_dir, *, layers: int, hidden: int, intermediate: int, kv
     from tqdm.auto import tqdm
 
     from xorgemm.format.safetensors_io import Writer
+    from xorgemm.packing.unpack import shard_groups
 
     shapes = llama_shapes(layers, hidden, intermediate, kv, vocab)
-    groups, size = [[]], 0
-    for name, shape in shapes.items():
-        n = 2 * int(torch.Size(shape).numel())
-        if groups[-1] and size + n > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += n
+    groups = shard_groups({n: 2 * int(torch.Size(s).numel()) for n, s in shapes.items()}, shard_bytes)
     files = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
     total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
     folders = []

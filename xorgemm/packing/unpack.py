@@ -87,15 +87,8 @@ def _plan(d: DeltaFile, bsrc: TensorSource, max_shard_size: int | None) -> dict[
     """{file name: (its tensors, its metadata)}: shards of at most max_shard_size; else the fine-tune's files
     as pack recorded them; else the base's (a tensor the base lacks goes with the last); else one file."""
     names = list(d)
-    nbytes = {n: d[n].nbytes for n in names}
     if max_shard_size is not None:
-        groups, size = [[]], 0
-        for n in names:
-            if groups[-1] and size + nbytes[n] > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(n)
-            size += nbytes[n]
+        groups = shard_groups({n: d[n].nbytes for n in names}, max_shard_size)
         meta = _common_metadata(d.layout_files.values()) if d.layout_files else dict(DEFAULT_METADATA)
         if len(groups) == 1:
             return {SINGLE_NAME: (groups[0], meta)}
@@ -113,6 +106,19 @@ def _plan(d: DeltaFile, bsrc: TensorSource, max_shard_size: int | None) -> dict[
         f = file_of[n]
         plan.setdefault(f, ([], dict(metas.get(f) or DEFAULT_METADATA)))[0].append(n)
     return plan
+
+
+def shard_groups(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """Tensors in their order cut into shards of at most max_shard_size bytes, as transformers cuts them (a
+    tensor larger than that alone in its own)."""
+    groups, size = [[]], 0
+    for n, b in sizes.items():
+        if groups[-1] and size + b > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(n)
+        size += b
+    return groups
 
 
 def unpack_to(base, delta, out, *, max_shard_size=None, progress: bool = False) -> UnpackReport:
