@@ -65,7 +65,7 @@ ext_modules = [
     CppExtension(
         "xorgemm._C",
         sources=[f"{CSRC}/python/module.cpp", f"{CSRC}/ops.cpp", f"{CSRC}/cpu/xor_linear_cpu.cpp",
-                 f"{CSRC}/format/delta_section.cpp"],
+                 f"{CSRC}/cpu/fused_linear.cpp", f"{CSRC}/format/delta_section.cpp"],
         include_dirs=[str(ROOT / CSRC)],
         extra_compile_args={"cxx": cxx_flags},
     )

@@ -33,7 +33,7 @@ from xorgemm._native import C, require_kernel
 from xorgemm.errors import InputError
 from xorgemm.format.layout import DEFAULT_TILE, context_shift, grid_of, tensor_bytes, tile_for
 from xorgemm.ops import xor_linear
-from xorgemm.resident import resident_section, section_offsets
+from xorgemm.resident import cpu_resident_form, resident_section, section_offsets, xor_codecs_only
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -173,8 +173,9 @@ class XorLinear(nn.Module):
             raise InputError(f"fine-tune {name!r}: weight is {finetuned_weight.dtype} {tuple(finetuned_weight.shape)}, "
                              f"the base is {w.dtype} {tuple(w.shape)}")
         grid = grid_of(w.shape, self.tile, w.dtype)
-        # Encoded on the CPU (tensor_bytes copies there); _add_delta puts the section beside the base.
-        shift = context_shift(w.dtype, w.shape)
+        # Encoded on the CPU (tensor_bytes copies there); _add_delta puts the section beside the base. A CPU
+        # layer in the fast form keeps the XOR codecs only (resident.xor_codecs_only): no conditioned tiles.
+        shift = -1 if w.device.type == "cpu" and cpu_resident_form() == "fast" else context_shift(w.dtype, w.shape)
         section = C.encode_section(tensor_bytes(w), tensor_bytes(finetuned_weight), grid, shift)
         self._add_delta(name, section, C.validate_section(section, grid), finetuned_bias)
 
@@ -251,6 +252,12 @@ class XorLinear(nn.Module):
             section = torch.zeros(grid.table_bytes, dtype=torch.uint8)
             offsets = C.validate_section(section, grid)
         section = section.to(dev)
+        if dev.type == "cpu" and cpu_resident_form() == "fast":
+            grid = grid_of(self.base_weight.shape, self.tile, self.base_weight.dtype)
+            try:
+                section, offsets = xor_codecs_only(section, offsets.cpu(), self.base_weight, grid, self.tile)
+            except C.FormatError as e:
+                raise InputError(f"fine-tune {name!r}: its delta does not decode against this base: {e}") from None
         if section.data_ptr() % 16:  # a view inside a larger buffer: the GPU kernels load 16 bytes at a time
             section = section.clone()
         self.deltas[name] = _ResidentDelta(section, offsets.to(dev), bias)

@@ -303,6 +303,52 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
   }
 }
 
+// One worker's exception pass over a tile whose rows are `stride` words apart: ORs each exception's high
+// bytes (P planes of them) into its word. Tile widths are powers of two except on a ragged edge: a shift
+// then, not a divide per exception.
+template <typename Word, uint32_t P>
+XG_HD void or_exceptions_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* out,
+                              uint32_t stride) {
+  uint32_t log2w = 0;
+  while ((1u << log2w) < w) ++log2w;
+  const bool pow2 = (1u << log2w) == w;
+  const uint8_t* pos = payload + (uint64_t)elems * e.low_bytes;
+  const uint8_t* hi = pos + 2ull * e.n_exc;
+  for (uint32_t x = 0; x < e.n_exc; ++x) {
+    const uint32_t i = (uint32_t)pos[x] | ((uint32_t)pos[e.n_exc + x] << 8);
+    if (i >= elems) continue;
+    Word v = 0;
+    for (uint32_t j = 0; j < P; ++j) v |= (Word)((Word)hi[(uint64_t)j * e.n_exc + x] << (8 * (e.low_bytes + j)));
+    out[(uint64_t)(pow2 ? i >> log2w : i / w) * stride + (pow2 ? i & (w - 1) : i % w)] |= v;
+  }
+}
+
+// The whole decode on one worker (the CPU's fused kernel), into rows `stride` words apart: row r of the tile
+// (w words) lands at out[r * stride], a tile inside a wider matrix. Plane by plane and row by row, so each
+// inner loop streams a contiguous run of one plane (vectorized); then the exceptions' high bytes.
+template <typename Word>
+XG_HD void decode_tile_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* out,
+                            uint32_t stride) {
+  const uint32_t k = e.codec == kZero ? 0 : e.low_bytes, h = elems / w;
+  for (uint32_t r = 0; r < h; ++r) {
+    Word* o = out + (uint64_t)r * stride;
+    const uint8_t* low = payload + (uint64_t)r * w;
+    for (uint32_t c = 0; c < w; ++c) o[c] = k ? (Word)low[c] : (Word)0;
+    for (uint32_t j = 1; j < k; ++j) {
+      const uint8_t* plane = payload + (uint64_t)j * elems + (uint64_t)r * w;
+      for (uint32_t c = 0; c < w; ++c) o[c] |= (Word)((Word)plane[c] << (8 * j));
+    }
+  }
+  if (k == sizeof(Word) || e.n_exc == 0) return;
+  switch (sizeof(Word) - k) {  // the exceptions' planes, a constant for the loop
+    case 1: return or_exceptions_rows<Word, 1>(payload, e, elems, w, out, stride);
+    case 2: return or_exceptions_rows<Word, 2>(payload, e, elems, w, out, stride);
+    case 3: return or_exceptions_rows<Word, 3>(payload, e, elems, w, out, stride);
+    case 4: return or_exceptions_rows<Word, 4>(payload, e, elems, w, out, stride);
+    default: return or_exceptions_rows<Word, sizeof(Word)>(payload, e, elems, w, out, stride);
+  }
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // The conditioned codec: a Rice code whose parameter is chosen per class of base words. Entry: low_bytes =
 // transform | shift << 1 | (high_bytes - 1) << 6, n_exc = escapes, reserved = payload bytes / kTileAlign.

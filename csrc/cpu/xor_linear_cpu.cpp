@@ -1,12 +1,18 @@
-// CPU implementation of the xorgemm ops (schemas in ops.cpp): the patched-block path (patched_blocks.h)
-// with a CPU patcher, and apply_section.
-//
-// The patcher decodes a block's delta tiles with the shared decoders and XORs them onto the base rows in
-// the scratch block, all cores at once (at::parallel_for over grid rows); ATen's GEMM then multiplies the
-// block, also on all cores. Blocks are serial so that each GEMM can use every core.
+// CPU implementation of the xorgemm ops (schemas in ops.cpp), on two paths:
+//   fused          small batches (decode shapes): base words streamed once, delta tiles applied as they pass,
+//                  x multiplied in the same pass (cpu/fused_linear.h);
+//   patched blocks larger batches, where the GEMM is compute-bound: a block of output features of the
+//                  weight is patched into scratch (the shared decoders, all cores over grid rows) and ATen's
+//                  GEMM multiplies it, also on all cores (patched_blocks.h). The input gradient always.
+// XORGEMM_CPU_PATH=fused|blocks forces a path (tests, benchmarks); unset, the batch's rows pick it against the
+// crossover measured per dtype (fused_max_rows). And apply_section.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/fused_linear.h"
 #include "format/delta_section.h"
 #include "op_args.h"
 #include "patched_blocks.h"
@@ -36,12 +42,87 @@ struct CpuPatcher {
 
 int64_t grid_rows_per_block(const format::TileGrid& g) { return std::max<int64_t>(1, kBlockFeatures / g.tile_rows); }
 
+enum class Path { kAuto, kFused, kBlocks };
+
+Path forced_path() {
+  const char* v = std::getenv("XORGEMM_CPU_PATH");
+  if (v == nullptr || *v == 0 || !std::strcmp(v, "auto")) return Path::kAuto;
+  if (!std::strcmp(v, "fused")) return Path::kFused;
+  if (!std::strcmp(v, "blocks")) return Path::kBlocks;
+  TORCH_CHECK(false, "xorgemm: XORGEMM_CPU_PATH must be fused, blocks or auto, got '", v, "'");
+}
+
+// Batches of at most this many rows take the fused kernel: below it, streaming the weight once costs less
+// than patching blocks for ATen's GEMM. The crossover measured by bench/gemm.py --device cpu (its
+// "crossover" table in bench/results/gemm_cpu.md), per dtype.
+int64_t fused_max_rows(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return 16;
+    default: return 16;
+  }
+}
+
+bool use_fused(const LinearProblem& p, const at::Tensor& base) {
+  const bool supported = cpu::fused_supports(base.scalar_type());
+  switch (forced_path()) {
+    case Path::kFused:
+      TORCH_CHECK(supported, "xorgemm: XORGEMM_CPU_PATH=fused, but the fused CPU kernel does not take ",
+                  base.scalar_type(), " weights (float32, bfloat16 and float16 only)");
+      return true;
+    case Path::kBlocks: return false;
+    default: return supported && p.a2.size(0) <= fused_max_rows(base.scalar_type());
+  }
+}
+
+// y = x W_f(i)^T (+ bias) on the fused kernel: fp32 sums, bias added before the one rounding to x's dtype.
+// Undefined when the kernel could not serve the call (a weight that is not finite in a sparse tile).
+at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::TensorList sections,
+                         at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
+                         const std::optional<at::Tensor>& bias) {
+  const std::string isa = cpu::chosen_isa();
+  const at::ScalarType x_dtype = cpu::x_dtype_for(isa, base.scalar_type());
+  const int64_t m = p.a2.size(0), k = base.size(1), n = base.size(0), n_finetunes = (int64_t)sections.size();
+  // x's rows padded apart: rows a power of two long would all fall in the same L1 sets as the weight rows.
+  const int64_t x_stride = k + 64 / (int64_t)at::elementSize(x_dtype) * 3;
+  at::Tensor x = at::empty({m, x_stride}, p.a2.options().dtype(x_dtype)).narrow(1, 0, k);
+  x.copy_(p.a2);
+  at::Tensor y = at::zeros({m, n}, x.options().dtype(at::kFloat));
+  cpu::FusedProblem fp{p.grid, base.scalar_type(), base.data_ptr(), x.data_ptr(), x_dtype, (size_t)x_stride,
+                       y.data_ptr<float>(), {}};
+  const std::vector<at::Tensor> groups = group_rows(row_finetune, n_finetunes, m, base.device());
+  for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
+    if (!groups[gi].defined()) continue;
+    cpu::FusedGroup grp;
+    if (gi > 0) {
+      grp.section = sections[gi - 1].data_ptr<uint8_t>();
+      grp.offsets = reinterpret_cast<const uint64_t*>(tile_offsets[gi - 1].data_ptr<int64_t>());
+    }
+    const int64_t* rows = groups[gi].data_ptr<int64_t>();
+    grp.rows.assign(rows, rows + groups[gi].numel());
+    fp.groups.push_back(std::move(grp));
+  }
+  if (m > 0 && !cpu::fused_linear(fp, isa)) return at::Tensor();
+  for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
+    const at::Tensor b = bias_of(bias, gi - 1);
+    if (!groups[gi].defined() || !b.defined()) continue;
+    if (groups[gi].numel() == m)
+      y.add_(b.to(at::kFloat));
+    else
+      y.index_add_(0, groups[gi], b.to(at::kFloat).expand({groups[gi].numel(), n}));
+  }
+  return y.to(base.scalar_type());
+}
+
 at::Tensor xor_linear_cpu(const at::Tensor& x, const at::Tensor& base, at::TensorList sections,
                           at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                           const std::optional<at::Tensor>& bias, int64_t tile_rows, int64_t tile_cols) {
   const LinearProblem p =
       prepare_linear("x", x, base, sections, tile_offsets, row_finetune, bias, tile_rows, tile_cols, false);
   check_sections_on_host(sections, tile_offsets, p.grid);
+  if (use_fused(p, base)) {
+    const at::Tensor y = fused_forward(p, base, sections, tile_offsets, row_finetune, bias);
+    if (y.defined()) return y.reshape(p.out_shape);
+  }
   return patched_blocks_forward(p, base, (int64_t)sections.size(), row_finetune, bias, grid_rows_per_block(p.grid),
                                 CpuPatcher{base, sections, tile_offsets, p.grid})
       .reshape(p.out_shape);

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "cpu/fused_linear.h"
 #include "format/delta_section.h"
 
 namespace py = pybind11;
@@ -186,4 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("section"), py::arg("offsets"), py::arg("grid"), py::arg("row0"), py::arg("row1"), py::arg("col0"),
         py::arg("col1"));
   m.def("codec_counts", &codec_counts, "Tiles per codec in a validated section", py::arg("section"), py::arg("grid"));
+  m.def("cpu_isas", &xorgemm::cpu::available_isas,
+        "The instruction sets of the fused CPU kernel this CPU runs, best first (XORGEMM_CPU_ISA picks one)");
+  m.def("cpu_isa", &xorgemm::cpu::chosen_isa, "The fused CPU kernel's instruction set now (XORGEMM_CPU_ISA, or the best)");
 }
