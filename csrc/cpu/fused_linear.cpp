@@ -19,6 +19,15 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define XG_X86 1
+// Code between XG_TARGET_BEGIN("isa,...") and XG_TARGET_END is compiled for those instruction sets.
+#define XG_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define XG_TARGET_BEGIN(isa) XG_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define XG_TARGET_END XG_PRAGMA(clang attribute pop)
+#else
+#define XG_TARGET_BEGIN(isa) XG_PRAGMA(GCC push_options) XG_PRAGMA(GCC target(isa))
+#define XG_TARGET_END XG_PRAGMA(GCC pop_options)
+#endif
 #endif
 
 namespace xorgemm {
@@ -35,8 +44,7 @@ namespace portable {
 }  // namespace portable
 
 #ifdef XG_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+XG_TARGET_BEGIN("avx2,fma,f16c")
 namespace avx2 {
 #define XG_LANES 8
 #define XG_BF16_DOT 0
@@ -46,10 +54,9 @@ namespace avx2 {
 #undef XG_BF16_DOT
 #undef XG_F16C
 }  // namespace avx2
-#pragma GCC pop_options
+XG_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+XG_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 namespace avx512 {
 #define XG_LANES 16
 #define XG_BF16_DOT 0
@@ -59,10 +66,9 @@ namespace avx512 {
 #undef XG_BF16_DOT
 #undef XG_F16C
 }  // namespace avx512
-#pragma GCC pop_options
+XG_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+XG_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 namespace avx512bf16 {
 #define XG_LANES 16
 #define XG_BF16_DOT 1
@@ -72,7 +78,7 @@ namespace avx512bf16 {
 #undef XG_BF16_DOT
 #undef XG_F16C
 }  // namespace avx512bf16
-#pragma GCC pop_options
+XG_TARGET_END
 #endif
 
 namespace {

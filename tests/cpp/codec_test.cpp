@@ -198,7 +198,7 @@ static void test_payload_size_formula() {
 // The fused kernel's decode: XOR every tile straight into a padded copy of its base tile (stride 72
 // words, as in shared memory) with 128 cooperating workers, phase by phase. Ragged edge tiles, every
 // codec, 2- and 4-byte words (16-bit ones in pairs when rows are even, one by one when odd): the result
-// must be the fine-tuned tile and the padding must stay untouched.
+// must be the fine-tuned tile and the padding must stay untouched; and decode_tile_rows' delta words.
 template <typename Word>
 static bool strided_xor_matches(const TileGrid& g, const Encoded& x) {
   constexpr uint32_t kStride = 72, kWorkers = 128;
@@ -216,10 +216,15 @@ static bool strided_xor_matches(const TileGrid& g, const Encoded& x) {
       codec::xor_tile_low_strided<Word>(p, e, elems, w, dst.data(), kStride, i, kWorkers);
     for (uint32_t i = 0; i < kWorkers; ++i)
       codec::xor_tile_exceptions_strided<Word>(p, e, elems, w, dst.data(), kStride, i, kWorkers);
+    // The CPU's one-worker form: the delta words alone, rows kStride apart, the padding untouched.
+    std::vector<Word> words(g.tile_rows * kStride, (Word)0x5A5A5A5Au);
+    codec::decode_tile_rows<Word>(p, e, elems, w, words.data(), kStride);
     for (uint32_t r = 0; r < g.tile_rows; ++r)
       for (uint32_t c = 0; c < kStride; ++c) {
-        const Word want = (r < h && c < w) ? ft[(r0 + r) * g.cols + c0 + c] : (Word)0x5A5A5A5Au;
+        const bool in = r < h && c < w;
+        const Word want = in ? ft[(r0 + r) * g.cols + c0 + c] : (Word)0x5A5A5A5Au;
         if (dst[r * kStride + c] != want) return false;
+        if (words[r * kStride + c] != (in ? (Word)(want ^ base[(r0 + r) * g.cols + c0 + c]) : want)) return false;
       }
   }
   return true;
