@@ -89,11 +89,23 @@ class Timer:
 
 
 def rotation(weight_bytes: int, device: str = "cuda") -> int:
-    """Copies of the weights to cycle through so that each timed run reads them from HBM, not L2 (1 off a GPU)."""
-    if device != "cuda":
-        return 1
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, -(-3 * l2 // weight_bytes))
+    """Copies of the weights to cycle through so that each timed run reads them from memory, not from the
+    last cache level (a GPU's L2, a CPU's L3): enough to fill three times that cache."""
+    cache = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else cpu_last_cache_bytes()
+    return max(1, -(-3 * cache // weight_bytes))
+
+
+def cpu_last_cache_bytes() -> int:
+    """The size of the CPU's last cache level (sysfs), or 0 when it cannot be read."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        shift = {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+        try:
+            best = max(best, int(text[:-1] if shift else text) << shift)
+        except ValueError:
+            continue
+    return best
 
 
 def copy_bandwidth(timer: Timer, device: str = "cuda") -> float:

@@ -1,11 +1,16 @@
 """Kernel microbenchmarks: xorgemm's fused decode-XOR-matmul against the same run's baselines.
 
 For each weight shape (N out x K in features), token count M, dtype and delta kind it times, median of
-many runs after warm-up:
+many runs after warm-up, each run reading weights the last cache level does not hold (common.rotation):
   dense    F.linear on the fine-tuned weight (cuBLAS on a GPU): the speed to match
   unfused  the seed's naive way: decompress the whole delta (zstd chunks), XOR it onto the base, F.linear
-  xorgemm  XorLinear: tiles decoded and patched block by block inside the matmul, never the whole weight
+  xorgemm  XorLinear: tiles decoded and patched inside the matmul, never the whole weight
 and checks xorgemm against F.linear in float64 (normwise relative error: fp32 < 1e-5, bf16/fp16 < 1e-2).
+On the CPU it also times both paths of the op, forced (XORGEMM_CPU_PATH): `fused` (one pass, the delta
+applied as the base streams) and `blocks` (patched blocks and ATen's GEMM), with the floor (1 + r) x dense
+(r: the resident delta over the weight) and the issue's targets; then the crossover between the paths per
+dtype (the largest M at which fused wins), against the one the op uses (csrc/cpu/fused_linear.cpp); and
+D = 4 fine-tunes, one row each, in one call against 4 dense GEMVs.
 
     python bench/gemm.py                         # CPU defaults (smaller shapes)
     python bench/gemm.py --device cuda           # Llama-class shapes on a GPU
@@ -16,6 +21,8 @@ summary table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -42,16 +49,44 @@ from common import (
 
 import xorgemm
 from xorgemm import XorLinear
+from xorgemm._native import C
+from xorgemm.resident import cpu_resident_form
 from xorgemm.resident.gpu_decompress import GpuZstdBatch, nvcomp_available
 from xorgemm.testing import FLOAT_DTYPES, perturb
 
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 DEFAULTS = {
-    "cpu": {"shapes": ["4096x4096", "1024x4096"], "m": [1, 16, 256], "dtypes": ["fp32", "bf16"]},
+    "cpu": {"shapes": ["4096x4096", "1024x4096"], "m": [1, 4, 16, 64, 256], "dtypes": ["fp32", "bf16"]},
     "cuda": {"shapes": ["4096x4096", "14336x4096", "4096x14336", "8192x28672"], "m": [1, 4, 16, 64, 256, 2048],
              "dtypes": ["bf16", "fp16"]},
 }
 KINDS = ["sparse", "structured", "partial", "dense"]
+# The issue's targets on the CPU, as ratios to dense F.linear: M <= 16 within 1.2 x the floor (1 + r); at
+# M = 256 1.15x for sparse deltas (sparse, structured) and 1.3x for dense ones (partial: a third of the rows
+# tuned densely, dense); D fine-tunes one row each within 1.3 x (1 + D r) x one dense GEMV.
+SPARSE_KINDS = ("sparse", "structured")
+
+
+def cpu_target(row) -> float | None:
+    if row["m"] <= 16:
+        return 1.2 * (1 + row["delta_bytes"] / row["weight_bytes"])
+    if row["m"] == 256:
+        return 1.15 if row["kind"] in SPARSE_KINDS else 1.3
+    return None
+
+
+@contextlib.contextmanager
+def cpu_path(path: str):
+    """XORGEMM_CPU_PATH set to `path` (read by the op at each call) for the block."""
+    old = os.environ.get("XORGEMM_CPU_PATH")
+    os.environ["XORGEMM_CPU_PATH"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["XORGEMM_CPU_PATH"]
+        else:
+            os.environ["XORGEMM_CPU_PATH"] = old
 
 
 def make_finetune(base, kind, seed):
@@ -132,7 +167,14 @@ def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs, mo
             row["xorgemm_timing"] = timer.last
             if gpu:  # what a Python caller sees, launch overhead included
                 row["xorgemm_eager_ms"] = timer(lambda i, x_d=x_d: layers[i](x_d), rot)
-        err = rel_err(y.cpu(), F.linear(x.double(), ft.double()))
+            ys = [y]
+            if not gpu:  # both paths of the CPU op, forced: the crossover
+                for which in ("fused", "blocks"):
+                    with cpu_path(which):
+                        ys.append(layers[0](x_d))
+                        row[f"{which}_ms"] = timer(lambda i, x_d=x_d: layers[i](x_d), rot)
+        want = F.linear(x.double(), ft.double())
+        err = max(rel_err(out.cpu(), want) for out in ys)
         row["rel_err"], row["correct"] = err, err < TOL[dtype_name]
         if model is not None and dtype_name != "fp32":  # bench/perf_model.py: predicted beside measured
             frac = row["delta_bytes"] / weight_bytes
@@ -147,6 +189,112 @@ def bench_case(shape, ms, dtype_name, kind, device, timer, workdir, copy_gbs, mo
         rows.append(row)
     delta.close()
     return rows
+
+
+def bench_multi_cpu(shape, dtype_name, kind, d, timer, workdir):
+    """D fine-tunes of one layer, one row each, in one call, against D dense GEMVs on their own weights and
+    against one dense GEMV (the issue's yardstick: 1.3 x (1 + D r) of it)."""
+    n, k = shape
+    dtype = FLOAT_DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    fts = [make_finetune(base, kind, seed=1 + i) for i in range(d)]
+    rot = rotation(base.numel() * base.element_size() * (d + 1), "cpu")
+    layers, weights = [], []
+    for r in range(rot):
+        b = base.clone()
+        layer = XorLinear(b)
+        for i, ft in enumerate(fts):
+            path = Path(workdir) / f"multi-{n}x{k}-{dtype_name}-{kind}-{i}.xor.safetensors"
+            if r == 0:
+                xorgemm.pack({"w": base}, {"w": ft}, path)
+            with xorgemm.load_delta(path) as delta:
+                layer.add_finetune_from_file(f"ft{i}", delta["w"])
+        layers.append(layer)
+        weights.append([ft.clone() for ft in fts])
+    ids = torch.arange(d)
+    x = torch.randn(d, k, generator=g).to(dtype)
+    weight_bytes = base.numel() * base.element_size()
+    r_mean = sum(layers[0].resident_bytes(f"ft{i}") for i in range(d)) / d / weight_bytes
+    with torch.no_grad():
+        y = layers[0](x, finetune=ids)
+        row = {"n": n, "k": k, "dtype": dtype_name, "kind": kind, "d": d, "r": r_mean, "rotation": rot,
+               "xorgemm_ms": timer(lambda i: layers[i](x, finetune=ids), rot),
+               "gemvs_ms": timer(lambda i: [F.linear(x[j:j + 1], weights[i][j]) for j in range(d)], rot),
+               "gemv_ms": timer(lambda i: F.linear(x[:1], weights[i][0]), rot)}
+    want = torch.stack([F.linear(x[j].double(), fts[j].double()) for j in range(d)])
+    row["rel_err"] = rel_err(y, want)
+    row["correct"] = row["rel_err"] < TOL[dtype_name]
+    row["target_ms"] = 1.3 * (1 + d * r_mean) * row["gemv_ms"]
+    return row
+
+
+def crossover(rows) -> list[dict]:
+    """Per dtype, on the largest shape: the geometric mean over delta kinds of fused / blocks at each M, and
+    the largest M up to which fused wins at every M (the op's threshold should be it)."""
+    out = []
+    for dtype in sorted({r["dtype"] for r in rows if "fused_ms" in r}):
+        pick = [r for r in rows if r["dtype"] == dtype and "fused_ms" in r]
+        n, k = max(((r["n"], r["k"]) for r in pick), key=lambda s: s[0] * s[1])
+        ratios = {}
+        for m in sorted({r["m"] for r in pick}):
+            at = [r["fused_ms"] / r["blocks_ms"] for r in pick if (r["n"], r["k"], r["m"]) == (n, k, m)]
+            ratios[m] = math.exp(sum(math.log(v) for v in at) / len(at))
+        best = 0
+        for m, ratio in ratios.items():
+            if ratio >= 1:
+                break
+            best = m
+        out.append({"dtype": dtype, "n": n, "k": k, "fused_over_blocks": ratios, "measured_max_rows": best,
+                    "op_max_rows": C.cpu_fused_max_rows(FLOAT_DTYPES[dtype])})
+    return out
+
+
+def markdown_cpu(rows, meta, cross, multi) -> str:
+    head = [f"Device: {meta['device']}; torch {meta['torch']}; fused kernel instruction set {meta['isa']}; "
+            f"CPU resident form {meta['cpu_resident']}; {meta['date']}; `{meta['command']}`.", "",
+            "Median milliseconds, each run reading weights the last cache level does not hold. `r` is the resident "
+            "delta over the weight; `floor` is (1 + r): reading the base and the delta once, in units of dense "
+            "F.linear on the fine-tuned weight. `fused` and `blocks` are the op's two paths forced "
+            "(XORGEMM_CPU_PATH), `xorgemm` the path it picks; `x dense` is xorgemm over dense; `target` the "
+            "issue's (M <= 16: 1.2 x floor; M = 256: 1.15 sparse, 1.3 dense). `vs unfused` is how many times "
+            f"faster xorgemm is than the unfused baseline ({rows[0]['unfused_how'] if rows else ''}).", "",
+            "| N x K | M | dtype | delta | r | floor | dense ms | unfused ms | fused ms | blocks ms | xorgemm ms | "
+            "x dense | target | met | vs unfused | correct |",
+            "|---" * 16 + "|"]
+    for r in rows:
+        ratio, target = r["xorgemm_ms"] / r["dense_ms"], cpu_target(r)
+        frac = r["delta_bytes"] / r["weight_bytes"]
+        met = "-" if target is None else ("yes" if ratio <= target else "no")
+        head.append(f"| {r['n']}x{r['k']} | {r['m']} | {r['dtype']} | {r['kind']} | {100 * frac:.1f}% | "
+                    f"{1 + frac:.2f} | {r['dense_ms']:.3f} | {r['unfused_ms']:.3f} | {r['fused_ms']:.3f} | "
+                    f"{r['blocks_ms']:.3f} | {r['xorgemm_ms']:.3f} | {ratio:.2f} | "
+                    f"{'-' if target is None else f'{target:.2f}'} | {met} | "
+                    f"{r['unfused_ms'] / r['xorgemm_ms']:.1f}x | {'yes' if r['correct'] else 'NO'} |")
+    if cross:
+        ms = sorted({m for c in cross for m in c["fused_over_blocks"]})
+        head += ["", "### Crossover", "",
+                 "fused / blocks time (geometric mean over the delta kinds, largest shape): below 1 the fused kernel "
+                 "wins. `measured` is the largest M up to which it wins at every M; `op` the threshold the op uses "
+                 "(csrc/cpu/fused_linear.cpp), which should equal it.", "",
+                 "| dtype | N x K | " + " | ".join(f"M = {m}" for m in ms) + " | measured | op |",
+                 "|---" * (len(ms) + 4) + "|"]
+        for c in cross:
+            head.append(f"| {c['dtype']} | {c['n']}x{c['k']} | "
+                        + " | ".join(f"{c['fused_over_blocks'].get(m, float('nan')):.2f}" for m in ms)
+                        + f" | {c['measured_max_rows']} | {c['op_max_rows']} |")
+    if multi:
+        head += ["", "### Many fine-tunes in one call", "",
+                 "D fine-tunes of one layer, one row each, in one call; `D GEMVs` is dense F.linear of each row on "
+                 "its own fine-tuned weight; `target` is 1.3 x (1 + D r) x one dense GEMV.", "",
+                 "| N x K | dtype | delta | D | r | one GEMV ms | D GEMVs ms | xorgemm ms | target ms | met | "
+                 "correct |", "|---" * 11 + "|"]
+        for r in multi:
+            head.append(f"| {r['n']}x{r['k']} | {r['dtype']} | {r['kind']} | {r['d']} | {100 * r['r']:.1f}% | "
+                        f"{r['gemv_ms']:.3f} | {r['gemvs_ms']:.3f} | {r['xorgemm_ms']:.3f} | {r['target_ms']:.3f} | "
+                        f"{'yes' if r['xorgemm_ms'] <= r['target_ms'] else 'no'} | "
+                        f"{'yes' if r['correct'] else 'NO'} |")
+    return "\n".join(head) + "\n"
 
 
 def markdown(rows, meta) -> str:
@@ -232,6 +380,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/gemm_<device>)")
     p.add_argument("--plot", action="store_true", help="also write a PNG (matplotlib)")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's CPU summary table")
+    p.add_argument("--multi", type=int, default=4, help="CPU: D fine-tunes one row each in one call (0: skip)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")
@@ -257,23 +406,32 @@ def main(argv=None):
 
             meta["nvcomp"] = nvcomp.__version__
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s", file=sys.stderr)
-    rows = []
+    else:
+        meta["isa"], meta["cpu_resident"] = C.cpu_isa(), cpu_resident_form()
+    rows, multi = [], []
     with tempfile.TemporaryDirectory() as work:
         for shape in shapes:
             for dtype in a.dtypes or d["dtypes"]:
                 for kind in a.kinds:
                     print(f"{shape[0]}x{shape[1]} {dtype} {kind} ...", file=sys.stderr, flush=True)
                     rows += bench_case(shape, a.m or d["m"], dtype, kind, a.device, timer, work, copy_gbs, model)
-    table = markdown(rows, meta)
+        if a.device == "cpu" and a.multi:
+            for dtype in a.dtypes or d["dtypes"]:
+                for kind in a.kinds:
+                    print(f"{shapes[0][0]}x{shapes[0][1]} {dtype} {kind}: {a.multi} fine-tunes ...", file=sys.stderr,
+                          flush=True)
+                    multi.append(bench_multi_cpu(shapes[0], dtype, kind, a.multi, timer, work))
+    cross = crossover(rows) if a.device == "cpu" else []
+    table = markdown_cpu(rows, meta, cross, multi) if a.device == "cpu" else markdown(rows, meta)
     print(table)
     out = write_results(a.out or RESULTS / f"gemm_{a.device}", f"xorgemm GEMM benchmark ({a.device})", table,
-                        meta=meta, rows=rows)
+                        meta=meta, rows=rows, crossover=cross, multi=multi)
     if a.plot:
         plot(rows, out.with_suffix(".png"))
     if a.update_readme:
         replace_region(ROOT / "README.md", "gemm-summary",
                        summary(rows) + f"\n{meta['device']}, {meta['date'][:10]}, `{meta['command']}`.\n")
-    bad = [r for r in rows if r.get("correct") is False]
+    bad = [r for r in rows + multi if r.get("correct") is False]
     if bad:
         raise SystemExit(f"{len(bad)} rows failed the correctness check")
 

@@ -323,29 +323,44 @@ XG_HD void or_exceptions_rows(const uint8_t* payload, TileEntry e, uint32_t elem
   }
 }
 
+// Rows of a tile's low words from its K planes, each word gathered from every plane and stored once.
+template <typename Word, uint32_t K>
+XG_HD void low_words_rows(const uint8_t* payload, uint32_t elems, uint32_t w, Word* out, uint32_t stride) {
+  for (uint32_t r = 0, h = elems / w; r < h; ++r) {
+    Word* o = out + (uint64_t)r * stride;
+    const uint8_t* low = payload + (uint64_t)r * w;
+    for (uint32_t c = 0; c < w; ++c) {
+      Word v = 0;
+      for (uint32_t j = 0; j < K; ++j) v |= (Word)((Word)low[(uint64_t)j * elems + c] << (8 * j));
+      o[c] = v;
+    }
+  }
+}
+
 // The whole decode on one worker (the CPU's fused kernel), into rows `stride` words apart: row r of the tile
-// (w words) lands at out[r * stride], a tile inside a wider matrix. Plane by plane and row by row, so each
-// inner loop streams a contiguous run of one plane (vectorized); then the exceptions' high bytes.
+// (w words) lands at out[r * stride], a tile inside a wider matrix. One pass over each row (every plane
+// read, the word stored once: a vectorized loop), then the exceptions' high bytes.
 template <typename Word>
 XG_HD void decode_tile_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* out,
                             uint32_t stride) {
-  const uint32_t k = e.codec == kZero ? 0 : e.low_bytes, h = elems / w;
-  for (uint32_t r = 0; r < h; ++r) {
-    Word* o = out + (uint64_t)r * stride;
-    const uint8_t* low = payload + (uint64_t)r * w;
-    for (uint32_t c = 0; c < w; ++c) o[c] = k ? (Word)low[c] : (Word)0;
-    for (uint32_t j = 1; j < k; ++j) {
-      const uint8_t* plane = payload + (uint64_t)j * elems + (uint64_t)r * w;
-      for (uint32_t c = 0; c < w; ++c) o[c] |= (Word)((Word)plane[c] << (8 * j));
-    }
+  const uint32_t k = e.codec == kZero ? 0 : e.low_bytes;
+  // The planes (low, then the exceptions' high ones), a constant for each loop: k <= sizeof(Word) <= 8.
+  switch (k) {
+#define XG_LOW(K) \
+  case K:         \
+    if constexpr (K <= sizeof(Word)) low_words_rows<Word, K>(payload, elems, w, out, stride); \
+    break;
+    XG_LOW(0) XG_LOW(1) XG_LOW(2) XG_LOW(3) XG_LOW(4) XG_LOW(5) XG_LOW(6) XG_LOW(7) XG_LOW(8)
+#undef XG_LOW
   }
-  if (k == sizeof(Word) || e.n_exc == 0) return;
-  switch (sizeof(Word) - k) {  // the exceptions' planes, a constant for the loop
-    case 1: return or_exceptions_rows<Word, 1>(payload, e, elems, w, out, stride);
-    case 2: return or_exceptions_rows<Word, 2>(payload, e, elems, w, out, stride);
-    case 3: return or_exceptions_rows<Word, 3>(payload, e, elems, w, out, stride);
-    case 4: return or_exceptions_rows<Word, 4>(payload, e, elems, w, out, stride);
-    default: return or_exceptions_rows<Word, sizeof(Word)>(payload, e, elems, w, out, stride);
+  if (k >= sizeof(Word) || e.n_exc == 0) return;
+  switch (sizeof(Word) - k) {
+#define XG_HIGH(P) \
+  case P:          \
+    if constexpr (P <= sizeof(Word)) or_exceptions_rows<Word, P>(payload, e, elems, w, out, stride); \
+    break;
+    XG_HIGH(1) XG_HIGH(2) XG_HIGH(3) XG_HIGH(4) XG_HIGH(5) XG_HIGH(6) XG_HIGH(7) XG_HIGH(8)
+#undef XG_HIGH
   }
 }
 

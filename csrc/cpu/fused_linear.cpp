@@ -147,6 +147,15 @@ bool fused_supports(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
+// The crossover measured by bench/gemm.py --device cpu: its "crossover" table in bench/results/gemm_cpu.md
+// (4096x4096, every delta kind), the largest M at which the fused kernel beat the patched blocks.
+int64_t fused_max_rows(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return 16;
+    default: return 16;
+  }
+}
+
 at::ScalarType x_dtype_for(const std::string& isa, at::ScalarType weight_dtype) {
   return isa == "avx512bf16" && weight_dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
 }

@@ -51,6 +51,9 @@ std::vector<std::string> available_isas();
 std::string chosen_isa();
 // Whether the fused kernel can multiply weights of this dtype (float, bf16, fp16).
 bool fused_supports(at::ScalarType dtype);
+// Batches of at most this many rows take the fused kernel when no path is forced: the crossover with the
+// patched-block path, measured per dtype by bench/gemm.py --device cpu.
+int64_t fused_max_rows(at::ScalarType dtype);
 // Runs the problem on `isa` (one of available_isas()). The x it expects: x_dtype_for(isa, dtype). False
 // when a sparse tile holds a weight that is not finite (inf or nan, in the base or the patch), which the
 // kernel's corrections cannot carry: y is then wrong and the caller computes the call another way.

@@ -249,6 +249,9 @@ constexpr uint32_t kBandCols = 1024;
 // are decoded (zeros and their few words) and run as delta words.
 constexpr uint32_t kCorrectionShare = 64;
 
+// The next band's payloads are prefetched in slices, one every this many weight rows.
+constexpr uint32_t kPrefetchRows = 16;
+
 enum RunKind : uint8_t { kBaseRun, kDeltaRun, kDecodedRun };
 
 struct Run {
@@ -317,7 +320,7 @@ inline bool sparse_corrections(const uint8_t* payload, codec::TileEntry e, uint3
 // Grid rows [gr0, gr1) of the weight: y[m][n] += x[m] . W_group(m)[n] for their output features n. Returns
 // false when a sparse tile could not be served as corrections (an element not finite): those rows' sums
 // are then wrong and the caller computes the call another way.
-template <class M, int NR>
+template <class M>
 bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
   using Word = typename M::Word;
   using X = typename M::X;
@@ -334,6 +337,7 @@ bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
   std::vector<size_t> last_run(n_groups), as_base, last_as_base;
   std::vector<std::pair<size_t, uint64_t>> corrected;  // (group, grid column): sparse tiles to correct
   std::vector<Correction> corrections;
+  std::vector<std::pair<const uint8_t*, uint64_t>> prefetch;  // the next band's payload bytes, per fine-tune
   bool exact = true;
   for (uint64_t gr = gr0; gr < gr1; ++gr) {
     const uint64_t r0 = gr * g.tile_rows;
@@ -402,26 +406,63 @@ bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
         runs.back().rows = run_rows.size() - runs.back().row0;
         last_as_base.swap(as_base);
       }
-      // 2. The products, NR weight rows at a time along each run.
-      for (uint32_t i = 0; i < h; i += NR) {
-        const uint32_t nr = std::min<uint32_t>(NR, h - i);
-        float* y = p.y + r0 + i;
-        for (const Run& run : runs) {
-          const Word* a = band_base + i * k + run.c0;
-          const X* xr = x + run.c0;
-          if (run.kind == kBaseRun) {
-            run_product<M, NR, false>(a, k, nullptr, 0, nr, run.w, run_rows.data() + run.row0, run.rows, xr, xk, y,
-                                      n);
-            continue;
-          }
-          const std::vector<int64_t>& rows = p.groups[run.group].rows;
-          const Word* words = matrix[run.group].data() + i * band_w + (run.c0 - b0 * g.tile_cols);
-          if (run.kind == kDeltaRun)
-            run_product<M, NR, true>(a, k, words, band_w, nr, run.w, rows.data(), rows.size(), xr, xk, y, n);
-          else
-            run_product<M, NR, false>(words, band_w, nullptr, 0, nr, run.w, rows.data(), rows.size(), xr, xk, y, n);
-        }
+      // 2. The products, NR weight rows at a time along each run: as many as make kLanes accumulators with
+      //    the widest block of x rows the band's runs use.
+      size_t widest = 0;
+      for (const Run& run : runs)
+        widest = std::max(widest, run.kind == kBaseRun ? run.rows : p.groups[run.group].rows.size());
+      // Meanwhile the next band's delta payloads are prefetched, a slice per step, so that their reads
+      // overlap the base's instead of following them.
+      uint64_t next_gr = gr, next_b0 = b0 + band_tiles;
+      if (next_b0 >= g.grid_cols()) {
+        next_gr = gr + 1;
+        next_b0 = 0;
       }
+      prefetch.clear();
+      if (next_gr < gr1) {
+        const uint64_t t0 = next_gr * g.grid_cols() + next_b0;
+        const uint64_t t1 = next_gr * g.grid_cols() + std::min(next_b0 + band_tiles, g.grid_cols());
+        for (const FusedGroup& grp : p.groups)
+          if (grp.section != nullptr)
+            prefetch.push_back({grp.section + grp.offsets[t0],
+                                t1 < g.num_tiles() ? grp.offsets[t1] - grp.offsets[t0] : 0});
+      }
+      auto prefetch_slice = [&](uint32_t i) {  // the part of each range for weight rows [i, i + step)
+        for (const auto& [at, bytes] : prefetch) {
+          const uint64_t from = bytes * i / h, to = bytes * std::min<uint64_t>(h, i + kPrefetchRows) / h;
+          for (uint64_t b = from & ~(uint64_t)63; b < to; b += 64) __builtin_prefetch(at + b, 0, 2);
+        }
+      };
+      auto products = [&](auto nr_tag) {
+        constexpr int NR = decltype(nr_tag)::value;
+        for (uint32_t i = 0; i < h; i += NR) {
+          const uint32_t nr = std::min<uint32_t>(NR, h - i);
+          float* y = p.y + r0 + i;
+          if (i % kPrefetchRows == 0) prefetch_slice(i);
+          for (const Run& run : runs) {
+            const Word* a = band_base + i * k + run.c0;
+            const X* xr = x + run.c0;
+            if (run.kind == kBaseRun) {
+              run_product<M, NR, false>(a, k, nullptr, 0, nr, run.w, run_rows.data() + run.row0, run.rows, xr, xk,
+                                        y, n);
+              continue;
+            }
+            const std::vector<int64_t>& rows = p.groups[run.group].rows;
+            const Word* words = matrix[run.group].data() + i * band_w + (run.c0 - b0 * g.tile_cols);
+            if (run.kind == kDeltaRun)
+              run_product<M, NR, true>(a, k, words, band_w, nr, run.w, rows.data(), rows.size(), xr, xk, y, n);
+            else
+              run_product<M, NR, false>(words, band_w, nullptr, 0, nr, run.w, rows.data(), rows.size(), xr, xk, y,
+                                        n);
+          }
+        }
+      };
+      if (widest >= 4)
+        products(std::integral_constant<int, std::max<int>(1, (int)kLanes / 4)>());
+      else if (widest >= 2)
+        products(std::integral_constant<int, (int)kLanes / 2>());
+      else
+        products(std::integral_constant<int, (int)kLanes>());
       // 3. The sparse tiles' corrections, the band's base words still in cache.
       for (const auto& [gi, gc] : corrected) {
         const FusedGroup& grp = p.groups[gi];
@@ -447,21 +488,10 @@ bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
 // All grid rows on ATen's threads; false as fused_grid_rows.
 template <class M>
 bool fused_run(const FusedProblem& p) {
-  size_t rows = 0;
-  for (const FusedGroup& grp : p.groups) rows += grp.rows.size();
   std::atomic<bool> exact{true};
-  auto run = [&](auto nr) {
-    at::parallel_for(0, (int64_t)p.grid.grid_rows(), 1, [&](int64_t begin, int64_t end) {
-      if (!fused_grid_rows<M, decltype(nr)::value>(p, (uint64_t)begin, (uint64_t)end)) exact = false;
-    });
-  };
-  // As many weight rows a block as make kLanes accumulators with the widest block of x rows used.
-  if (rows >= 4)
-    run(std::integral_constant<int, std::max<int>(1, (int)kLanes / 4)>());
-  else if (rows >= 2)
-    run(std::integral_constant<int, (int)kLanes / 2>());
-  else
-    run(std::integral_constant<int, (int)kLanes>());
+  at::parallel_for(0, (int64_t)p.grid.grid_rows(), 1, [&](int64_t begin, int64_t end) {
+    if (!fused_grid_rows<M>(p, (uint64_t)begin, (uint64_t)end)) exact = false;
+  });
   return exact;
 }
 

@@ -52,16 +52,6 @@ Path forced_path() {
   TORCH_CHECK(false, "xorgemm: XORGEMM_CPU_PATH must be fused, blocks or auto, got '", v, "'");
 }
 
-// Batches of at most this many rows take the fused kernel: below it, streaming the weight once costs less
-// than patching blocks for ATen's GEMM. The crossover measured by bench/gemm.py --device cpu (its
-// "crossover" table in bench/results/gemm_cpu.md), per dtype.
-int64_t fused_max_rows(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return 16;
-    default: return 16;
-  }
-}
-
 bool use_fused(const LinearProblem& p, const at::Tensor& base) {
   const bool supported = cpu::fused_supports(base.scalar_type());
   switch (forced_path()) {
@@ -70,7 +60,7 @@ bool use_fused(const LinearProblem& p, const at::Tensor& base) {
                   base.scalar_type(), " weights (float32, bfloat16 and float16 only)");
       return true;
     case Path::kBlocks: return false;
-    default: return supported && p.a2.size(0) <= fused_max_rows(base.scalar_type());
+    default: return supported && p.a2.size(0) <= cpu::fused_max_rows(base.scalar_type());
   }
 }
 

@@ -189,5 +189,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codec_counts", &codec_counts, "Tiles per codec in a validated section", py::arg("section"), py::arg("grid"));
   m.def("cpu_isas", &xorgemm::cpu::available_isas,
         "The instruction sets of the fused CPU kernel this CPU runs, best first (XORGEMM_CPU_ISA picks one)");
+  m.def(
+      "cpu_fused_max_rows", [](py::object dtype) {
+        return xorgemm::cpu::fused_max_rows(torch::python::detail::py_object_to_dtype(dtype));
+      },
+      "The batch rows up to which the CPU op takes the fused kernel for weights of this dtype (unforced)");
   m.def("cpu_isa", &xorgemm::cpu::chosen_isa, "The fused CPU kernel's instruction set now (XORGEMM_CPU_ISA, or the best)");
 }
