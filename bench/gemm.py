@@ -10,7 +10,8 @@ On the CPU it also times both paths of the op, forced (XORGEMM_CPU_PATH): `fused
 applied as the base streams) and `blocks` (patched blocks and ATen's GEMM), with the floor (1 + r) x dense
 (r: the resident delta over the weight) and the issue's targets; then the crossover between the paths per
 dtype (the largest M at which fused wins), against the one the op uses (csrc/cpu/fused_linear.cpp); and
-D = 4 fine-tunes, one row each, in one call against 4 dense GEMVs.
+D = 4 fine-tunes, one row each, in one call against 4 dense GEMVs; and a dense delta at M = 1 in both CPU
+resident forms (XORGEMM_CPU_RESIDENT).
 
     python bench/gemm.py                         # CPU defaults (smaller shapes)
     python bench/gemm.py --device cuda           # Llama-class shapes on a GPU
@@ -229,6 +230,47 @@ def bench_multi_cpu(shape, dtype_name, kind, d, timer, workdir):
     return row
 
 
+def bench_resident_forms(shape, dtype_name, timer, workdir):
+    """A dense delta at M = 1 on the fused kernel in both CPU resident forms: conditioned tiles kept
+    (compact) or re-encoded with the XOR codecs (fast, the default)."""
+    n, k = shape
+    dtype = FLOAT_DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    ft = make_finetune(base, "dense", seed=1)
+    path = Path(workdir) / f"forms-{n}x{k}-{dtype_name}.xor.safetensors"
+    xorgemm.pack({"w": base}, {"w": ft}, path)
+    rot = rotation(base.numel() * base.element_size(), "cpu")
+    x = torch.randn(1, k, generator=g).to(dtype)
+    row = {"n": n, "k": k, "dtype": dtype_name, "kind": "dense", "m": 1,
+           "weight_bytes": base.numel() * base.element_size()}
+    old = os.environ.get("XORGEMM_CPU_RESIDENT")
+    try:
+        for form in ("compact", "fast"):
+            os.environ["XORGEMM_CPU_RESIDENT"] = form
+            layers = []
+            for _ in range(rot):
+                layer = XorLinear(base.clone())
+                with xorgemm.load_delta(path) as delta:
+                    layer.add_finetune_from_file("ft", delta["w"])
+                layer.active = "ft"
+                layers.append(layer)
+            with torch.no_grad(), cpu_path("fused"):
+                row[f"{form}_ms"] = timer(lambda i, layers=layers: layers[i](x), rot)
+                row[f"{form}_err"] = rel_err(layers[0](x), F.linear(x.double(), ft.double()))
+            row[f"{form}_bytes"] = layers[0].resident_bytes("ft")
+    finally:
+        if old is None:
+            os.environ.pop("XORGEMM_CPU_RESIDENT", None)
+        else:
+            os.environ["XORGEMM_CPU_RESIDENT"] = old
+    with torch.no_grad():
+        fts = [ft.clone() for _ in range(rot)]
+        row["dense_ms"] = timer(lambda i: F.linear(x, fts[i]), rot)
+    row["correct"] = max(row["compact_err"], row["fast_err"]) < TOL[dtype_name]
+    return row
+
+
 def crossover(rows) -> list[dict]:
     """Per dtype, on the largest shape: the geometric mean over delta kinds of fused / blocks at each M, and
     the largest M up to which fused wins at every M (the op's threshold should be it)."""
@@ -250,7 +292,7 @@ def crossover(rows) -> list[dict]:
     return out
 
 
-def markdown_cpu(rows, meta, cross, multi) -> str:
+def markdown_cpu(rows, meta, cross, multi, forms) -> str:
     head = [f"Device: {meta['device']}; torch {meta['torch']}; fused kernel instruction set {meta['isa']}; "
             f"CPU resident form {meta['cpu_resident']}; {meta['date']}; `{meta['command']}`.", "",
             "Median milliseconds, each run reading weights the last cache level does not hold. `r` is the resident "
@@ -294,6 +336,18 @@ def markdown_cpu(rows, meta, cross, multi) -> str:
                         f"{r['gemv_ms']:.3f} | {r['gemvs_ms']:.3f} | {r['xorgemm_ms']:.3f} | {r['target_ms']:.3f} | "
                         f"{'yes' if r['xorgemm_ms'] <= r['target_ms'] else 'no'} | "
                         f"{'yes' if r['correct'] else 'NO'} |")
+    if forms:
+        head += ["", "### The CPU resident forms", "",
+                 "A dense delta at M = 1 on the fused kernel, its conditioned tiles kept "
+                 "(`XORGEMM_CPU_RESIDENT=compact`) or re-encoded with the XOR codecs (`fast`, the default); `r` is "
+                 "each form's resident delta over the weight.", "",
+                 "| N x K | dtype | dense ms | compact r | compact ms | fast r | fast ms | correct |",
+                 "|---" * 8 + "|"]
+        for r in forms:
+            head.append(f"| {r['n']}x{r['k']} | {r['dtype']} | {r['dense_ms']:.3f} | "
+                        f"{100 * r['compact_bytes'] / r['weight_bytes']:.1f}% | {r['compact_ms']:.3f} | "
+                        f"{100 * r['fast_bytes'] / r['weight_bytes']:.1f}% | {r['fast_ms']:.3f} | "
+                        f"{'yes' if r['correct'] else 'NO'} |")
     return "\n".join(head) + "\n"
 
 
@@ -334,17 +388,19 @@ def markdown(rows, meta) -> str:
 
 
 def summary(rows) -> str:
-    """The README's short table: the largest shape, every kind, at the smallest and largest M."""
+    """The README's short table: the largest shape, every kind, at M = 1, 16 and 256 (those measured), with
+    the floor and the issue's target."""
     if not rows:
         return ""
     n, k = max(((r["n"], r["k"]) for r in rows), key=lambda s: s[0] * s[1])
-    ms = sorted({r["m"] for r in rows})
-    pick = [r for r in rows if (r["n"], r["k"]) == (n, k) and r["m"] in (ms[0], ms[-1])]
-    out = ["| N x K | M | dtype | delta | dense ms | unfused ms | xorgemm ms | x dense |",
-           "|---|---|---|---|---|---|---|---|"]
+    pick = [r for r in rows if (r["n"], r["k"]) == (n, k) and r["m"] in (1, 16, 256)]
+    out = ["| N x K | M | dtype | delta | r | dense ms | xorgemm ms | x dense | target | met |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in pick:
-        out.append(f"| {n}x{k} | {r['m']} | {r['dtype']} | {r['kind']} | {r['dense_ms']:.2f} | "
-                   f"{r['unfused_ms']:.2f} | {r['xorgemm_ms']:.2f} | {r['xorgemm_ms'] / r['dense_ms']:.2f} |")
+        ratio, target = r["xorgemm_ms"] / r["dense_ms"], cpu_target(r)
+        out.append(f"| {n}x{k} | {r['m']} | {r['dtype']} | {r['kind']} | "
+                   f"{100 * r['delta_bytes'] / r['weight_bytes']:.1f}% | {r['dense_ms']:.2f} | "
+                   f"{r['xorgemm_ms']:.2f} | {ratio:.2f} | {target:.2f} | {'yes' if ratio <= target else 'no'} |")
     return "\n".join(out) + "\n"
 
 
@@ -408,7 +464,7 @@ def main(argv=None):
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s", file=sys.stderr)
     else:
         meta["isa"], meta["cpu_resident"] = C.cpu_isa(), cpu_resident_form()
-    rows, multi = [], []
+    rows, multi, forms = [], [], []
     with tempfile.TemporaryDirectory() as work:
         for shape in shapes:
             for dtype in a.dtypes or d["dtypes"]:
@@ -421,17 +477,21 @@ def main(argv=None):
                     print(f"{shapes[0][0]}x{shapes[0][1]} {dtype} {kind}: {a.multi} fine-tunes ...", file=sys.stderr,
                           flush=True)
                     multi.append(bench_multi_cpu(shapes[0], dtype, kind, a.multi, timer, work))
+        if a.device == "cpu":
+            for dtype in a.dtypes or d["dtypes"]:
+                print(f"{shapes[0][0]}x{shapes[0][1]} {dtype}: resident forms ...", file=sys.stderr, flush=True)
+                forms.append(bench_resident_forms(shapes[0], dtype, timer, work))
     cross = crossover(rows) if a.device == "cpu" else []
-    table = markdown_cpu(rows, meta, cross, multi) if a.device == "cpu" else markdown(rows, meta)
+    table = markdown_cpu(rows, meta, cross, multi, forms) if a.device == "cpu" else markdown(rows, meta)
     print(table)
     out = write_results(a.out or RESULTS / f"gemm_{a.device}", f"xorgemm GEMM benchmark ({a.device})", table,
-                        meta=meta, rows=rows, crossover=cross, multi=multi)
+                        meta=meta, rows=rows, crossover=cross, multi=multi, resident_forms=forms)
     if a.plot:
         plot(rows, out.with_suffix(".png"))
     if a.update_readme:
         replace_region(ROOT / "README.md", "gemm-summary",
                        summary(rows) + f"\n{meta['device']}, {meta['date'][:10]}, `{meta['command']}`.\n")
-    bad = [r for r in rows + multi if r.get("correct") is False]
+    bad = [r for r in rows + multi + forms if r.get("correct") is False]
     if bad:
         raise SystemExit(f"{len(bad)} rows failed the correctness check")
 

@@ -1,6 +1,10 @@
 """The fused CPU kernel (csrc/cpu/fused_linear.h) against F.linear in float64: every instruction set this CPU
 runs (XORGEMM_CPU_ISA), every tile codec, ragged tiles and chunk tails, many fine-tunes in one pass, its
 fallback, the path choice (XORGEMM_CPU_PATH) and the CPU resident form (XORGEMM_CPU_RESIDENT)."""
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,7 +82,26 @@ def test_every_codec_matches_float64(fused, isa, dtype, form, shape, tile):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,tile", [((200, 2500), (64, 64)), ((130, 1100), (128, 32)), ((40, 2100), (16, 2048))])
+def test_several_bands_and_tile_shapes(fused, isa, shape, tile):
+    """K past one 1024-column band (band offsets, the next band's prefetch), tiles taller than 64 rows and
+    wider than a band; M = 0, and x with leading dimensions, not contiguous."""
+    fused.setenv("XORGEMM_CPU_ISA", isa)
+    torch.manual_seed(4)
+    base = (torch.randn(shape) * 0.05).to(torch.bfloat16)
+    ft = every_codec_finetune(base, tile)
+    layer = XorLinear(base, tile=tile)
+    layer.add_finetune("ft", ft)
+    layer.active = "ft"
+    x = torch.randn(3, shape[1], 2).to(torch.bfloat16).transpose(1, 2)  # [3, 2, K], not contiguous
+    got = layer(x)
+    assert got.shape == (3, 2, shape[0])
+    assert rel_err(got, F.linear(x.double(), ft.double())) < TOL[torch.bfloat16]
+    assert layer(torch.empty(0, shape[1], dtype=torch.bfloat16)).shape == (0, shape[0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_many_finetunes_one_pass(fused, isa, dtype):
     """Rows of four fine-tunes and of the base, interleaved, with a bias row each: one call."""
     fused.setenv("XORGEMM_CPU_ISA", isa)
@@ -158,6 +181,26 @@ def test_bad_settings_are_named(monkeypatch):
 
 def test_portable_is_always_there():
     assert ISAS[-1] == "portable" and C.cpu_isa() in ISAS
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+def test_vector_code_stays_in_its_instruction_set():
+    """Code compiled for AVX2 or AVX-512 runs only behind the CPU check: a template shared with the portable
+    path (a codec decoder, a std::vector member) instantiated inside a target region would be one copy that
+    every path calls, and fault on a CPU without those instructions."""
+    so = Path(C.__file__)
+    out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(so)], capture_output=True, text=True,
+                         check=True).stdout
+    name, bad, isa_fns = "", set(), 0
+    for line in out.splitlines():
+        if line.endswith(">:") and " <" in line:
+            name = line.split(" <", 1)[1][:-2]
+        elif ("ymm" in line or "zmm" in line) and name:
+            if any(f"::{isa}::" in name for isa in ("avx2", "avx512", "avx512bf16")):
+                isa_fns += 1
+            else:
+                bad.add(name)
+    assert isa_fns > 0 and not bad, sorted(bad)[:5]
 
 
 def test_fast_form_drops_conditioned_tiles_only(monkeypatch):

@@ -303,11 +303,11 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
   }
 }
 
-// One worker's exception pass over a tile whose rows are `stride` words apart: ORs each exception's high
-// bytes (P planes of them) into its word. Tile widths are powers of two except on a ragged edge: a shift
+// One worker's exception pass over a tile whose rows are `stride` words apart: XORs each exception's high
+// bytes (P planes of them) into its word, as the other decoders do. Tile widths are powers of two except on a ragged edge: a shift
 // then, not a divide per exception.
 template <typename Word, uint32_t P>
-XG_HD void or_exceptions_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* out,
+XG_HD void xor_exceptions_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* out,
                               uint32_t stride) {
   uint32_t log2w = 0;
   while ((1u << log2w) < w) ++log2w;
@@ -319,7 +319,7 @@ XG_HD void or_exceptions_rows(const uint8_t* payload, TileEntry e, uint32_t elem
     if (i >= elems) continue;
     Word v = 0;
     for (uint32_t j = 0; j < P; ++j) v |= (Word)((Word)hi[(uint64_t)j * e.n_exc + x] << (8 * (e.low_bytes + j)));
-    out[(uint64_t)(pow2 ? i >> log2w : i / w) * stride + (pow2 ? i & (w - 1) : i % w)] |= v;
+    out[(uint64_t)(pow2 ? i >> log2w : i / w) * stride + (pow2 ? i & (w - 1) : i % w)] ^= v;
   }
 }
 
@@ -357,7 +357,7 @@ XG_HD void decode_tile_rows(const uint8_t* payload, TileEntry e, uint32_t elems,
   switch (sizeof(Word) - k) {
 #define XG_HIGH(P) \
   case P:          \
-    if constexpr (P <= sizeof(Word)) or_exceptions_rows<Word, P>(payload, e, elems, w, out, stride); \
+    if constexpr (P <= sizeof(Word)) xor_exceptions_rows<Word, P>(payload, e, elems, w, out, stride); \
     break;
     XG_HIGH(1) XG_HIGH(2) XG_HIGH(3) XG_HIGH(4) XG_HIGH(5) XG_HIGH(6) XG_HIGH(7) XG_HIGH(8)
 #undef XG_HIGH

@@ -17,6 +17,7 @@
 #include "format/tile_grid.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define XG_X86 1
 // Code between XG_TARGET_BEGIN("isa,...") and XG_TARGET_END is compiled for those instruction sets.
@@ -101,15 +102,23 @@ const std::vector<Isa>& all_isas() {
   return isas;
 }
 
+#ifdef XG_X86
+// F16C (CPUID leaf 1, ECX bit 29): every build but the portable one converts fp16 with it.
+bool has_f16c() {
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
+}
+#endif
+
 bool cpu_has(const std::string& isa) {
 #ifdef XG_X86
   // ATen's capability caps ours: ATEN_CPU_CAPABILITY=avx2 (or default) keeps AVX-512 (or all AVX) off here too.
   const std::string aten = at::get_cpu_capability();
   const bool aten512 = aten.find("AVX512") != std::string::npos;
   const bool aten2 = aten512 || aten.find("AVX2") != std::string::npos;
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+  const bool has512 = has2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx512bf16") return aten512 && has512 && __builtin_cpu_supports("avx512bf16");
   if (isa == "avx512") return aten512 && has512;
   if (isa == "avx2") return aten2 && has2;
@@ -148,7 +157,9 @@ bool fused_supports(at::ScalarType dtype) {
 }
 
 // The crossover measured by bench/gemm.py --device cpu: its "crossover" table in bench/results/gemm_cpu.md
-// (4096x4096, every delta kind), the largest M at which the fused kernel beat the patched blocks.
+// (4096x4096, every delta kind, M in 1, 4, 16, 64, 256): the fused kernel wins up to 16 rows and loses at 64
+// for fp32 and bf16. fp16 is not measured (ATen's fp16 GEMM on the CPU has no fast path to cross): it takes
+// bf16's threshold.
 int64_t fused_max_rows(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return 16;

@@ -8,7 +8,7 @@
 // x86). No include guard: being included once per instruction set is its purpose.
 //
 // The dot products run along K: a vector accumulator per (weight row, x row) pair holds partial sums of
-// XG_LANES columns, and a tile's accumulators are folded into one vector of sums at the tile's end (a
+// XG_LANES columns, and a run's accumulators are folded into one vector of sums at the run's end (a
 // transposing reduction: one add per accumulator). Register blocks of NR weight rows x MR x rows with
 // NR * MR = XG_LANES accumulators: each weight chunk loaded (and XOR-patched) once serves MR rows of x.
 
@@ -296,23 +296,27 @@ inline void run_product(const typename M::Word* a, size_t sa, const typename M::
   if (rows - j == 1) run(std::integral_constant<int, 1>());
 }
 
-// Appends a sparse tile's corrections (base tile `bt`, row stride k); false when an element or its patch is
-// not finite: base x x plus a difference would not give patch x x.
+// Appends a sparse tile's corrections (base tile `bt`, row stride k); false when an element, its patch or
+// their difference is not finite (base x x plus a difference would not give patch x x), or when positions
+// do not increase (a repeated position is two XORs, not two differences against the base).
 template <class M>
 inline bool sparse_corrections(const uint8_t* payload, codec::TileEntry e, uint32_t elems, uint32_t w,
                                const typename M::Word* bt, size_t k, std::vector<Correction>& out) {
   using Word = typename M::Word;
   const bool pow2 = (w & (w - 1)) == 0;  // tile widths are powers of two but on the ragged edge
   const uint32_t log2w = pow2 ? (uint32_t)__builtin_ctz(w) : 0;
+  int64_t last = -1;
   for (uint32_t q = 0; q < e.n_exc; ++q) {
     const uint32_t i = codec::exception_position(payload, e, elems, q);
     if (i >= elems) continue;
+    if ((int64_t)i <= last) return false;
+    last = i;
     const uint32_t r = pow2 ? i >> log2w : i / w, c = pow2 ? i & (w - 1) : i % w;
     const Word b = bt[r * k + c];
     const Word f = (Word)(b ^ (Word)codec::exception_high_bits(payload, e, elems, sizeof(Word), q));
-    const float bf = M::weight(b), ff = M::weight(f);
-    if (!std::isfinite(bf) || !std::isfinite(ff)) return false;
-    out.push_back({r, c, ff - bf});
+    const float bf = M::weight(b), ff = M::weight(f), diff = ff - bf;
+    if (!std::isfinite(bf) || !std::isfinite(ff) || !std::isfinite(diff)) return false;
+    out.push_back({r, c, diff});
   }
   return true;
 }
@@ -381,7 +385,8 @@ bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
             kind = kDecodedRun;
             for (uint32_t r = 0; r < h; ++r) memcpy(words + r * band_w, band_base + r * k + c0, w * sizeof(Word));
             if (!codec::decode_conditioned<Word>(payload, e, elems, w, words, (uint32_t)band_w))
-              throw format::FormatError("tile " + std::to_string(t) +
+              throw format::FormatError("fine-tune " + std::to_string(grp.finetune) + ": tile " +
+                                        std::to_string(t) +
                                         " does not decode against this base: its slots run past its payload, "
                                         "or its header, stream or escapes are malformed");
           } else {  // byteplane, raw, and sparse tiles with too many changes to correct
@@ -422,10 +427,13 @@ bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
       if (next_gr < gr1) {
         const uint64_t t0 = next_gr * g.grid_cols() + next_b0;
         const uint64_t t1 = next_gr * g.grid_cols() + std::min(next_b0 + band_tiles, g.grid_cols());
-        for (const FusedGroup& grp : p.groups)
-          if (grp.section != nullptr)
-            prefetch.push_back({grp.section + grp.offsets[t0],
-                                t1 < g.num_tiles() ? grp.offsets[t1] - grp.offsets[t0] : 0});
+        for (const FusedGroup& grp : p.groups) {
+          if (grp.section == nullptr) continue;
+          // Payloads in tile order; a section only bounds-checked may not be: then nothing is prefetched.
+          const uint64_t from = grp.offsets[t0];
+          const uint64_t to = t1 < g.num_tiles() ? grp.offsets[t1] : grp.section_bytes;
+          if (from < to && to <= grp.section_bytes) prefetch.push_back({grp.section + from, to - from});
+        }
       }
       auto prefetch_slice = [&](uint32_t i) {  // the part of each range for weight rows [i, i + step)
         for (const auto& [at, bytes] : prefetch) {

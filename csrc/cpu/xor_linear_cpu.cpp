@@ -83,8 +83,10 @@ at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::Ten
   for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
     if (!groups[gi].defined()) continue;
     cpu::FusedGroup grp;
+    grp.finetune = gi - 1;
     if (gi > 0) {
       grp.section = sections[gi - 1].data_ptr<uint8_t>();
+      grp.section_bytes = (uint64_t)sections[gi - 1].numel();
       grp.offsets = reinterpret_cast<const uint64_t*>(tile_offsets[gi - 1].data_ptr<int64_t>());
     }
     const int64_t* rows = groups[gi].data_ptr<int64_t>();

@@ -60,7 +60,12 @@ def xor_codecs_only(section: torch.Tensor, offsets: torch.Tensor, base: torch.Te
         return section, offsets
     base = base.detach().contiguous()
     patched = torch.empty_like(base)
-    torch.ops.xorgemm.apply_section(section, offsets, base, patched, *tile)
+    try:
+        torch.ops.xorgemm.apply_section(section, offsets, base, patched, *tile)
+    except RuntimeError as e:  # the op's FormatError, as the dispatcher hands it on
+        if "does not decode" not in str(e):
+            raise
+        raise C.FormatError(str(e).splitlines()[0]) from None
     out = C.encode_section(tensor_bytes(base), tensor_bytes(patched), grid, -1)
     return out, C.validate_section(out, grid)
 
