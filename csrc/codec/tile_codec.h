@@ -304,11 +304,11 @@ XG_HD void xor_tile_exceptions_strided(const uint8_t* payload, TileEntry e, uint
 }
 
 // One worker's exception pass over a tile whose rows are `stride` words apart: XORs each exception's high
-// bytes (P planes of them) into its word, as the other decoders do. Tile widths are powers of two except on a ragged edge: a shift
-// then, not a divide per exception.
+// bytes (P planes of them) into its word, as the other decoders do. Tile widths are powers of two except
+// on a ragged edge: a shift then, not a divide per exception.
 template <typename Word, uint32_t P>
 XG_HD void xor_exceptions_rows(const uint8_t* payload, TileEntry e, uint32_t elems, uint32_t w, Word* out,
-                              uint32_t stride) {
+                               uint32_t stride) {
   uint32_t log2w = 0;
   while ((1u << log2w) < w) ++log2w;
   const bool pow2 = (1u << log2w) == w;

@@ -203,7 +203,7 @@ XG_INLINE void block(const typename M::Word* a, size_t sa, const typename M::Wor
   uint32_t c = 0;
   for (; c + M::kChunk <= w; c += M::kChunk)
     chunk_step<M, NR, MR, kXor>(acc, a + c, sa, kXor ? d + c : nullptr, sd, x, c);
-  if (c < w) {  // a ragged tile's last columns, zero-padded to a chunk
+  if (c < w) {  // the run's last columns, short of a chunk (a ragged tile), zero-padded to one
     const uint32_t n = w - c;
     Word wt[NR][M::kChunk], dt[NR][M::kChunk];
     X xt[MR][M::kChunk];
@@ -245,7 +245,7 @@ constexpr uint32_t kBandCols = 1024;
 
 // A sparse tile is served as corrections to the base's products when its changed elements times the rows
 // that use it are at most this share of the tile's elements: a correction costs about 20 cycles a row, a
-// tile's decode and delta run about as much as 50 of them (measured on sparse deltas). Other sparse tiles
+// tile's decode and delta run about as much as 64 of them (measured on sparse deltas). Other sparse tiles
 // are decoded (zeros and their few words) and run as delta words.
 constexpr uint32_t kCorrectionShare = 64;
 
@@ -407,7 +407,8 @@ bool fused_grid_rows(const FusedProblem& p, uint64_t gr0, uint64_t gr1) {
         }
         base_run = runs.size();
         runs.push_back({kBaseRun, c0, w, 0, run_rows.size(), 0});
-        for (const size_t gi : as_base) run_rows.insert(run_rows.end(), p.groups[gi].rows.begin(), p.groups[gi].rows.end());
+        for (const size_t gi : as_base)
+          run_rows.insert(run_rows.end(), p.groups[gi].rows.begin(), p.groups[gi].rows.end());
         runs.back().rows = run_rows.size() - runs.back().row0;
         last_as_base.swap(as_base);
       }

@@ -65,7 +65,8 @@ bool use_fused(const LinearProblem& p, const at::Tensor& base) {
 }
 
 // y = x W_f(i)^T (+ bias) on the fused kernel: fp32 sums, bias added before the one rounding to x's dtype.
-// Undefined when the kernel could not serve the call (a weight that is not finite in a sparse tile).
+// Undefined when the kernel could not serve the call (a sparse tile it would correct holds a weight that is
+// not finite, or repeated positions).
 at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::TensorList sections,
                          at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                          const std::optional<at::Tensor>& bias) {

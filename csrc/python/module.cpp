@@ -194,5 +194,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return xorgemm::cpu::fused_max_rows(torch::python::detail::py_object_to_dtype(dtype));
       },
       "The batch rows up to which the CPU op takes the fused kernel for weights of this dtype (unforced)");
-  m.def("cpu_isa", &xorgemm::cpu::chosen_isa, "The fused CPU kernel's instruction set now (XORGEMM_CPU_ISA, or the best)");
+  m.def("cpu_isa", &xorgemm::cpu::chosen_isa,
+        "The fused CPU kernel's instruction set now (XORGEMM_CPU_ISA, or the best)");
 }
