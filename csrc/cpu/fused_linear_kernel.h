@@ -32,55 +32,48 @@ inline float bits_to_float(uint32_t u) {
 
 // How a chunk of weight words meets a chunk of x: Word (the weight's bits), X (x's element), kChunk
 // (elements a step), weights<kXor>() (a chunk of base words, XORed with the delta words at d), xs() (a
-// chunk of x), fma() (acc += the chunks' products, lane-wise partial sums) and scalar conversions.
-struct Fp32Math {
-  using Word = uint32_t;
+// chunk of x), fma() (acc += the chunks' products, lane-wise partial sums) and scalar conversions. Float x
+// for every weight widened to fp32:
+struct FloatX {
   using X = float;
   using WV = VF;
   using XV = VF;
   static constexpr uint32_t kChunk = kLanes;
+  static XV xs(const X* x) { return load_vec<VF>(x); }
+  static void fma(VF& acc, const WV& w, const XV& x) { acc += w * x; }
+  static float xval(X x) { return x; }
+};
+
+struct Fp32Math : FloatX {
+  using Word = uint32_t;
   template <bool kXor>
   static WV weights(const Word* a, const Word* d) {
     VU32 w = load_vec<VU32>(a);
     if (kXor) w ^= load_vec<VU32>(d);
     return (VF)w;
   }
-  static XV xs(const X* x) { return load_vec<VF>(x); }
-  static void fma(VF& acc, const WV& w, const XV& x) { acc += w * x; }
   static float weight(Word w) { return bits_to_float(w); }
-  static float xval(X x) { return x; }
 };
 
-struct Bf16Math {  // bf16 weights widened to fp32 (a bf16 is the top half of an fp32)
+struct Bf16Math : FloatX {  // a bf16 is the top half of an fp32
   using Word = uint16_t;
-  using X = float;
-  using WV = VF;
-  using XV = VF;
-  static constexpr uint32_t kChunk = kLanes;
   template <bool kXor>
   static WV weights(const Word* a, const Word* d) {
     VU16 h = load_vec<VU16>(a);
     if (kXor) h ^= load_vec<VU16>(d);
     return (VF)(__builtin_convertvector(h, VU32) << 16);
   }
-  static XV xs(const X* x) { return load_vec<VF>(x); }
-  static void fma(VF& acc, const WV& w, const XV& x) { acc += w * x; }
   static float weight(Word w) { return bits_to_float((uint32_t)w << 16); }
-  static float xval(X x) { return x; }
 };
 
-struct Fp16Math {
+struct Fp16Math : FloatX {
   using Word = uint16_t;
-  using X = float;
-  using WV = VF;
-  using XV = VF;
-  static constexpr uint32_t kChunk = kLanes;
   template <bool kXor>
   static WV weights(const Word* a, const Word* d) {
     VU16 h = load_vec<VU16>(a);
     if (kXor) h ^= load_vec<VU16>(d);
 #if XG_F16C && XG_LANES == 16
-    return (VF)_mm512_maskz_cvtph_ps((__mmask16)0xffff, (__m256i)h);  // maskz: no "undefined" source to warn of
+    return (VF)_mm512_maskz_cvtph_ps((__mmask16)0xffff, (__m256i)h);  // maskz: no "undefined" operand
 #elif XG_F16C && XG_LANES == 8
     return (VF)_mm256_cvtph_ps((__m128i)h);
 #else
@@ -89,10 +82,7 @@ struct Fp16Math {
     return f;
 #endif
   }
-  static XV xs(const X* x) { return load_vec<VF>(x); }
-  static void fma(VF& acc, const WV& w, const XV& x) { acc += w * x; }
   static float weight(Word w) { return c10::detail::fp16_ieee_to_fp32_value(w); }
-  static float xval(X x) { return x; }
 };
 
 #if XG_BF16_DOT
