@@ -219,3 +219,25 @@ def test_fast_form_drops_conditioned_tiles_only(monkeypatch):
     assert layers["fast"].resident_bytes("ft") > layers["compact"].resident_bytes("ft")
     x = torch.randn(3, 256).to(torch.bfloat16)
     assert torch.equal(layers["fast"](x, finetune="ft"), layers["compact"](x, finetune="ft"))
+
+
+def conditioned_delta_and_wrong_base():
+    """A conditioned section of a bf16 weight, and a base it does not decode against: all its elements in
+    one exponent class, whose slots need more bits than the payload holds."""
+    torch.manual_seed(5)
+    base = (torch.randn(64, 64) * 0.05).to(torch.bfloat16)
+    ft = (base.float() + 0.01 * torch.randn(64, 64)).to(torch.bfloat16)
+    layer = XorLinear(base)
+    layer.add_finetune("ft", ft)
+    return layer.deltas["ft"].section, layer.deltas["ft"].offsets, torch.full((64, 64), 2.0**-12).bfloat16()
+
+
+def test_a_delta_against_the_wrong_base_is_named(fused):
+    fused.setenv("XORGEMM_CPU_RESIDENT", "compact")
+    section, offsets, wrong = conditioned_delta_and_wrong_base()
+    x = torch.randn(1, 64).bfloat16()
+    with pytest.raises(C.FormatError, match="fine-tune 0: tile 0 does not decode against this base"):
+        torch.ops.xorgemm.xor_linear(x, wrong, [section], [offsets], None, None, 64, 64)
+    fused.setenv("XORGEMM_CPU_RESIDENT", "fast")  # re-encoding it for this base fails the same way, named
+    with pytest.raises(InputError, match="fine-tune 'bad': its delta does not decode against this base"):
+        XorLinear(wrong).add_finetune_section("bad", section)
