@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -65,8 +66,9 @@ bool use_fused(const LinearProblem& p, const at::Tensor& base) {
 }
 
 // y = x W_f(i)^T (+ bias) on the fused kernel: fp32 sums, bias added before the one rounding to x's dtype.
-// Undefined when the kernel could not serve the call (a sparse tile it would correct holds a weight that is
-// not finite, or repeated positions).
+// Undefined when the call has only base rows (the patched-block path multiplies them by the base with ATen's
+// GEMM) or the kernel could not serve it (a sparse tile it would correct holds a weight that is not finite,
+// or repeated positions).
 at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::TensorList sections,
                          at::TensorList tile_offsets, const std::optional<at::Tensor>& row_finetune,
                          const std::optional<at::Tensor>& bias) {
@@ -81,6 +83,10 @@ at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::Ten
   cpu::FusedProblem fp{p.grid, base.scalar_type(), base.data_ptr(), x.data_ptr(), x_dtype, (size_t)x_stride,
                        y.data_ptr<float>(), {}};
   const std::vector<at::Tensor> groups = group_rows(row_finetune, n_finetunes, m, base.device());
+  // Only base rows: ATen's GEMM on the base as it is (the patched-block path's base group), bit for bit what
+  // a dense engine computes.
+  if (std::none_of(groups.begin() + 1, groups.end(), [](const at::Tensor& t) { return t.defined(); }))
+    return at::Tensor();
   for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
     if (!groups[gi].defined()) continue;
     cpu::FusedGroup grp;
