@@ -75,6 +75,11 @@ at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::Ten
   const std::string isa = cpu::chosen_isa();
   const at::ScalarType x_dtype = cpu::x_dtype_for(isa, base.scalar_type());
   const int64_t m = p.a2.size(0), k = base.size(1), n = base.size(0), n_finetunes = (int64_t)sections.size();
+  const std::vector<at::Tensor> groups = group_rows(row_finetune, n_finetunes, m, base.device());
+  // Only base rows: ATen's GEMM on the base as it is (the patched-block path's base group), bit for bit what
+  // a dense engine computes.
+  if (std::none_of(groups.begin() + 1, groups.end(), [](const at::Tensor& t) { return t.defined(); }))
+    return at::Tensor();
   // x's rows padded apart: rows a power of two long would all fall in the same L1 sets as the weight rows.
   const int64_t x_stride = k + 64 / (int64_t)at::elementSize(x_dtype) * 3;
   at::Tensor x = at::empty({m, x_stride}, p.a2.options().dtype(x_dtype)).narrow(1, 0, k);
@@ -82,11 +87,6 @@ at::Tensor fused_forward(const LinearProblem& p, const at::Tensor& base, at::Ten
   at::Tensor y = at::zeros({m, n}, x.options().dtype(at::kFloat));
   cpu::FusedProblem fp{p.grid, base.scalar_type(), base.data_ptr(), x.data_ptr(), x_dtype, (size_t)x_stride,
                        y.data_ptr<float>(), {}};
-  const std::vector<at::Tensor> groups = group_rows(row_finetune, n_finetunes, m, base.device());
-  // Only base rows: ATen's GEMM on the base as it is (the patched-block path's base group), bit for bit what
-  // a dense engine computes.
-  if (std::none_of(groups.begin() + 1, groups.end(), [](const at::Tensor& t) { return t.defined(); }))
-    return at::Tensor();
   for (int64_t gi = 0; gi <= n_finetunes; ++gi) {
     if (!groups[gi].defined()) continue;
     cpu::FusedGroup grp;
